@@ -1,0 +1,79 @@
+//! Configuration, read once from the environment. A bad value stops start-up with a message
+//! that names the variable.
+
+use coupons::auth::Secret;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub struct Config {
+    /// `DATABASE_URL`: `mysql://user:pass@host:port/db` of a server to use. Unset: start the
+    /// private MariaDB in `data_dir`.
+    pub database_url: Option<String>,
+    /// `COUPONS_DATA_DIR`: the private server's data, socket and generated JWT secret.
+    pub data_dir: PathBuf,
+    /// `BIND_ADDR`: where the HTTP server listens; port 0 picks a free port.
+    pub bind_addr: SocketAddr,
+    /// `JWT_SECRET`: at least 32 bytes. Unset with the private server: generated once and kept
+    /// in `data_dir`. Unset with `DATABASE_URL`: start-up fails.
+    pub jwt_secret: Option<Secret>,
+    /// `TOKEN_TTL_SECS`: how long a login token stays valid.
+    pub token_ttl_secs: u64,
+    /// `BCRYPT_COST`: bcrypt work factor, 4 to 31.
+    pub bcrypt_cost: u32,
+    /// `WORKERS`: threads serving requests (bcrypt work runs on separate threads).
+    pub workers: usize,
+    /// `DB_POOL_SIZE`: the most database connections the service opens.
+    pub db_pool_size: u32,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, String> {
+        let workers = number("WORKERS", 32, 1..=1024)?;
+        Ok(Config {
+            database_url: var("DATABASE_URL"),
+            data_dir: var("COUPONS_DATA_DIR")
+                .map_or_else(|| PathBuf::from("var/mysql"), PathBuf::from),
+            bind_addr: parsed(
+                "BIND_ADDR",
+                "127.0.0.1:8000",
+                "an address like 127.0.0.1:8000",
+            )?,
+            jwt_secret: var("JWT_SECRET")
+                .map(|s| {
+                    Secret::parse(&s).map_err(|_| "JWT_SECRET must be at least 32 bytes".to_owned())
+                })
+                .transpose()?,
+            token_ttl_secs: number("TOKEN_TTL_SECS", 7200, 1..=31_536_000)?,
+            bcrypt_cost: number("BCRYPT_COST", 12, 4..=31)?,
+            workers,
+            db_pool_size: number("DB_POOL_SIZE", workers as u32 + 4, 1..=1000)?,
+        })
+    }
+}
+
+/// A variable's value; empty counts as unset.
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn parsed<T: FromStr>(name: &str, default: &str, expected: &str) -> Result<T, String> {
+    let value = var(name).unwrap_or_else(|| default.to_owned());
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{name}={value:?} is not valid: expected {expected}"))
+}
+
+fn number<T>(name: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let expected = format!("a whole number from {} to {}", range.start(), range.end());
+    let n: T = parsed(name, &default.to_string(), &expected)?;
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{name}={n} is not valid: expected {expected}"))
+    }
+}

@@ -1,0 +1,123 @@
+//! Every error the HTTP layer can answer with, turned into a response in one place.
+
+use crate::http::Reply;
+use coupons::{Error, TokenProblem};
+
+/// A library error, or a mistake only HTTP can make.
+#[derive(Debug)]
+pub enum ApiError {
+    App(Error),
+    /// The body is not JSON (400).
+    MalformedJson(String),
+    /// The body is JSON of the wrong shape: missing, unknown or mistyped fields (422).
+    InvalidBody(String),
+    /// The body is over the limit (413).
+    TooLarge,
+    /// A body that is not `application/json` (415).
+    UnsupportedMediaType,
+    /// No such route (404).
+    RouteNotFound,
+    /// The route exists with other methods (405, with `Allow`).
+    MethodNotAllowed(&'static str),
+    /// The bcrypt queue is full (503, with `Retry-After`).
+    Overloaded,
+    /// A handler panicked (500).
+    Panic,
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError::App(e)
+    }
+}
+
+impl ApiError {
+    /// The response for this error. Server faults are logged here, with the whole error, and
+    /// never described to the client.
+    pub fn reply(&self, what: &str) -> Reply {
+        use ApiError as A;
+        let (status, code, detail): (u16, String, String) = match self {
+            A::App(e) => match e {
+                Error::Invalid { field, reason } => {
+                    (422, format!("invalid_{field}"), format!("{field} {reason}"))
+                }
+                Error::EmailTaken => (409, "email_taken".into(), e.to_string()),
+                Error::CodeTaken => (409, "code_taken".into(), e.to_string()),
+                Error::BadCredentials => (401, "invalid_credentials".into(), e.to_string()),
+                Error::Token(p) => {
+                    let code = match p {
+                        TokenProblem::Missing => "missing_token",
+                        TokenProblem::Invalid => "invalid_token",
+                        TokenProblem::Expired => "token_expired",
+                        TokenProblem::UnknownUser => "unknown_user",
+                    };
+                    (401, code.into(), e.to_string())
+                }
+                Error::NotAdmin => (403, "admin_required".into(), e.to_string()),
+                Error::CouponNotFound => (404, "coupon_not_found".into(), e.to_string()),
+                Error::UserNotFound => (404, "user_not_found".into(), e.to_string()),
+                Error::SoldOut => (409, "sold_out".into(), e.to_string()),
+                Error::Inactive => (409, "inactive".into(), e.to_string()),
+                Error::Busy => (503, "busy".into(), e.to_string()),
+                Error::Unavailable(_) => {
+                    eprintln!("coupons: {what}: {e}");
+                    (
+                        503,
+                        "database_unavailable".into(),
+                        "database unavailable, try again shortly".into(),
+                    )
+                }
+                Error::Database(_) | Error::Internal(_) | Error::Launch(_) => {
+                    eprintln!("coupons: {what}: {e}");
+                    (500, "internal".into(), "internal server error".into())
+                }
+            },
+            A::MalformedJson(why) => (
+                400,
+                "malformed_json".into(),
+                format!("malformed JSON: {why}"),
+            ),
+            A::InvalidBody(why) => (422, "invalid_body".into(), format!("invalid body: {why}")),
+            A::TooLarge => (
+                413,
+                "payload_too_large".into(),
+                "request body over 64 KiB".into(),
+            ),
+            A::UnsupportedMediaType => (
+                415,
+                "unsupported_media_type".into(),
+                "send the body as Content-Type: application/json".into(),
+            ),
+            A::RouteNotFound => (404, "not_found".into(), "no such route".into()),
+            A::MethodNotAllowed(allow) => (
+                405,
+                "method_not_allowed".into(),
+                format!("method not allowed; allowed: {allow}"),
+            ),
+            A::Overloaded => (
+                503,
+                "overloaded".into(),
+                "too many logins at once, try again shortly".into(),
+            ),
+            A::Panic => {
+                eprintln!("coupons: {what}: handler panicked");
+                (500, "internal".into(), "internal server error".into())
+            }
+        };
+        let mut reply = Reply::json(
+            status,
+            &serde_json::json!({ "detail": detail, "code": code }),
+        );
+        match self {
+            A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
+            A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded => {
+                reply.headers.push(("Retry-After", "1".to_owned()))
+            }
+            A::App(Error::Token(_) | Error::BadCredentials) => reply
+                .headers
+                .push(("WWW-Authenticate", "Bearer".to_owned())),
+            _ => {}
+        }
+        reply
+    }
+}

@@ -1,0 +1,261 @@
+//! tiny_http plumbing: the listener, the worker threads, request bodies and responses.
+
+use crate::error::ApiError;
+use crate::routes;
+use coupons::auth::Auth;
+use coupons::db::Pool;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+/// Request bodies larger than this are refused with 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Logins and registrations waiting for a bcrypt thread; more are refused with 503.
+const SLOW_QUEUE: usize = 256;
+
+/// What the handlers need: the pool and the auth settings. Built once in `main`.
+pub struct App {
+    pub pool: Pool,
+    pub auth: Auth,
+}
+
+/// A response about to be sent: a status, a JSON body and extra headers.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn json(status: u16, value: &impl Serialize) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_vec(value).unwrap_or_default(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Binds with TCP_NODELAY set on the listener (accepted sockets inherit it): tiny_http never
+/// sets it, and without it small responses wait on delayed ACKs.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
+pub fn serve(app: App, listener: TcpListener, workers: usize) -> Result<(), String> {
+    let server = Arc::new(Server::from_listener(listener, None).map_err(|e| e.to_string())?);
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (server, stopping) = (server.clone(), stopping.clone());
+        ctrlc::set_handler(move || {
+            stopping.store(true, Ordering::SeqCst);
+            for _ in 0..workers {
+                server.unblock();
+            }
+        })
+        .map_err(|e| format!("installing the signal handler: {e}"))?;
+    }
+    let bcrypt_threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
+    let slow_rx = Mutex::new(slow_rx);
+    std::thread::scope(|s| {
+        for _ in 0..bcrypt_threads {
+            s.spawn(|| slow_worker(&app, &slow_rx));
+        }
+        for _ in 0..workers {
+            let slow_tx = slow_tx.clone();
+            let (app, server, stopping) = (&app, &server, &stopping);
+            s.spawn(move || worker(app, server, &slow_tx, stopping));
+        }
+        // Workers hold the only senders now: when they stop, the bcrypt threads stop too.
+        drop(slow_tx);
+    });
+    Ok(())
+}
+
+fn worker(app: &App, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
+    loop {
+        let rq = match server.recv() {
+            Ok(rq) => rq,
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                eprintln!("coupons: accepting a request: {e}");
+                continue;
+            }
+        };
+        // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
+        let is_slow =
+            *rq.method() == Method::Post && matches!(path(rq.url()), "/login" | "/register");
+        if !is_slow {
+            handle(app, rq);
+            continue;
+        }
+        match slow.try_send(rq) {
+            Ok(()) => {}
+            Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) => {
+                respond(rq, ApiError::Overloaded.reply("login queue"))
+            }
+        }
+    }
+}
+
+fn slow_worker(app: &App, queue: &Mutex<Receiver<Request>>) {
+    loop {
+        let next = queue.lock().map(|rx| rx.recv());
+        match next {
+            Ok(Ok(rq)) => handle(app, rq),
+            _ => return,
+        }
+    }
+}
+
+/// Routes one request and sends the answer. A panic in a handler becomes a 500 and the
+/// worker lives on.
+pub fn handle(app: &App, mut rq: Request) {
+    let what = format!("{} {}", rq.method(), path(rq.url()));
+    let reply = match catch_unwind(AssertUnwindSafe(|| routes::route(app, &mut rq))) {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => e.reply(&what),
+        Err(_) => ApiError::Panic.reply(&what),
+    };
+    respond(rq, reply);
+}
+
+fn respond(rq: Request, reply: Reply) {
+    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
+    let headers =
+        std::iter::once(("Content-Type", "application/json".to_owned())).chain(reply.headers);
+    for (name, value) in headers {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(h);
+        }
+    }
+    // The client may be gone; there is no one left to tell.
+    let _ = rq.respond(response);
+}
+
+/// The URL without its query string.
+pub fn path(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(p, _)| p)
+}
+
+/// The query string's parameters, percent-decoded (the seed's clients send credentials and
+/// coupon fields this way).
+pub fn query(url: &str) -> Vec<(String, String)> {
+    let Some((_, q)) = url.split_once('?') else {
+        return Vec::new();
+    };
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = || std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok();
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match hex().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The token from `Authorization: Bearer <jwt>` or the seed's `token: <jwt>` header.
+pub fn token(rq: &Request) -> Option<&str> {
+    rq.headers().iter().find_map(|h| {
+        let value = h.value.as_str().trim();
+        if h.field.equiv("Authorization") {
+            let (scheme, rest) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        } else if h.field.equiv("token") {
+            Some(value)
+        } else {
+            None
+        }
+    })
+}
+
+/// The JSON body parsed as `T`, or `None` when there is no body. At most [`BODY_LIMIT`] bytes
+/// are read; a larger declared length is refused before reading.
+pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, ApiError> {
+    if rq.body_length().is_some_and(|n| n > BODY_LIMIT) {
+        return Err(ApiError::TooLarge);
+    }
+    let mut body = Vec::new();
+    rq.as_reader()
+        .take(BODY_LIMIT as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
+    if body.len() > BODY_LIMIT {
+        return Err(ApiError::TooLarge);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let is_json = rq.headers().iter().any(|h| {
+        h.field.equiv("Content-Type")
+            && h.value
+                .as_str()
+                .split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
+            _ => ApiError::MalformedJson(e.to_string()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_percent_decoded() {
+        let q = query("/login?email=ada%40x.org&password=a+b%2Bc&bad=%zz&flag");
+        assert_eq!(
+            q,
+            vec![
+                ("email".into(), "ada@x.org".into()),
+                ("password".into(), "a b+c".into()),
+                ("bad".into(), "%zz".into()),
+                ("flag".into(), "".into()),
+            ]
+        );
+        assert_eq!(path("/coupons/1/claim?x=1"), "/coupons/1/claim");
+    }
+}

@@ -1,0 +1,165 @@
+//! The `coupons` binary: reads the configuration, opens the database (a private MariaDB or
+//! `DATABASE_URL`), applies the schema, then serves HTTP or runs an admin command.
+
+mod config;
+mod error;
+mod http;
+mod routes;
+
+use config::Config;
+use coupons::auth::{self, Auth, Secret};
+use coupons::db::{self, Pool};
+use coupons::embedded::EmbeddedServer;
+use coupons::{Email, Error, Role};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+coupons: a concurrency-safe coupon service
+
+Usage:
+  coupons [serve]               serve HTTP (the default)
+  coupons migrate               apply the schema in sql/ and exit
+  coupons admin promote EMAIL   make a user an admin
+  coupons admin demote EMAIL    make an admin a plain user
+  coupons --help                this text
+
+Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
+TOKEN_TTL_SECS, BCRYPT_COST, WORKERS, DB_POOL_SIZE.
+With DATABASE_URL unset, a private MariaDB is started in COUPONS_DATA_DIR (default var/mysql).
+";
+
+enum Command {
+    Serve,
+    Migrate,
+    SetRole(String, Role),
+    Help,
+}
+
+impl Command {
+    fn parse(args: &[String]) -> Option<Command> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Some(match args.as_slice() {
+            [] | ["serve"] => Command::Serve,
+            ["migrate"] => Command::Migrate,
+            ["admin", "promote", email] => Command::SetRole(email.to_string(), Role::Admin),
+            ["admin", "demote", email] => Command::SetRole(email.to_string(), Role::User),
+            ["--help" | "-h" | "help"] => Command::Help,
+            _ => return None,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = Command::parse(&args) else {
+        eprint!("coupons: unknown command {:?}\n\n{USAGE}", args.join(" "));
+        return ExitCode::from(2);
+    };
+    if let Command::Help = command {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("coupons: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(command, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("coupons: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The database in use. Fields drop in order: connections close before the private server stops.
+struct Database {
+    pool: Pool,
+    embedded: Option<EmbeddedServer>,
+}
+
+fn open_database(config: &Config, pool_size: u32) -> Result<Database, Error> {
+    let (url, embedded) = match &config.database_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let server = EmbeddedServer::start(&config.data_dir)?;
+            (server.url("coupons"), Some(server))
+        }
+    };
+    let opts = db::opts_from_url(&url)?;
+    // A user without CREATE rights on an existing database is fine: migrate says if it is not.
+    if let Err(e) = db::create_database(&opts) {
+        if embedded.is_some() {
+            return Err(e);
+        }
+    }
+    let pool = db::pool(opts, pool_size)?;
+    db::migrate(&pool)?;
+    Ok(Database { pool, embedded })
+}
+
+fn run(command: Command, config: Config) -> Result<(), String> {
+    let pool_size = match command {
+        Command::Serve => config.db_pool_size,
+        _ => 2,
+    };
+    let database = open_database(&config, pool_size).map_err(|e| e.to_string())?;
+    match command {
+        Command::Serve => serve(&config, &database),
+        Command::Migrate => {
+            println!("coupons: the schema is up to date");
+            Ok(())
+        }
+        Command::SetRole(email, role) => {
+            let email = Email::parse(&email).map_err(|e| e.to_string())?;
+            let user = auth::set_role(&database.pool, &email, role).map_err(|e| match e {
+                Error::UserNotFound => format!("no user is registered as {}", email.as_str()),
+                e => e.to_string(),
+            })?;
+            println!("coupons: {} is now {}", user.email, role.as_str());
+            Ok(())
+        }
+        Command::Help => Ok(()),
+    }
+}
+
+fn serve(config: &Config, database: &Database) -> Result<(), String> {
+    let secret = match (&config.jwt_secret, &database.embedded) {
+        (Some(s), _) => s.clone(),
+        (None, Some(_)) => Secret::load_or_create(&config.data_dir.join("jwt-secret"))
+            .map_err(|e| e.to_string())?,
+        (None, None) => {
+            return Err("JWT_SECRET must be set (at least 32 bytes) when DATABASE_URL is".into())
+        }
+    };
+    let auth =
+        Auth::new(&secret, config.token_ttl_secs, config.bcrypt_cost).map_err(|e| e.to_string())?;
+    let listener =
+        http::bind(config.bind_addr).map_err(|e| format!("BIND_ADDR {}: {e}", config.bind_addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("coupons: listening on http://{addr}");
+    match &database.embedded {
+        Some(server) => println!(
+            "coupons: database: private MariaDB in {} (socket {})\n\
+             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
+             (with cargo: `cargo run --release -- admin promote EMAIL`) from this directory",
+            config.data_dir.display(),
+            server.socket().display()
+        ),
+        None => println!(
+            "coupons: database: DATABASE_URL\n\
+             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
+             with the same DATABASE_URL"
+        ),
+    }
+    let app = http::App {
+        pool: database.pool.clone(),
+        auth,
+    };
+    http::serve(app, listener, config.workers)?;
+    println!("coupons: stopped");
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The routes: each handler reads its input, authenticates, calls one library function and
+//! shapes the answer. No SQL here.
+
+use crate::error::ApiError;
+use crate::http::{json_body, path, query, token, App, Reply};
+use coupons::auth::{self, Principal};
+use coupons::coupon::{self, CouponChange, NewCoupon};
+use coupons::{claim, db, CouponCode, CouponId, Email, Error, Password, Status, Stock};
+use serde::Deserialize;
+use serde_json::json;
+use tiny_http::{Method, Request};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Dispatches on method and path; a known path with another method is a 405 naming the
+/// allowed ones, anything else a 404.
+pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
+    let url = rq.url().to_owned();
+    let segments: Vec<&str> = path(&url).split('/').filter(|s| !s.is_empty()).collect();
+    let method = rq.method().clone();
+    use Method::{Delete, Get, Post, Put};
+    match (segments.as_slice(), &method) {
+        (["register"], Post) => register(app, rq, &url),
+        (["login"], Post) => login(app, rq, &url),
+        (["coupons"], Get) => Ok(Reply::json(200, &coupon::list_active(&app.pool)?)),
+        (["coupons", id, "claim"], Post) => claim(app, rq, id),
+        (["users", "me", "history"], Get) => history(app, rq),
+        (["admin", "coupons"], Post) => create(app, rq, &url),
+        (["admin", "coupons", id], Put) => update(app, rq, &url, id),
+        (["admin", "coupons", id], Delete) => delete(app, rq, id),
+        (["healthz"], Get) => {
+            db::ping(&app.pool)?;
+            Ok(Reply::json(200, &json!({"status": "ok"})))
+        }
+        (["register"] | ["login"] | ["coupons", _, "claim"] | ["admin", "coupons"], _) => {
+            Err(ApiError::MethodNotAllowed("POST"))
+        }
+        (["coupons"] | ["users", "me", "history"] | ["healthz"], _) => {
+            Err(ApiError::MethodNotAllowed("GET"))
+        }
+        (["admin", "coupons", _], _) => Err(ApiError::MethodNotAllowed("PUT, DELETE")),
+        _ => Err(ApiError::RouteNotFound),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+/// From the JSON body, or from the seed's `?email=...&password=...`.
+fn credentials(rq: &mut Request, url: &str) -> Result<Credentials> {
+    if let Some(c) = json_body(rq)? {
+        return Ok(c);
+    }
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    match (get("email"), get("password")) {
+        (Some(email), Some(password)) => Ok(Credentials { email, password }),
+        _ => Err(ApiError::InvalidBody(
+            "email and password are required".into(),
+        )),
+    }
+}
+
+fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+    let c = credentials(rq, url)?;
+    let email = Email::parse(&c.email)?;
+    let password = Password::parse(&c.password)?;
+    let user = app.auth.register(&app.pool, &email, &password)?;
+    Ok(Reply::json(201, &user))
+}
+
+fn login(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+    let c = credentials(rq, url)?;
+    let t = app.auth.login(&app.pool, &c.email, &c.password)?;
+    Ok(Reply::json(
+        200,
+        &json!({
+            "token": t.token,
+            "access_token": t.token,
+            "token_type": "bearer",
+            "expires_in": t.expires_in,
+        }),
+    ))
+}
+
+fn principal(app: &App, rq: &Request) -> Result<Principal> {
+    Ok(app.auth.authenticate(token(rq))?)
+}
+
+fn admin(app: &App, rq: &Request) -> Result<Principal> {
+    let who = principal(app, rq)?;
+    auth::require_admin(&app.pool, &who)?;
+    Ok(who)
+}
+
+fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+    let who = principal(app, rq)?;
+    let id: CouponId = id.parse()?;
+    let c = claim::claim(&app.pool, who.user_id, id)?;
+    Ok(Reply::json(
+        201,
+        &json!({
+            "message": "Coupon claimed successfully",
+            "claim": c.claim,
+            "available_count": c.available_count,
+        }),
+    ))
+}
+
+fn history(app: &App, rq: &Request) -> Result<Reply> {
+    let who = principal(app, rq)?;
+    Ok(Reply::json(200, &claim::history(&app.pool, who.user_id)?))
+}
+
+/// A coupon as sent by an admin; every field optional here, required ones checked below.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CouponBody {
+    code: Option<String>,
+    available_count: Option<i64>,
+    status: Option<String>,
+}
+
+/// From the JSON body, or from the seed's `?code=...&available_count=...&status=...`.
+fn coupon_body(rq: &mut Request, url: &str) -> Result<CouponBody> {
+    if let Some(b) = json_body(rq)? {
+        return Ok(b);
+    }
+    let mut b = CouponBody::default();
+    for (k, v) in query(url) {
+        match k.as_str() {
+            "code" => b.code = Some(v),
+            "status" => b.status = Some(v),
+            "available_count" => {
+                let n = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::invalid("available_count", "must be a whole number"))?;
+                b.available_count = Some(n);
+            }
+            _ => {}
+        }
+    }
+    Ok(b)
+}
+
+fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let b = coupon_body(rq, url)?;
+    let new = NewCoupon {
+        code: CouponCode::parse(b.code.as_deref().unwrap_or_default())?,
+        available_count: Stock::parse(
+            b.available_count
+                .ok_or_else(|| Error::invalid("available_count", "is required"))?,
+        )?,
+        status: b
+            .status
+            .as_deref()
+            .map_or(Ok(Status::Active), Status::parse)?,
+    };
+    Ok(Reply::json(201, &coupon::create(&app.pool, &new)?))
+}
+
+fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let id: CouponId = id.parse()?;
+    let b = coupon_body(rq, url)?;
+    let change = CouponChange {
+        code: b.code.as_deref().map(CouponCode::parse).transpose()?,
+        available_count: b.available_count.map(Stock::parse).transpose()?,
+        status: b.status.as_deref().map(Status::parse).transpose()?,
+    };
+    Ok(Reply::json(200, &coupon::update(&app.pool, id, &change)?))
+}
+
+fn delete(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let id: CouponId = id.parse()?;
+    coupon::delete(&app.pool, id)?;
+    Ok(Reply::json(200, &json!({"detail": "Coupon deleted"})))
+}

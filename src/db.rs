@@ -1,0 +1,211 @@
+//! The connection pool, the schema, and the two ways library code touches the database:
+//! [`with_conn`] for plain reads and writes, [`transaction`] for a unit of work that retries.
+
+use crate::Error;
+use mysql::prelude::Queryable;
+use mysql::{Conn, Opts, OptsBuilder, Transaction, TxOpts};
+use r2d2_mysql::MySqlConnectionManager;
+use std::hash::{BuildHasher, Hasher};
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+/// The pool every library function takes. Cheap to clone; share it between threads.
+pub type Pool = r2d2::Pool<Manager>;
+
+/// How long a caller waits for a free connection before getting [`Error::Unavailable`].
+pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection idle for longer than this is pinged before use; a busy one is not.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
+/// Whole-transaction attempts on deadlock or lock-wait timeout.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// The migrations in `sql/`, in order. Applied ones are recorded in `schema_migrations` and
+/// never edited; a change to the schema is a new file.
+const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../sql/001_schema.sql"))];
+
+/// A pooled connection that remembers whether it failed and when it was last used.
+pub struct Connection {
+    conn: Conn,
+    broken: bool,
+    last_used: Instant,
+}
+
+impl Deref for Connection {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+/// An r2d2 manager over `r2d2_mysql` that avoids its two pings per checkout: a connection is
+/// pinged only after being idle, and dropped when a query on it found the server gone.
+#[derive(Debug)]
+pub struct Manager {
+    inner: MySqlConnectionManager,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = mysql::Error;
+
+    fn connect(&self) -> Result<Connection, mysql::Error> {
+        Ok(Connection {
+            conn: self.inner.connect()?,
+            broken: false,
+            last_used: Instant::now(),
+        })
+    }
+
+    fn is_valid(&self, c: &mut Connection) -> Result<(), mysql::Error> {
+        if c.last_used.elapsed() > IDLE_BEFORE_PING {
+            c.conn.ping()?;
+        }
+        Ok(())
+    }
+
+    fn has_broken(&self, c: &mut Connection) -> bool {
+        c.last_used = Instant::now();
+        c.broken
+    }
+}
+
+/// Connection options from a `mysql://user:pass@host:port/db` URL (the `socket=PATH`
+/// parameter selects a Unix socket). Unless the URL says otherwise, TCP stays TCP: the mysql
+/// crate would otherwise open a second connection to switch to the server's socket.
+pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
+    let opts = Opts::from_url(url).map_err(|e| Error::invalid("database URL", e.to_string()))?;
+    let mut b = OptsBuilder::from_opts(opts)
+        .tcp_connect_timeout(Some(Duration::from_secs(2)))
+        .stmt_cache_size(64);
+    if !url.contains("prefer_socket=") {
+        b = b.prefer_socket(false);
+    }
+    Ok(b.into())
+}
+
+/// A pool of up to `size` connections. It does not connect yet, so it can be built while the
+/// database is down; the first use says whether it is reachable.
+pub fn pool(opts: Opts, size: u32) -> Result<Pool, Error> {
+    let manager = Manager {
+        inner: MySqlConnectionManager::new(OptsBuilder::from_opts(opts)),
+    };
+    Ok(r2d2::Pool::builder()
+        .max_size(size.max(1))
+        .min_idle(Some(0))
+        .connection_timeout(CHECKOUT_TIMEOUT)
+        .test_on_check_out(true)
+        .build_unchecked(manager))
+}
+
+/// Creates the URL's database if it does not exist (needs the CREATE privilege; an error here
+/// is returned, and a caller that knows the database exists may ignore it).
+pub fn create_database(opts: &Opts) -> Result<(), Error> {
+    let Some(name) = opts.get_db_name() else {
+        return Err(Error::invalid("database URL", "names no database"));
+    };
+    if name.contains('`') {
+        return Err(Error::invalid(
+            "database URL",
+            "database name contains a backquote",
+        ));
+    }
+    let mut conn = Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>))?;
+    conn.query_drop(format!(
+        "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    ))?;
+    Ok(())
+}
+
+/// Applies the migrations in `sql/` that are not applied yet. Safe to run at every start and
+/// from several processes at once (a named lock serialises them); running it twice changes nothing.
+pub fn migrate(pool: &Pool) -> Result<(), Error> {
+    with_conn(pool, |conn| {
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INT NOT NULL PRIMARY KEY,
+                applied_at DATETIME(6) NOT NULL
+            ) ENGINE=InnoDB",
+        )?;
+        let locked: Option<Option<i64>> =
+            conn.query_first("SELECT GET_LOCK(CONCAT('coupons.migrate.', DATABASE()), 60)")?;
+        if locked.flatten() != Some(1) {
+            return Err(Error::Internal("could not take the migration lock".into()));
+        }
+        let result = apply_pending(conn);
+        conn.query_drop("DO RELEASE_LOCK(CONCAT('coupons.migrate.', DATABASE()))")?;
+        result
+    })
+}
+
+fn apply_pending(conn: &mut Connection) -> Result<(), Error> {
+    for (version, sql) in MIGRATIONS {
+        let applied: Option<u32> = conn.exec_first(
+            "SELECT version FROM schema_migrations WHERE version = ?",
+            (version,),
+        )?;
+        if applied.is_none() {
+            conn.query_drop(sql)?;
+            conn.exec_drop(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, crate::Timestamp::now()),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Answers whether the database takes a query right now.
+pub fn ping(pool: &Pool) -> Result<(), Error> {
+    with_conn(pool, |conn| Ok(conn.query_drop("DO 1")?))
+}
+
+/// Runs `f` on a pooled connection. A connection whose query found the server unreachable is
+/// marked broken, so the pool drops it instead of handing it out again.
+pub(crate) fn with_conn<T>(
+    pool: &Pool,
+    f: impl FnOnce(&mut Connection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut conn = pool.get()?;
+    let result = f(&mut conn);
+    if let Err(Error::Unavailable(_)) = &result {
+        conn.broken = true;
+    }
+    result
+}
+
+/// Runs `f` in one transaction and commits it. Any `?` inside rolls back (the mysql crate's
+/// `Transaction` does so on drop). On deadlock or lock-wait timeout the whole transaction is
+/// retried with jittered backoff; when retries run out the caller gets [`Error::Busy`].
+pub(crate) fn transaction<T>(
+    pool: &Pool,
+    mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    for attempt in 0..MAX_ATTEMPTS {
+        let result = with_conn(pool, |conn| {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            let value = f(&mut tx)?;
+            tx.commit()?;
+            Ok(value)
+        });
+        match result {
+            Err(e) if e.is_conflict() => std::thread::sleep(backoff(attempt)),
+            other => return other,
+        }
+    }
+    Err(Error::Busy)
+}
+
+/// Up to 1, 2, 4, ... ms (capped at 64 ms), uniformly jittered so that retries spread out.
+fn backoff(attempt: u32) -> Duration {
+    let cap_us = 1_000u64 << attempt.min(6);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_micros(random % cap_us + 1)
+}

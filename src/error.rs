@@ -1,0 +1,151 @@
+//! The one error type of the library. Each variant's doc says which HTTP status the
+//! binary turns it into; the mapping itself lives in one `match` in `bin/`.
+
+use std::fmt;
+
+/// Why a token was refused (all become 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenProblem {
+    /// No token was sent.
+    Missing,
+    /// Malformed, wrongly signed, or signed with another algorithm.
+    Invalid,
+    /// Past its `exp`.
+    Expired,
+    /// Well signed, but its user no longer exists.
+    UnknownUser,
+}
+
+/// Everything that can go wrong in the library.
+#[derive(Debug)]
+pub enum Error {
+    /// An input failed to parse (422). `field` names the input, `reason` is for people.
+    Invalid { field: &'static str, reason: String },
+    /// The email is already registered (409 `email_taken`).
+    EmailTaken,
+    /// Another live coupon has this code, compared case-insensitively (409 `code_taken`).
+    CodeTaken,
+    /// Unknown email or wrong password, deliberately indistinguishable (401 `invalid_credentials`).
+    BadCredentials,
+    /// The token was missing or refused (401).
+    Token(TokenProblem),
+    /// The caller is not an admin according to the database (403 `admin_required`).
+    NotAdmin,
+    /// No live coupon has this id (404 `coupon_not_found`).
+    CouponNotFound,
+    /// No user has this email (404 `user_not_found`; used by the admin commands).
+    UserNotFound,
+    /// The coupon has no stock left (409 `sold_out`).
+    SoldOut,
+    /// The coupon exists but is not active (409 `inactive`).
+    Inactive,
+    /// Deadlocks or lock-wait timeouts outlasted the retries (503 `busy`, with Retry-After).
+    Busy,
+    /// The database cannot be reached or refused the connection (503 `database_unavailable`,
+    /// with Retry-After). The text is for logs, never for clients.
+    Unavailable(String),
+    /// Any other database error (500; logged, never shown).
+    Database(mysql::Error),
+    /// Anything else that is our fault, e.g. a hashing failure (500; logged, never shown).
+    Internal(String),
+    /// The private database server could not be set up or started (a start-up error).
+    Launch(String),
+}
+
+impl Error {
+    /// An [`Error::Invalid`] for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+        Error::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The server error code, when this came from the server.
+    pub(crate) fn server_code(&self) -> Option<u16> {
+        match self {
+            Error::Database(mysql::Error::MySqlError(e)) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// Deadlock (1213) or lock-wait timeout (1205): the whole transaction may be retried.
+    pub(crate) fn is_conflict(&self) -> bool {
+        matches!(self.server_code(), Some(1213 | 1205))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Invalid { field, reason } => write!(f, "invalid {field}: {reason}"),
+            Error::EmailTaken => f.write_str("email already registered"),
+            Error::CodeTaken => f.write_str("coupon code already in use"),
+            Error::BadCredentials => f.write_str("invalid email or password"),
+            Error::Token(TokenProblem::Missing) => f.write_str("authentication required"),
+            Error::Token(TokenProblem::Invalid) => f.write_str("invalid token"),
+            Error::Token(TokenProblem::Expired) => f.write_str("token expired"),
+            Error::Token(TokenProblem::UnknownUser) => f.write_str("token user no longer exists"),
+            Error::NotAdmin => f.write_str("admin access required"),
+            Error::CouponNotFound => f.write_str("coupon not found"),
+            Error::UserNotFound => f.write_str("user not found"),
+            Error::SoldOut => f.write_str("No coupons available"),
+            Error::Inactive => f.write_str("coupon is not active"),
+            Error::Busy => f.write_str("too much contention, try again"),
+            Error::Unavailable(e) => write!(f, "database unavailable: {e}"),
+            Error::Database(e) => write!(f, "database error: {e}"),
+            Error::Internal(e) => write!(f, "internal error: {e}"),
+            Error::Launch(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Database(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<mysql::Error> for Error {
+    fn from(e: mysql::Error) -> Error {
+        use mysql::DriverError as D;
+        let unreachable = match &e {
+            mysql::Error::IoError(_) | mysql::Error::CodecError(_) => true,
+            mysql::Error::DriverError(
+                D::ConnectTimeout | D::CouldNotConnect(_) | D::Timeout | D::PacketOutOfSync,
+            ) => true,
+            // Too many connections, shutdown in progress, connection killed, node not ready.
+            mysql::Error::MySqlError(s) => matches!(s.code, 1040 | 1053 | 1927 | 1047 | 2006),
+            _ => false,
+        };
+        if unreachable {
+            Error::Unavailable(e.to_string())
+        } else {
+            Error::Database(e)
+        }
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Error {
+        Error::Unavailable(e.to_string())
+    }
+}
+
+/// Turns a server constraint violation into a domain error, in one place.
+pub(crate) trait OnConstraint<T> {
+    /// A duplicate key (1062) becomes `err`.
+    fn on_duplicate(self, err: Error) -> Result<T, Error>;
+}
+
+impl<T> OnConstraint<T> for Result<T, Error> {
+    fn on_duplicate(self, err: Error) -> Result<T, Error> {
+        match self {
+            Err(e) if e.server_code() == Some(1062) => Err(err),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! # coupons
+//!
+//! A concurrency-safe coupon service as a library: users register and log in (bcrypt, JWT),
+//! admins create coupons with limited stock, and users claim them. A claim is one locked
+//! transaction in MySQL or MariaDB, so the stock is never over-claimed, however many threads,
+//! processes or machines claim at once.
+//!
+//! The `coupons` binary serves this library over HTTP; an embedding program calls it directly:
+//!
+//! ```no_run
+//! use coupons::{auth::{Auth, Secret}, claim, coupon, db};
+//! use coupons::{CouponCode, Email, Password, Status, Stock};
+//!
+//! fn main() -> Result<(), coupons::Error> {
+//!     let opts = db::opts_from_url("mysql://root:secret@127.0.0.1:3306/coupons")?;
+//!     db::create_database(&opts)?;
+//!     let pool = db::pool(opts, 8)?;
+//!     db::migrate(&pool)?;
+//!
+//!     let auth = Auth::new(&Secret::generate()?, 7200, 12)?;
+//!     let ada = auth.register(&pool, &Email::parse("ada@example.com")?, &Password::parse("correct horse")?)?;
+//!
+//!     let welcome = coupon::create(&pool, &coupon::NewCoupon {
+//!         code: CouponCode::parse("WELCOME10")?,
+//!         available_count: Stock::parse(100)?,
+//!         status: Status::Active,
+//!     })?;
+//!     let claimed = claim::claim(&pool, ada.id, welcome.id)?;
+//!     assert_eq!(claimed.available_count, 99);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Without a server at hand, [`embedded::EmbeddedServer`] starts a private one from the
+//! system's MariaDB binaries.
+
+pub mod auth;
+pub mod claim;
+pub mod coupon;
+pub mod db;
+pub mod embedded;
+mod error;
+mod types;
+
+pub use error::{Error, TokenProblem};
+pub use types::{
+    ClaimId, CouponCode, CouponId, Email, Password, Role, Status, Stock, Timestamp, UserId,
+};

@@ -154,10 +154,7 @@ impl EmbeddedServer {
             if answers(&self.socket) {
                 return Ok(());
             }
-            let exited = match self.child.as_mut().map(Child::try_wait) {
-                Some(Ok(None)) => false,
-                _ => true,
-            };
+            let exited = !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)));
             if exited {
                 self.child = None;
                 return Err(Error::Launch(format!(

@@ -1,0 +1,159 @@
+//! The binary on its own private MariaDB (no DATABASE_URL), as a newcomer runs it, and its
+//! configuration errors.
+
+use crate::support::{coupons_command, Service, TestDb, JSON};
+use std::path::Path;
+use std::process::Command;
+
+fn data_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("coupons-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn run_coupons(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = coupons_command(env).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn socket_answers(dir: &Path) -> bool {
+    let opts = mysql::OptsBuilder::new()
+        .socket(Some(dir.join("mysql.sock").display().to_string()))
+        .user(Some("root"));
+    mysql::Conn::new(opts).is_ok()
+}
+
+#[test]
+fn the_private_database_keeps_data_across_restarts() {
+    let dir = data_dir("restart");
+    let dir_s = dir.display().to_string();
+    let env = [("COUPONS_DATA_DIR", dir_s.as_str()), ("BCRYPT_COST", "4")];
+
+    let svc = Service::spawn(&env);
+    let token = svc.register("ada@example.com");
+    // `coupons admin promote` from beside the running service attaches to its database.
+    let (code, out, err) = run_coupons(&env, &["admin", "promote", "ada@example.com"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ada@example.com is now ADMIN"), "{out}");
+    let (code, _, err) = run_coupons(&env, &["admin", "promote", "nobody@example.com"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no user is registered as nobody@example.com"),
+        "{err}"
+    );
+    assert!(
+        socket_answers(&dir),
+        "the admin command stopped the service's database"
+    );
+
+    let auth = format!("Bearer {token}");
+    let r = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, ("Authorization", &auth)],
+        Some(r#"{"code":"KEEP","available_count":2}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = svc.call(
+        "POST",
+        "/coupons/1/claim",
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The seed's way to make an admin works too, through the mariadb client on the socket.
+    let sql = Command::new("mariadb")
+        .args([
+            "--socket",
+            &dir.join("mysql.sock").display().to_string(),
+            "-u",
+            "root",
+            "coupons",
+            "-e",
+        ])
+        .arg("UPDATE users SET role = 'USER' WHERE email = 'ada@example.com'")
+        .status()
+        .expect("the mariadb client");
+    assert!(sql.success());
+    let r = svc.call(
+        "DELETE",
+        "/admin/coupons/1",
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // SIGTERM: a clean stop, status 0, and the private server stopped with it.
+    let status = svc.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !socket_answers(&dir),
+        "the private server outlived the service"
+    );
+
+    // A second start finds everything, and the generated secret still signs the same tokens.
+    let svc = Service::spawn(&env);
+    let r = svc.call(
+        "GET",
+        "/users/me/history",
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body[0]["code"], "KEEP");
+    let r = svc.call("GET", "/coupons", &[], None);
+    assert_eq!(r.body[0]["available_count"], 1);
+    svc.login("ada@example.com");
+    assert!(svc.stop().success());
+    let secret = std::fs::read_to_string(dir.join("jwt-secret")).unwrap();
+    assert!(secret.len() >= 32);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn migrate_is_idempotent_from_the_command_line() {
+    let db = TestDb::new();
+    for _ in 0..2 {
+        let (code, out, err) = run_coupons(&[("DATABASE_URL", &db.url)], &["migrate"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("schema is up to date"));
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_migrations"), 1);
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_variable() {
+    let db = TestDb::new();
+    let url = db.url.as_str();
+    let secret = "s".repeat(32);
+    for (env, variable) in [
+        (vec![("BCRYPT_COST", "many")], "BCRYPT_COST"),
+        (vec![("BCRYPT_COST", "3")], "BCRYPT_COST"),
+        (vec![("WORKERS", "0")], "WORKERS"),
+        (vec![("DB_POOL_SIZE", "-1")], "DB_POOL_SIZE"),
+        (vec![("TOKEN_TTL_SECS", "1h")], "TOKEN_TTL_SECS"),
+        (vec![("BIND_ADDR", "localhost")], "BIND_ADDR"),
+        (vec![("JWT_SECRET", "too-short")], "JWT_SECRET"),
+        (vec![("DATABASE_URL", url)], "JWT_SECRET"),
+        (
+            vec![("DATABASE_URL", "postgres://x"), ("JWT_SECRET", &secret)],
+            "URL",
+        ),
+    ] {
+        let (code, out, err) = run_coupons(&env, &["serve"]);
+        assert_ne!(code, 0, "{env:?}: {out}");
+        assert!(err.contains(variable), "{env:?}: {err}");
+        assert!(!err.contains(&secret), "the secret was printed");
+    }
+    let (code, _, err) = run_coupons(&[], &["frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("Usage"));
+    let (code, out, _) = run_coupons(&[], &["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("admin promote EMAIL"));
+}

@@ -1,0 +1,758 @@
+//! The real binary over HTTP: the seed's two scenarios, every route and every error status.
+
+use crate::library::forge;
+use crate::support::{request, send, Resp, Service, TestDb, JSON, SECRET};
+use mysql::prelude::Queryable;
+use std::thread;
+
+fn bearer(token: &str) -> (&'static str, String) {
+    ("Authorization", format!("Bearer {token}"))
+}
+
+/// Promotes through SQL, as the seed's README does.
+fn make_admin(db: &TestDb, svc: &Service, email: &str) -> String {
+    let token = svc.register(email);
+    db.conn()
+        .exec_drop("UPDATE users SET role = 'ADMIN' WHERE email = ?", (email,))
+        .unwrap();
+    token
+}
+
+fn create_coupon(svc: &Service, admin: &str, code: &str, stock: i64) -> u64 {
+    let body = format!(r#"{{"code":"{code}","available_count":{stock}}}"#);
+    let auth = bearer(admin);
+    let r = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, (auth.0, &auth.1)],
+        Some(&body),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_u64().unwrap()
+}
+
+/// Claims in parallel, one request per token, and returns the statuses.
+fn claim_in_parallel(svc: &Service, coupon: u64, tokens: &[String]) -> Vec<u16> {
+    thread::scope(|s| {
+        let handles: Vec<_> = tokens
+            .iter()
+            .map(|t| {
+                let path = format!("/coupons/{coupon}/claim");
+                // The seed's own header.
+                s.spawn(move || svc.call("POST", &path, &[("token", t)], None))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                if r.status == 409 {
+                    assert_eq!(r.body["code"], "sold_out", "{}", r.body);
+                }
+                r.status
+            })
+            .collect()
+    })
+}
+
+fn count(statuses: &[u16], f: impl Fn(u16) -> bool) -> usize {
+    statuses.iter().filter(|s| f(**s)).count()
+}
+
+#[test]
+fn seed_scenario_one_token_ten_parallel_claims_stock_three() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@gmail.com");
+    let coupon = create_coupon(&svc, &admin, "SEED1", 3);
+    let user = svc.register("user@example.com");
+    let statuses = claim_in_parallel(&svc, coupon, &vec![user; 10]);
+    assert_eq!(count(&statuses, |s| s == 201), 3, "{statuses:?}");
+    assert_eq!(count(&statuses, |s| s == 409), 7, "{statuses:?}");
+    assert_eq!(count(&statuses, |s| s >= 500), 0, "{statuses:?}");
+    assert_eq!(db.stock(coupon), (0, 3, 3));
+}
+
+#[test]
+fn seed_scenario_five_users_stock_three() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@gmail.com");
+    let coupon = create_coupon(&svc, &admin, "SEED2", 3);
+    let users: Vec<String> = (0..5)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    let statuses = claim_in_parallel(&svc, coupon, &users);
+    assert_eq!(
+        (
+            count(&statuses, |s| s == 201),
+            count(&statuses, |s| s == 409),
+            count(&statuses, |s| s >= 500)
+        ),
+        (3, 2, 0),
+        "{statuses:?}"
+    );
+    assert_eq!(db.stock(coupon), (0, 3, 3));
+    assert_eq!(db.scalar("SELECT COUNT(DISTINCT user_id) FROM claims"), 3);
+}
+
+#[test]
+fn many_users_claim_over_http() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let coupon = create_coupon(&svc, &admin, "DROP", 40);
+    let users: Vec<String> = (0..20)
+        .map(|i| svc.register(&format!("m{i}@example.com")))
+        .collect();
+    let tokens: Vec<String> = users.iter().cycle().take(100).cloned().collect();
+    let statuses = claim_in_parallel(&svc, coupon, &tokens);
+    assert_eq!(
+        (
+            count(&statuses, |s| s == 201),
+            count(&statuses, |s| s == 409)
+        ),
+        (40, 60)
+    );
+    assert_eq!(db.stock(coupon), (0, 40, 40));
+}
+
+/// One case of the route table: a request and the status and error code it must get.
+#[track_caller]
+fn check(
+    svc: &Service,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    status: u16,
+    code: &str,
+) -> Resp {
+    let r = svc.call(method, path, headers, body);
+    let case = format!("{method} {path} {body:?}");
+    assert_eq!(r.status, status, "{case}: {}", r.body);
+    if !code.is_empty() {
+        assert_eq!(r.body["code"], code, "{case}: {}", r.body);
+        assert!(r.body["detail"].is_string(), "{case}: {}", r.body);
+    }
+    assert_eq!(
+        r.headers.get("content-type").map(String::as_str),
+        Some("application/json"),
+        "{case}"
+    );
+    r
+}
+
+#[test]
+fn every_route_and_error_status() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let s = &svc;
+    let admin_tok = make_admin(&db, s, "admin@example.com");
+    let admin_h = bearer(&admin_tok);
+    let admin = [JSON, (admin_h.0, admin_h.1.as_str())];
+
+    // Register.
+    let r = check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"ada@example.com","password":"password123"}"#),
+        201,
+        "",
+    );
+    assert_eq!(r.body["email"], "ada@example.com");
+    assert_eq!(r.body["role"], "USER");
+    assert!(r.body.get("password_hash").is_none() && !r.body.to_string().contains("$2b$"));
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"ADA@example.com","password":"password123"}"#),
+        409,
+        "email_taken",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"nope","password":"password123"}"#),
+        422,
+        "invalid_email",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"b@example.com","password":"short"}"#),
+        422,
+        "invalid_password",
+    );
+    let long = format!(
+        r#"{{"email":"b@example.com","password":"{}"}}"#,
+        "p".repeat(73)
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(&long),
+        422,
+        "invalid_password",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"b@example.com"}"#),
+        422,
+        "invalid_body",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"b@example.com","password":"password123","role":"ADMIN"}"#),
+        422,
+        "invalid_body",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(r#"{"email":"#),
+        400,
+        "malformed_json",
+    );
+    check(
+        s,
+        "POST",
+        "/register",
+        &[("Content-Type", "text/plain")],
+        Some(r#"{"email":"b@example.com","password":"password123"}"#),
+        415,
+        "unsupported_media_type",
+    );
+    check(s, "POST", "/register", &[], None, 422, "invalid_body");
+    // The seed's query-string form.
+    check(
+        s,
+        "POST",
+        "/register?email=seed%40example.com&password=password123",
+        &[],
+        None,
+        201,
+        "",
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM users WHERE role = 'ADMIN'"),
+        1
+    );
+
+    // Login.
+    let r = check(
+        s,
+        "POST",
+        "/login",
+        &[JSON],
+        Some(r#"{"email":"ada@example.com","password":"password123"}"#),
+        200,
+        "",
+    );
+    assert_eq!(r.body["token"], r.body["access_token"]);
+    assert_eq!(
+        (r.body["token_type"].as_str(), r.body["expires_in"].as_u64()),
+        (Some("bearer"), Some(7200))
+    );
+    let ada = r.body["token"].as_str().unwrap().to_owned();
+    check(
+        s,
+        "POST",
+        "/login?email=seed@example.com&password=password123",
+        &[],
+        None,
+        200,
+        "",
+    );
+    let wrong = check(
+        s,
+        "POST",
+        "/login",
+        &[JSON],
+        Some(r#"{"email":"ada@example.com","password":"password124"}"#),
+        401,
+        "invalid_credentials",
+    );
+    let unknown = check(
+        s,
+        "POST",
+        "/login",
+        &[JSON],
+        Some(r#"{"email":"who@example.com","password":"password123"}"#),
+        401,
+        "invalid_credentials",
+    );
+    assert_eq!(wrong.body, unknown.body);
+
+    // Admin routes: who may call them.
+    let body = Some(r#"{"code":"W10","available_count":5}"#);
+    let ada_h = bearer(&ada);
+    let user = [JSON, (ada_h.0, ada_h.1.as_str())];
+    check(
+        s,
+        "POST",
+        "/admin/coupons",
+        &[JSON],
+        body,
+        401,
+        "missing_token",
+    );
+    check(
+        s,
+        "POST",
+        "/admin/coupons",
+        &user,
+        body,
+        403,
+        "admin_required",
+    );
+    check(
+        s,
+        "POST",
+        "/admin/coupons",
+        &[JSON, ("token", &ada)],
+        body,
+        403,
+        "admin_required",
+    );
+    let r = check(s, "POST", "/admin/coupons", &admin, body, 201, "");
+    assert_eq!(
+        r.body,
+        serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE"})
+    );
+    let w10 = r.body["id"].as_u64().unwrap();
+    check(
+        s,
+        "POST",
+        "/admin/coupons",
+        &admin,
+        Some(r#"{"code":"w10","available_count":5}"#),
+        409,
+        "code_taken",
+    );
+    for (bad, code) in [
+        (r#"{"code":"","available_count":5}"#, "invalid_code"),
+        (
+            &*format!(r#"{{"code":"{}","available_count":5}}"#, "X".repeat(65)),
+            "invalid_code",
+        ),
+        (
+            r#"{"code":"X' OR 1=1 --","available_count":5}"#,
+            "invalid_code",
+        ),
+        (
+            r#"{"code":"NEG","available_count":-1}"#,
+            "invalid_available_count",
+        ),
+        (
+            r#"{"code":"BIG","available_count":99999999999999999999}"#,
+            "invalid_body",
+        ),
+        (r#"{"code":"STR","available_count":"5"}"#, "invalid_body"),
+        (r#"{"code":"NOCOUNT"}"#, "invalid_available_count"),
+        (
+            r#"{"code":"ST","available_count":1,"status":"PAUSED"}"#,
+            "invalid_status",
+        ),
+        (
+            r#"{"code":"ST","available_count":1,"extra":1}"#,
+            "invalid_body",
+        ),
+    ] {
+        check(s, "POST", "/admin/coupons", &admin, Some(bad), 422, code);
+    }
+    check(
+        s,
+        "POST",
+        "/admin/coupons?code=QS&available_count=2&status=INACTIVE",
+        &[admin[1]],
+        None,
+        201,
+        "",
+    );
+    check(
+        s,
+        "POST",
+        "/admin/coupons?code=QS2&available_count=two",
+        &[admin[1]],
+        None,
+        422,
+        "invalid_available_count",
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 2);
+
+    // Listing shows active coupons only.
+    let r = check(s, "GET", "/coupons", &[], None, 200, "");
+    assert_eq!(r.body.as_array().unwrap().len(), 1);
+    assert_eq!(r.body[0]["code"], "W10");
+
+    // Claims.
+    let path = format!("/coupons/{w10}/claim");
+    check(s, "POST", &path, &[], None, 401, "missing_token");
+    let mut tampered = ada.clone();
+    tampered.push('x');
+    check(
+        s,
+        "POST",
+        &path,
+        &[("Authorization", &format!("Bearer {tampered}"))],
+        None,
+        401,
+        "invalid_token",
+    );
+    let expired = forge(SECRET, 2, -3600, "HS256");
+    check(
+        s,
+        "POST",
+        &path,
+        &[("Authorization", &format!("Bearer {expired}"))],
+        None,
+        401,
+        "token_expired",
+    );
+    let foreign = forge("another-secret-another-secret-another", 2, 3600, "HS256");
+    check(
+        s,
+        "POST",
+        &path,
+        &[("Authorization", &format!("Bearer {foreign}"))],
+        None,
+        401,
+        "invalid_token",
+    );
+    let r = check(s, "POST", &path, &user, None, 201, "");
+    assert_eq!(r.body["message"], "Coupon claimed successfully");
+    assert_eq!(r.body["available_count"], 4);
+    assert_eq!(r.body["claim"]["coupon_id"], w10);
+    assert_eq!(r.body["claim"]["code"], "W10");
+    assert!(r.body["claim"]["claimed_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let claim_id = r.body["claim"]["id"].clone();
+    check(
+        s,
+        "POST",
+        "/coupons/999999/claim",
+        &user,
+        None,
+        404,
+        "coupon_not_found",
+    );
+    for id in ["abc", "-1", "0", "1;DROP", "99999999999999999999"] {
+        check(
+            s,
+            "POST",
+            &format!("/coupons/{id}/claim"),
+            &user,
+            None,
+            404,
+            "coupon_not_found",
+        );
+    }
+    let qs = db.scalar("SELECT id FROM coupons WHERE code = 'QS'");
+    check(
+        s,
+        "POST",
+        &format!("/coupons/{qs}/claim"),
+        &user,
+        None,
+        409,
+        "inactive",
+    );
+
+    // History.
+    check(
+        s,
+        "GET",
+        "/users/me/history",
+        &[],
+        None,
+        401,
+        "missing_token",
+    );
+    let r = check(s, "GET", "/users/me/history", &user, None, 200, "");
+    assert_eq!(r.body.as_array().unwrap().len(), 1);
+    assert_eq!(r.body[0]["claim_id"], claim_id);
+    assert_eq!(r.body[0]["code"], "W10");
+
+    // Update.
+    let upath = format!("/admin/coupons/{w10}");
+    check(
+        s,
+        "PUT",
+        &upath,
+        &user,
+        Some(r#"{"available_count":1}"#),
+        403,
+        "admin_required",
+    );
+    let r = check(
+        s,
+        "PUT",
+        &upath,
+        &admin,
+        Some(r#"{"available_count":1}"#),
+        200,
+        "",
+    );
+    assert_eq!(
+        (
+            r.body["available_count"].as_u64(),
+            r.body["total_count"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    check(
+        s,
+        "PUT",
+        &upath,
+        &admin,
+        Some(r#"{"code":"qs"}"#),
+        409,
+        "code_taken",
+    );
+    check(
+        s,
+        "PUT",
+        &upath,
+        &admin,
+        Some(r#"{"available_count":-5}"#),
+        422,
+        "invalid_available_count",
+    );
+    check(
+        s,
+        "PUT",
+        &upath,
+        &admin,
+        Some(r#"{"status":"maybe"}"#),
+        422,
+        "invalid_status",
+    );
+    check(
+        s,
+        "PUT",
+        "/admin/coupons/424242",
+        &admin,
+        Some(r#"{"status":"ACTIVE"}"#),
+        404,
+        "coupon_not_found",
+    );
+    check(
+        s,
+        "PUT",
+        "/admin/coupons/x",
+        &admin,
+        Some(r#"{"status":"ACTIVE"}"#),
+        404,
+        "coupon_not_found",
+    );
+    check(
+        s,
+        "PUT",
+        &format!("{upath}?status=INACTIVE"),
+        &[admin[1]],
+        None,
+        200,
+        "",
+    );
+    check(
+        s,
+        "PUT",
+        &format!("{upath}?status=ACTIVE"),
+        &[admin[1]],
+        None,
+        200,
+        "",
+    );
+    check(s, "POST", &path, &user, None, 201, "");
+    check(s, "POST", &path, &user, None, 409, "sold_out");
+    assert_eq!(db.stock(w10), (0, 2, 2));
+
+    // Delete: hidden, unclaimable, history kept.
+    check(s, "DELETE", &upath, &user, None, 403, "admin_required");
+    let r = check(s, "DELETE", &upath, &admin, None, 200, "");
+    assert_eq!(r.body["detail"], "Coupon deleted");
+    check(s, "DELETE", &upath, &admin, None, 404, "coupon_not_found");
+    check(s, "POST", &path, &user, None, 404, "coupon_not_found");
+    let r = check(s, "GET", "/coupons", &[], None, 200, "");
+    assert_eq!(r.body, serde_json::json!([]));
+    let r = check(s, "GET", "/users/me/history", &user, None, 200, "");
+    assert_eq!(r.body.as_array().unwrap().len(), 2);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 2);
+
+    // Health, unknown routes, wrong methods.
+    let r = check(s, "GET", "/healthz", &[], None, 200, "");
+    assert_eq!(r.body["status"], "ok");
+    check(s, "GET", "/nope", &[], None, 404, "not_found");
+    check(
+        s,
+        "GET",
+        "/coupons/1/claim/extra",
+        &[],
+        None,
+        404,
+        "not_found",
+    );
+    for (method, path, allow) in [
+        ("GET", "/register", "POST"),
+        ("DELETE", "/coupons", "GET"),
+        ("GET", "/coupons/1/claim", "POST"),
+        ("POST", "/admin/coupons/1", "PUT, DELETE"),
+        ("PATCH", "/users/me/history", "GET"),
+    ] {
+        let r = check(s, method, path, &[], None, 405, "method_not_allowed");
+        assert_eq!(r.headers["allow"], allow);
+    }
+}
+
+#[test]
+fn demotion_and_deleted_users_take_effect_at_once() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "boss@example.com");
+    let auth = bearer(&admin);
+    let headers = [JSON, (auth.0, auth.1.as_str())];
+    let body = Some(r#"{"code":"A1","available_count":1}"#);
+    check(&svc, "POST", "/admin/coupons", &headers, body, 201, "");
+    db.conn()
+        .query_drop("UPDATE users SET role = 'USER' WHERE email = 'boss@example.com'")
+        .unwrap();
+    // The same token still says ADMIN; the database says otherwise.
+    check(
+        &svc,
+        "POST",
+        "/admin/coupons",
+        &headers,
+        Some(r#"{"code":"A2","available_count":1}"#),
+        403,
+        "admin_required",
+    );
+
+    let ghost = svc.register("ghost@example.com");
+    db.conn()
+        .query_drop("DELETE FROM users WHERE email = 'ghost@example.com'")
+        .unwrap();
+    let h = [("token", ghost.as_str())];
+    check(
+        &svc,
+        "GET",
+        "/users/me/history",
+        &h,
+        None,
+        401,
+        "unknown_user",
+    );
+    let coupon = db.scalar("SELECT id FROM coupons");
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{coupon}/claim"),
+        &h,
+        None,
+        401,
+        "unknown_user",
+    );
+    assert_eq!(db.stock(coupon as u64), (1, 0, 1));
+}
+
+#[test]
+fn oversized_bodies_are_refused() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let big = format!(
+        r#"{{"email":"a@example.com","password":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    check(
+        &svc,
+        "POST",
+        "/register",
+        &[JSON],
+        Some(&big),
+        413,
+        "payload_too_large",
+    );
+    // Declared as 10 MB; the server answers without waiting for it.
+    let head = "POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n";
+    let r = send(&svc.addr, head.as_bytes(), b"{");
+    assert_eq!(r.status, 413);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM users"), 0);
+}
+
+#[test]
+fn login_takes_as_long_for_unknown_emails() {
+    let db = TestDb::new();
+    // A real cost, so that a skipped hash would show.
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "10"),
+    ]);
+    svc.register("known@example.com");
+    let time = |email: &str| {
+        let mut runs: Vec<f64> = (0..5)
+            .map(|_| {
+                let body = format!(r#"{{"email":"{email}","password":"password999"}}"#);
+                let t = std::time::Instant::now();
+                let r = request(&svc.addr, "POST", "/login", &[JSON], Some(&body));
+                assert_eq!(r.status, 401);
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[2]
+    };
+    let (known, unknown) = (time("known@example.com"), time("unknown@example.com"));
+    // Same work either way; a missing hash would make the unknown case ~100x faster.
+    assert!(
+        unknown > known * 0.3,
+        "known {known:.4}s, unknown {unknown:.4}s"
+    );
+}
+
+#[test]
+fn workers_survive_requests_that_are_not_http() {
+    use std::io::{Read, Write};
+    let db = TestDb::new();
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("WORKERS", "1"),
+    ]);
+    for junk in [
+        &b"\x00\x01garbage\r\n\r\n"[..],
+        b"GET /coupons HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    ] {
+        let mut stream = std::net::TcpStream::connect(&svc.addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(junk).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(!String::from_utf8_lossy(&answer).contains(" 500 "));
+    }
+    let r = svc.call("GET", "/healthz", &[], None);
+    assert_eq!(r.status, 200);
+}

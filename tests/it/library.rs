@@ -1,0 +1,420 @@
+//! The library's public API, used as an embedding program would, against real MariaDB.
+
+use crate::support::{auth, TestDb, SECRET};
+use coupons::auth::{self as auth_mod, Auth, Principal, Secret};
+use coupons::coupon::{self, CouponChange, NewCoupon};
+use coupons::{
+    claim, db, CouponCode, CouponId, Email, Error, Password, Role, Status, Stock, TokenProblem,
+    UserId,
+};
+use rayon::prelude::*;
+
+fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
+    coupon::create(
+        &db.pool,
+        &NewCoupon {
+            code: CouponCode::parse(code).unwrap(),
+            available_count: Stock::parse(stock).unwrap(),
+            status: Status::Active,
+        },
+    )
+    .unwrap()
+    .id
+}
+
+fn new_users(db: &TestDb, auth: &Auth, n: usize) -> Vec<UserId> {
+    (0..n)
+        .map(|i| {
+            let email = Email::parse(&format!("user{i}@example.com")).unwrap();
+            auth.register(&db.pool, &email, &Password::parse("password123").unwrap())
+                .unwrap()
+                .id
+        })
+        .collect()
+}
+
+/// A rayon pool no larger than the connection pool, so threads wait on the row lock and not
+/// on `pool.get()`.
+fn threads(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+}
+
+/// T threads x M attempts against stock K: exactly min(K, T*M) successes, the rest sold out.
+#[track_caller]
+fn hammer(stock: i64, threads_n: usize, attempts: usize) {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), threads_n);
+    let coupon = new_coupon(&db, "HOT", stock);
+    let outcomes: Vec<Result<u64, String>> = threads(threads_n).install(|| {
+        (0..threads_n * attempts)
+            .into_par_iter()
+            .map(
+                |i| match claim::claim(&db.pool, users[i % threads_n], coupon) {
+                    Ok(c) => Ok(c.claim.id.0),
+                    Err(Error::SoldOut) => Err("sold_out".into()),
+                    Err(e) => Err(format!("unexpected: {e}")),
+                },
+            )
+            .collect()
+    });
+    let total = (threads_n * attempts) as i64;
+    let won: Vec<u64> = outcomes.iter().filter_map(|o| o.clone().ok()).collect();
+    let unexpected: Vec<&String> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().err())
+        .filter(|e| *e != "sold_out")
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    assert_eq!(won.len() as i64, stock.min(total));
+    let mut distinct = won.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), won.len(), "a claim id was handed out twice");
+    let (available, claims, total_count) = db.stock(coupon.0);
+    assert_eq!(claims, stock.min(total));
+    assert_eq!(available, (stock - total).max(0));
+    assert_eq!(total_count, stock);
+}
+
+#[test]
+fn parallel_claims_take_exactly_the_stock() {
+    hammer(50, 8, 25);
+}
+
+#[test]
+fn parallel_claims_below_the_stock_all_succeed() {
+    hammer(500, 8, 25);
+}
+
+#[test]
+fn parallel_claims_on_stock_of_one() {
+    hammer(1, 8, 10);
+}
+
+#[test]
+fn parallel_claims_spread_over_many_coupons_and_users() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 40);
+    let stocks: Vec<i64> = (0..12).map(|i| [0, 1, 3, 7, 20, 55][i % 6]).collect();
+    let coupons: Vec<CouponId> = stocks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| new_coupon(&db, &format!("C{i}"), *s))
+        .collect();
+    let attempts = 1200;
+    let results: Vec<(usize, bool)> = threads(12).install(|| {
+        (0..attempts)
+            .into_par_iter()
+            .map(|i| {
+                let c = (i * 7 + i / 13) % coupons.len();
+                match claim::claim(&db.pool, users[i % users.len()], coupons[c]) {
+                    Ok(_) => (c, true),
+                    Err(Error::SoldOut) => (c, false),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            })
+            .collect()
+    });
+    for (c, id) in coupons.iter().enumerate() {
+        let tried = results.iter().filter(|(x, _)| *x == c).count() as i64;
+        let won = results.iter().filter(|(x, ok)| *x == c && *ok).count() as i64;
+        assert_eq!(won, stocks[c].min(tried), "coupon {c}");
+        let (available, claims, total) = db.stock(id.0);
+        assert_eq!(
+            (available, claims, total),
+            (stocks[c] - won, won, stocks[c])
+        );
+    }
+    // Every claim belongs to one of the users, and histories add up to all claims.
+    let in_histories: usize = users
+        .iter()
+        .map(|u| claim::history(&db.pool, *u).unwrap().len())
+        .sum();
+    assert_eq!(
+        in_histories as i64,
+        db.scalar("SELECT COUNT(*) FROM claims")
+    );
+}
+
+#[test]
+fn stock_changes_race_safely_with_claims() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let coupon = new_coupon(&db, "RESTOCK", 10);
+    threads(8).install(|| {
+        (0..400).into_par_iter().for_each(|i| {
+            if i % 10 == 0 {
+                let change = CouponChange {
+                    available_count: Some(Stock::parse(5).unwrap()),
+                    ..CouponChange::default()
+                };
+                coupon::update(&db.pool, coupon, &change).unwrap();
+            } else {
+                match claim::claim(&db.pool, users[i % 4], coupon) {
+                    Ok(_) | Err(Error::SoldOut) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+        })
+    });
+    // stock() asserts available + claims == total; total grew by every restock.
+    let (available, claims, total) = db.stock(coupon.0);
+    assert!(available <= 5 && claims >= 10 && total == available + claims);
+}
+
+#[test]
+fn register_and_login() {
+    let db = TestDb::new();
+    let auth = auth();
+    let email = Email::parse("Ada@Example.com").unwrap();
+    let pw = Password::parse("password123").unwrap();
+    let user = auth.register(&db.pool, &email, &pw).unwrap();
+    assert_eq!(
+        (user.email.as_str(), user.role),
+        ("ada@example.com", Role::User)
+    );
+    let again = Email::parse("ada@example.COM").unwrap();
+    assert!(matches!(
+        auth.register(&db.pool, &again, &pw),
+        Err(Error::EmailTaken)
+    ));
+
+    let token = auth
+        .login(&db.pool, "ADA@example.com", "password123")
+        .unwrap();
+    let who = auth.authenticate(Some(&token.token)).unwrap();
+    assert_eq!(
+        who,
+        Principal {
+            user_id: user.id,
+            role: Role::User
+        }
+    );
+    for (email, password) in [
+        ("ada@example.com", "wrong-password"),
+        ("nobody@example.com", "password123"),
+        ("not an email", "password123"),
+        ("ada@example.com", &"p".repeat(100)),
+    ] {
+        assert!(matches!(
+            auth.login(&db.pool, email, password),
+            Err(Error::BadCredentials)
+        ));
+    }
+    let hash: String = {
+        use mysql::prelude::Queryable;
+        db.conn()
+            .query_first("SELECT password_hash FROM users")
+            .unwrap()
+            .unwrap()
+    };
+    assert!(hash.starts_with("$2b$04$") && !hash.contains("password123"));
+}
+
+#[test]
+fn tokens_are_checked() {
+    let auth = auth();
+    let token = auth.issue(UserId(7), Role::Admin).unwrap().token;
+    assert_eq!(auth.authenticate(Some(&token)).unwrap().user_id, UserId(7));
+    assert!(matches!(
+        auth.authenticate(None),
+        Err(Error::Token(TokenProblem::Missing))
+    ));
+
+    let mut tampered = token.clone();
+    tampered.insert(tampered.len() - 3, 'x');
+    let other = Auth::new(&Secret::parse(&"z".repeat(40)).unwrap(), 60, 4).unwrap();
+    let foreign = other.issue(UserId(7), Role::Admin).unwrap().token;
+    let expired = forge(SECRET, 7, -3600, "HS256");
+    let wrong_alg = forge(SECRET, 7, 3600, "HS512");
+    for bad in [tampered, foreign, wrong_alg, "abc".into(), String::new()] {
+        assert!(
+            matches!(
+                auth.authenticate(Some(&bad)),
+                Err(Error::Token(TokenProblem::Invalid))
+            ),
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        auth.authenticate(Some(&expired)),
+        Err(Error::Token(TokenProblem::Expired))
+    ));
+    assert!(Secret::parse(&"s".repeat(31)).is_err());
+}
+
+/// A token signed with `secret`, expiring `exp_in` seconds from now.
+pub fn forge(secret: &str, user: u64, exp_in: i64, alg: &str) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let now = coupons::Timestamp::now().unix_secs();
+    let claims = serde_json::json!({"sub": user.to_string(), "role": "ADMIN", "iat": now, "exp": now + exp_in});
+    let alg = if alg == "HS512" {
+        Algorithm::HS512
+    } else {
+        Algorithm::HS256
+    };
+    encode(
+        &Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn roles_come_from_the_database() {
+    let db = TestDb::new();
+    let auth = auth();
+    let email = Email::parse("boss@example.com").unwrap();
+    let user = auth
+        .register(&db.pool, &email, &Password::parse("password123").unwrap())
+        .unwrap();
+    let who = Principal {
+        user_id: user.id,
+        role: Role::Admin,
+    };
+    assert!(matches!(
+        auth_mod::require_admin(&db.pool, &who),
+        Err(Error::NotAdmin)
+    ));
+    auth_mod::set_role(&db.pool, &email, Role::Admin).unwrap();
+    auth_mod::require_admin(&db.pool, &who).unwrap();
+    auth_mod::set_role(&db.pool, &email, Role::User).unwrap();
+    assert!(matches!(
+        auth_mod::require_admin(&db.pool, &who),
+        Err(Error::NotAdmin)
+    ));
+    let ghost = Principal {
+        user_id: UserId(999_999),
+        role: Role::Admin,
+    };
+    assert!(matches!(
+        auth_mod::require_admin(&db.pool, &ghost),
+        Err(Error::Token(TokenProblem::UnknownUser))
+    ));
+    let nobody = Email::parse("nobody@example.com").unwrap();
+    assert!(matches!(
+        auth_mod::set_role(&db.pool, &nobody, Role::Admin),
+        Err(Error::UserNotFound)
+    ));
+}
+
+#[test]
+fn coupon_lifecycle() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let id = new_coupon(&db, "Summer-26", 2);
+    // Codes are unique case-insensitively among live coupons.
+    let dup = NewCoupon {
+        code: CouponCode::parse("SUMMER-26").unwrap(),
+        available_count: Stock::parse(1).unwrap(),
+        status: Status::Active,
+    };
+    assert!(matches!(
+        coupon::create(&db.pool, &dup),
+        Err(Error::CodeTaken)
+    ));
+
+    claim::claim(&db.pool, users[0], id).unwrap();
+    let change = CouponChange {
+        available_count: Some(Stock::parse(10).unwrap()),
+        status: Some(Status::Inactive),
+        ..CouponChange::default()
+    };
+    let c = coupon::update(&db.pool, id, &change).unwrap();
+    assert_eq!(
+        (c.available_count, c.total_count, c.status),
+        (10, 11, Status::Inactive)
+    );
+    assert!(coupon::list_active(&db.pool).unwrap().is_empty());
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], id),
+        Err(Error::Inactive)
+    ));
+
+    let other = new_coupon(&db, "OTHER", 1);
+    let rename = CouponChange {
+        code: Some(CouponCode::parse("other").unwrap()),
+        ..CouponChange::default()
+    };
+    assert!(matches!(
+        coupon::update(&db.pool, id, &rename),
+        Err(Error::CodeTaken)
+    ));
+    claim::claim(&db.pool, users[0], other).unwrap();
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], other),
+        Err(Error::SoldOut)
+    ));
+
+    coupon::delete(&db.pool, id).unwrap();
+    assert!(matches!(
+        coupon::delete(&db.pool, id),
+        Err(Error::CouponNotFound)
+    ));
+    assert!(matches!(
+        coupon::get(&db.pool, id),
+        Err(Error::CouponNotFound)
+    ));
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], id),
+        Err(Error::CouponNotFound)
+    ));
+    assert!(matches!(
+        coupon::update(&db.pool, id, &rename),
+        Err(Error::CouponNotFound)
+    ));
+    // The deleted coupon's claim stays in the history, and its code is free again.
+    let history = claim::history(&db.pool, users[0]).unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(
+        (history[0].code.as_str(), history[1].code.as_str()),
+        ("OTHER", "Summer-26")
+    );
+    assert!(history[0].claimed_at >= history[1].claimed_at);
+    new_coupon(&db, "summer-26", 1);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 2);
+    db.stock(id.0);
+}
+
+#[test]
+fn migrating_twice_changes_nothing() {
+    let db = TestDb::new();
+    let schema = |db: &TestDb| -> Vec<(String, String)> {
+        use mysql::prelude::Queryable;
+        let mut conn = db.conn();
+        let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+        tables
+            .into_iter()
+            .map(|t| {
+                let (_, ddl): (String, String) = conn
+                    .query_first(format!("SHOW CREATE TABLE `{t}`"))
+                    .unwrap()
+                    .unwrap();
+                (t, ddl.split(" AUTO_INCREMENT=").next().unwrap().to_owned())
+            })
+            .collect()
+    };
+    let before = schema(&db);
+    db::migrate(&db.pool).unwrap();
+    db::migrate(&db.pool).unwrap();
+    assert_eq!(schema(&db), before);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_migrations"), 1);
+    assert_eq!(before.len(), 4);
+}
+
+#[test]
+fn the_schema_refuses_negative_stock() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let id = new_coupon(&db, "CHECKED", 1);
+    let r = db.conn().exec_drop(
+        "UPDATE coupons SET available_count = available_count - 2 WHERE id = ?",
+        (id.0,),
+    );
+    assert!(r.is_err(), "the CHECK constraint let stock go negative");
+    db.stock(id.0);
+}

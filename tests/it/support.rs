@@ -1,0 +1,304 @@
+//! Fixtures: the shared database server, a fresh database per test, the real binary on a free
+//! port, and a small HTTP/1.1 client over `TcpStream`.
+
+use coupons::auth::{Auth, Secret};
+use coupons::db::{self, Pool};
+use coupons::embedded::EmbeddedServer;
+use mysql::prelude::Queryable;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// The database server for this test binary: a URL template with `{db}` for the database.
+struct Server {
+    url: String,
+    _embedded: Option<EmbeddedServer>,
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) => Server {
+            url: with_database(&url, "{db}"),
+            _embedded: None,
+        },
+        Err(_) => {
+            // Never dropped: when this process exits the watchdog stops the server and removes
+            // the directory.
+            let dir = std::env::temp_dir().join(format!("coupons-test-{}", std::process::id()));
+            let embedded = EmbeddedServer::start_ephemeral(&dir).unwrap_or_else(|e| {
+                panic!("the tests need MariaDB (apt-get install -y mariadb-server) or TEST_DATABASE_URL: {e}")
+            });
+            Server {
+                url: embedded.url("{db}"),
+                _embedded: Some(embedded),
+            }
+        }
+    })
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url
+        .split_once("://")
+        .expect("TEST_DATABASE_URL is mysql://...");
+    let (before_query, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(a, b)| (a, Some(b)));
+    let authority = before_query.split('/').next().unwrap_or(before_query);
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    }
+}
+
+/// A fresh database with the schema applied, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: Pool,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "coupons_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let url = server().url.replace("{db}", &name);
+        let opts = db::opts_from_url(&url).unwrap();
+        db::create_database(&opts).expect("creating a test database");
+        let pool = db::pool(opts, 16).unwrap();
+        db::migrate(&pool).expect("applying the schema");
+        TestDb { name, url, pool }
+    }
+
+    /// A direct connection, for checking what is really in the database.
+    pub fn conn(&self) -> mysql::Conn {
+        mysql::Conn::new(mysql::Opts::from_url(&self.url).unwrap()).unwrap()
+    }
+
+    /// One number from the database.
+    pub fn scalar(&self, sql: &str) -> i64 {
+        self.conn().query_first(sql).unwrap().unwrap()
+    }
+
+    /// Checks `available_count + claims == total_count` for every coupon, and returns
+    /// (available, claims, total) of the one asked for.
+    #[track_caller]
+    pub fn stock(&self, coupon: u64) -> (i64, i64, i64) {
+        let broken: Vec<(u64, i64, i64, i64)> = self
+            .conn()
+            .query(
+                "SELECT co.id, co.available_count, COUNT(cl.id), co.total_count
+                 FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
+                 GROUP BY co.id HAVING co.available_count + COUNT(cl.id) <> co.total_count",
+            )
+            .unwrap();
+        assert!(
+            broken.is_empty(),
+            "remaining + claims != stock for {broken:?}"
+        );
+        self.conn()
+            .exec_first(
+                "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id), co.total_count
+                 FROM coupons co WHERE co.id = ?",
+                (coupon,),
+            )
+            .unwrap()
+            .expect("no such coupon")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = mysql::Conn::new(mysql::Opts::from_url(&self.url).unwrap()) {
+            let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+/// Cheap hashing for tests.
+pub fn auth() -> Auth {
+    Auth::new(&Secret::parse(SECRET).unwrap(), 3600, 4).unwrap()
+}
+
+/// The real binary, serving HTTP on a free port. Stopped with SIGTERM when dropped.
+pub struct Service {
+    pub addr: String,
+    pub child: Child,
+}
+
+impl Service {
+    /// Serves `db` with the test secret and cheap hashing.
+    pub fn start(db: &TestDb) -> Service {
+        Service::spawn(&[
+            ("DATABASE_URL", db.url.as_str()),
+            ("JWT_SECRET", SECRET),
+            ("BCRYPT_COST", "4"),
+            ("WORKERS", "16"),
+        ])
+    }
+
+    /// Runs `coupons` with `env` on port 0 and waits for the address it prints.
+    pub fn spawn(env: &[(&str, &str)]) -> Service {
+        let mut child = coupons_command(env)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning coupons");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("coupons exited before printing its address")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("coupons: listening on http://") {
+                break addr.to_owned();
+            }
+        };
+        // Keep reading so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Service { addr, child }
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
+        request(&self.addr, method, path, headers, body)
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn register(&self, email: &str) -> String {
+        let body = format!(r#"{{"email":"{email}","password":"password123"}}"#);
+        let r = self.call("POST", "/register", &[JSON], Some(&body));
+        assert_eq!(r.status, 201, "{}", r.body);
+        self.login(email)
+    }
+
+    pub fn login(&self, email: &str) -> String {
+        let body = format!(r#"{{"email":"{email}","password":"password123"}}"#);
+        let r = self.call("POST", "/login", &[JSON], Some(&body));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// The `coupons` binary with `env` and none of the service's variables inherited.
+pub fn coupons_command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coupons"));
+    for var in [
+        "DATABASE_URL",
+        "COUPONS_DATA_DIR",
+        "BIND_ADDR",
+        "JWT_SECRET",
+        "TOKEN_TTL_SECS",
+        "BCRYPT_COST",
+        "WORKERS",
+        "DB_POOL_SIZE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+pub const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+/// An HTTP answer: status, headers (lower-case names) and the body as JSON.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+}
+
+/// One HTTP/1.1 request on a new connection.
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Resp {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    raw.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    send(addr, raw.as_bytes(), body.as_bytes())
+}
+
+/// Sends raw bytes and parses the answer.
+pub fn send(addr: &str, head: &[u8], body: &[u8]) -> Resp {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(head).unwrap();
+    // The server may answer (413) and close before taking the whole body.
+    let _ = stream.write_all(body);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    parse(&answer)
+}
+
+fn parse(answer: &[u8]) -> Resp {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()));
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}

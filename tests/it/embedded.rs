@@ -157,3 +157,52 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
     assert_eq!(code, 0);
     assert!(out.contains("admin promote EMAIL"));
 }
+
+#[test]
+fn a_database_outage_is_a_503_and_the_service_recovers_by_itself() {
+    use coupons::embedded::EmbeddedServer;
+    let dir = data_dir("outage");
+    let server = EmbeddedServer::start(&dir).unwrap();
+    let url = server.url("coupons");
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &url),
+        ("JWT_SECRET", crate::support::SECRET),
+        ("BCRYPT_COST", "4"),
+    ]);
+    let token = svc.register("ada@example.com");
+    let auth = ("Authorization", format!("Bearer {token}"));
+    assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
+
+    server.stop().unwrap();
+    for (method, path) in [
+        ("GET", "/healthz"),
+        ("POST", "/coupons/1/claim"),
+        ("GET", "/coupons"),
+    ] {
+        let r = svc.call(method, path, &[(auth.0, &auth.1)], None);
+        assert_eq!(r.status, 503, "{method} {path}: {}", r.body);
+        assert_eq!(r.body["code"], "database_unavailable");
+        assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+        assert!(
+            !r.body.to_string().contains("mysql.sock"),
+            "database text leaked: {}",
+            r.body
+        );
+    }
+
+    // Back up: the same service answers again without a restart.
+    let server = EmbeddedServer::start(&dir).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while svc.call("GET", "/healthz", &[], None).status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service did not recover"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let r = svc.call("GET", "/users/me/history", &[(auth.0, &auth.1)], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop(svc);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

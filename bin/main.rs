@@ -1,10 +1,13 @@
 //! The `coupons` binary: reads the configuration, opens the database (a private MariaDB or
 //! `DATABASE_URL`), applies the schema, then serves HTTP or runs an admin command.
 
+mod benchdb;
 mod config;
 mod error;
 mod http;
+mod loadtest;
 mod routes;
+mod stats;
 
 use config::Config;
 use coupons::auth::{self, Auth, Secret};
@@ -21,6 +24,8 @@ Usage:
   coupons migrate               apply the schema in sql/ and exit
   coupons admin promote EMAIL   make a user an admin
   coupons admin demote EMAIL    make an admin a plain user
+  coupons loadtest [OPTIONS]    load a running service (--url) or one it starts (--embedded)
+  coupons bench-db [OPTIONS]    claims/s of the library alone, no HTTP (the yardstick)
   coupons --help                this text
 
 Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
@@ -32,6 +37,8 @@ enum Command {
     Serve,
     Migrate,
     SetRole(String, Role),
+    Loadtest,
+    BenchDb,
     Help,
 }
 
@@ -44,6 +51,8 @@ impl Command {
             ["admin", "promote", email] => Command::SetRole(email.to_string(), Role::Admin),
             ["admin", "demote", email] => Command::SetRole(email.to_string(), Role::User),
             ["--help" | "-h" | "help"] => Command::Help,
+            ["loadtest", ..] => Command::Loadtest,
+            ["bench-db", ..] => Command::BenchDb,
             _ => return None,
         })
     }
@@ -55,9 +64,24 @@ fn main() -> ExitCode {
         eprint!("coupons: unknown command {:?}\n\n{USAGE}", args.join(" "));
         return ExitCode::from(2);
     };
-    if let Command::Help = command {
-        print!("{USAGE}");
-        return ExitCode::SUCCESS;
+    let tool = match command {
+        Command::Help => {
+            print!("{USAGE}\n{}\n{}\n", loadtest::USAGE, benchdb::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Command::Loadtest => Some(loadtest::run(&args[1..])),
+        Command::BenchDb => Some(benchdb::run(&args[1..])),
+        _ => None,
+    };
+    if let Some(result) = tool {
+        return match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(msg) => {
+                eprintln!("coupons: {msg}");
+                ExitCode::from(2)
+            }
+        };
     }
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -122,7 +146,7 @@ fn run(command: Command, config: Config) -> Result<(), String> {
             println!("coupons: {} is now {}", user.email, role.as_str());
             Ok(())
         }
-        Command::Help => Ok(()),
+        Command::Help | Command::Loadtest | Command::BenchDb => Ok(()),
     }
 }
 

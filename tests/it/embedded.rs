@@ -206,3 +206,28 @@ fn a_database_outage_is_a_503_and_the_service_recovers_by_itself() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_short_sellout_loadtest_hands_out_exactly_the_stock() {
+    let (code, out, err) = run_coupons(
+        &[],
+        &[
+            "loadtest",
+            "--embedded",
+            "--scenario",
+            "sellout",
+            "--connections",
+            "16",
+            "--stock",
+            "150",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["invariant_ok"], true, "{summary}");
+    assert_eq!(summary["successes"], 150, "{summary}");
+    assert_eq!(summary["status_counts"]["201"], 150, "{summary}");
+    assert_eq!(summary["status_counts"]["409"], 600, "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
+}

@@ -18,6 +18,10 @@ pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
 /// Whole-transaction attempts on deadlock or lock-wait timeout.
 const MAX_ATTEMPTS: u32 = 8;
+/// No retry starts after this long: a request is answered within a few seconds, not minutes.
+const RETRY_BUDGET: Duration = Duration::from_secs(5);
+/// How long one statement waits for a row lock (the server's default is 50 s).
+const LOCK_WAIT_SECS: u32 = 2;
 
 /// The migrations in `sql/`, in order. Applied ones are recorded in `schema_migrations` and
 /// never edited; a change to the schema is a new file.
@@ -82,6 +86,12 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
     let opts = Opts::from_url(url).map_err(|e| Error::invalid("database URL", e.to_string()))?;
     let mut b = OptsBuilder::from_opts(opts)
         .tcp_connect_timeout(Some(Duration::from_secs(2)))
+        // A hung server must not pin a worker for ever; no statement of ours runs this long.
+        .read_timeout(Some(Duration::from_secs(60)))
+        .write_timeout(Some(Duration::from_secs(60)))
+        .init(vec![format!(
+            "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
+        )])
         .stmt_cache_size(64);
     if !url.contains("prefer_socket=") {
         b = b.prefer_socket(false);
@@ -181,12 +191,17 @@ pub(crate) fn with_conn<T>(
 
 /// Runs `f` in one transaction and commits it. Any `?` inside rolls back (the mysql crate's
 /// `Transaction` does so on drop). On deadlock or lock-wait timeout the whole transaction is
-/// retried with jittered backoff; when retries run out the caller gets [`Error::Busy`].
+/// retried with jittered backoff, at most 8 times and not after 5 s; then the caller gets
+/// [`Error::Busy`]. Lock waits are capped at 2 s per statement.
 pub(crate) fn transaction<T>(
     pool: &Pool,
     mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    let started = Instant::now();
     for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 && started.elapsed() > RETRY_BUDGET {
+            break;
+        }
         let result = with_conn(pool, |conn| {
             let mut tx = conn.start_transaction(TxOpts::default())?;
             let value = f(&mut tx)?;

@@ -117,8 +117,12 @@ impl From<mysql::Error> for Error {
             mysql::Error::DriverError(
                 D::ConnectTimeout | D::CouldNotConnect(_) | D::Timeout | D::PacketOutOfSync,
             ) => true,
-            // Too many connections, shutdown in progress, connection killed, node not ready.
-            mysql::Error::MySqlError(s) => matches!(s.code, 1040 | 1053 | 1927 | 1047 | 2006),
+            // Too many connections, shutdown in progress, connection killed, node not ready,
+            // read-only (failover), interrupted, lost or timed-out connections.
+            mysql::Error::MySqlError(s) => matches!(
+                s.code,
+                1040 | 1053 | 1927 | 1047 | 1290 | 1836 | 1792 | 1317 | 1969 | 4031 | 1158..=1161
+            ),
             _ => false,
         };
         if unreachable {

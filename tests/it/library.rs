@@ -144,24 +144,29 @@ fn stock_changes_race_safely_with_claims() {
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 4);
     let coupon = new_coupon(&db, "RESTOCK", 10);
-    threads(8).install(|| {
-        (0..400).into_par_iter().for_each(|i| {
-            if i % 10 == 0 {
-                let change = CouponChange {
-                    available_count: Some(Stock::parse(5).unwrap()),
-                    ..CouponChange::default()
-                };
-                coupon::update(&db.pool, coupon, &change).unwrap();
-            } else {
+    let won: usize = threads(8).install(|| {
+        (0..400)
+            .into_par_iter()
+            .map(|i| {
+                if i % 10 == 0 {
+                    let change = CouponChange {
+                        available_count: Some(Stock::parse(5).unwrap()),
+                        ..CouponChange::default()
+                    };
+                    coupon::update(&db.pool, coupon, &change).unwrap();
+                    return 0;
+                }
                 match claim::claim(&db.pool, users[i % 4], coupon) {
-                    Ok(_) | Err(Error::SoldOut) => {}
+                    Ok(_) => 1,
+                    Err(Error::SoldOut) => 0,
                     Err(e) => panic!("unexpected {e}"),
                 }
-            }
-        })
+            })
+            .sum()
     });
     // stock() asserts available + claims == total; total grew by every restock.
     let (available, claims, total) = db.stock(coupon.0);
+    assert_eq!(claims, won as i64, "claims answered Ok != claim rows");
     assert!(available <= 5 && claims >= 10 && total == available + claims);
 }
 
@@ -417,4 +422,27 @@ fn the_schema_refuses_negative_stock() {
     );
     assert!(r.is_err(), "the CHECK constraint let stock go negative");
     db.stock(id.0);
+}
+
+#[test]
+fn a_held_row_lock_ends_in_busy_then_the_claim_goes_through() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let coupon = new_coupon(&db, "LOCKED", 3);
+    let mut holder = db.conn();
+    holder.query_drop("START TRANSACTION").unwrap();
+    holder
+        .exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon.0,))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = claim::claim(&db.pool, users[0], coupon);
+    let waited = started.elapsed();
+    assert!(matches!(r, Err(Error::Busy)), "{r:?}");
+    // Lock waits are bounded: a few 2 s waits, not the server's 50 s.
+    assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
+    holder.query_drop("ROLLBACK").unwrap();
+    assert_eq!(db.stock(coupon.0), (3, 0, 3));
+    claim::claim(&db.pool, users[0], coupon).unwrap();
+    assert_eq!(db.stock(coupon.0), (2, 1, 3));
 }

@@ -47,9 +47,18 @@ impl Config {
             token_ttl_secs: number("TOKEN_TTL_SECS", 7200, 1..=31_536_000)?,
             bcrypt_cost: number("BCRYPT_COST", 12, 4..=31)?,
             workers,
-            db_pool_size: number("DB_POOL_SIZE", workers as u32 + 4, 1..=1000)?,
+            db_pool_size: number(
+                "DB_POOL_SIZE",
+                workers as u32 + bcrypt_threads() as u32 + 2,
+                1..=1000,
+            )?,
         })
     }
+}
+
+/// Threads that run bcrypt (logins and registrations): one per core.
+pub fn bcrypt_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
 }
 
 /// A variable's value; empty counts as unset.

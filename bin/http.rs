@@ -54,21 +54,59 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
-pub fn serve(app: App, listener: TcpListener, workers: usize) -> Result<(), String> {
-    let server = Arc::new(Server::from_listener(listener, None).map_err(|e| e.to_string())?);
-    let stopping = Arc::new(AtomicBool::new(false));
-    {
-        let (server, stopping) = (server.clone(), stopping.clone());
-        ctrlc::set_handler(move || {
-            stopping.store(true, Ordering::SeqCst);
-            for _ in 0..workers {
+/// SIGINT and SIGTERM, caught from the start so that a signal during start-up (while the
+/// private database starts) still ends in a clean stop with status 0.
+#[derive(Default)]
+pub struct Shutdown {
+    requested: AtomicBool,
+    /// The running server and its worker count, to wake every worker.
+    server: Mutex<Option<(Arc<Server>, usize)>>,
+}
+
+impl Shutdown {
+    pub fn install() -> Result<Arc<Shutdown>, String> {
+        let shutdown = Arc::new(Shutdown::default());
+        let handler = shutdown.clone();
+        ctrlc::set_handler(move || handler.request())
+            .map_err(|e| format!("installing the signal handler: {e}"))?;
+        Ok(shutdown)
+    }
+
+    fn request(&self) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        self.requested.store(true, Ordering::SeqCst);
+        if let Some((server, workers)) = &*server {
+            for _ in 0..*workers {
                 server.unblock();
             }
-        })
-        .map_err(|e| format!("installing the signal handler: {e}"))?;
+        }
     }
-    let bcrypt_threads = std::thread::available_parallelism().map_or(2, usize::from);
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Registers the server; false if a stop was already asked for.
+    fn attach(&self, server: Arc<Server>, workers: usize) -> bool {
+        let mut slot = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((server, workers));
+        !self.requested()
+    }
+}
+
+/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
+pub fn serve(
+    app: App,
+    listener: TcpListener,
+    workers: usize,
+    shutdown: &Shutdown,
+) -> Result<(), String> {
+    let server = Arc::new(Server::from_listener(listener, None).map_err(|e| e.to_string())?);
+    if !shutdown.attach(server.clone(), workers) {
+        return Ok(());
+    }
+    let stopping = &shutdown.requested;
+    let bcrypt_threads = crate::config::bcrypt_threads();
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
@@ -77,7 +115,7 @@ pub fn serve(app: App, listener: TcpListener, workers: usize) -> Result<(), Stri
         }
         for _ in 0..workers {
             let slow_tx = slow_tx.clone();
-            let (app, server, stopping) = (&app, &server, &stopping);
+            let (app, server) = (&app, &server);
             s.spawn(move || worker(app, server, &slow_tx, stopping));
         }
         // Workers hold the only senders now: when they stop, the bcrypt threads stop too.

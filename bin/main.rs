@@ -105,39 +105,46 @@ struct Database {
     embedded: Option<EmbeddedServer>,
 }
 
-fn open_database(config: &Config, pool_size: u32) -> Result<Database, Error> {
+fn open_database(config: &Config, pool_size: u32) -> Result<Database, String> {
     let (url, embedded) = match &config.database_url {
         Some(url) => (url.clone(), None),
         None => {
-            let server = EmbeddedServer::start(&config.data_dir)?;
+            let server = EmbeddedServer::start(&config.data_dir)
+                .map_err(|e| format!("COUPONS_DATA_DIR={}: {e}", config.data_dir.display()))?;
             (server.url("coupons"), Some(server))
         }
     };
-    let opts = db::opts_from_url(&url)?;
+    let opts = db::opts_from_url(&url).map_err(|e| format!("DATABASE_URL: {e}"))?;
     // A user without CREATE rights on an existing database is fine: migrate says if it is not.
     if let Err(e) = db::create_database(&opts) {
         if embedded.is_some() {
-            return Err(e);
+            return Err(e.to_string());
         }
     }
-    let pool = db::pool(opts, pool_size)?;
-    db::migrate(&pool)?;
+    let pool = db::pool(opts, pool_size).map_err(|e| e.to_string())?;
+    db::migrate(&pool).map_err(|e| e.to_string())?;
     Ok(Database { pool, embedded })
 }
 
 fn run(command: Command, config: Config) -> Result<(), String> {
-    let pool_size = match command {
-        Command::Serve => config.db_pool_size,
-        _ => 2,
+    let (pool_size, shutdown) = match command {
+        Command::Serve => (config.db_pool_size, Some(http::Shutdown::install()?)),
+        _ => (2, None),
     };
-    let database = open_database(&config, pool_size).map_err(|e| e.to_string())?;
-    match command {
-        Command::Serve => serve(&config, &database),
-        Command::Migrate => {
+    let database = open_database(&config, pool_size)?;
+    match (command, shutdown) {
+        (Command::Serve, Some(shutdown)) => {
+            if shutdown.requested() {
+                println!("coupons: stopped before serving");
+                return Ok(());
+            }
+            serve(&config, &database, &shutdown)
+        }
+        (Command::Migrate, _) => {
             println!("coupons: the schema is up to date");
             Ok(())
         }
-        Command::SetRole(email, role) => {
+        (Command::SetRole(email, role), _) => {
             let email = Email::parse(&email).map_err(|e| e.to_string())?;
             let user = auth::set_role(&database.pool, &email, role).map_err(|e| match e {
                 Error::UserNotFound => format!("no user is registered as {}", email.as_str()),
@@ -146,11 +153,11 @@ fn run(command: Command, config: Config) -> Result<(), String> {
             println!("coupons: {} is now {}", user.email, role.as_str());
             Ok(())
         }
-        Command::Help | Command::Loadtest | Command::BenchDb => Ok(()),
+        _ => Ok(()),
     }
 }
 
-fn serve(config: &Config, database: &Database) -> Result<(), String> {
+fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Result<(), String> {
     let secret = match (&config.jwt_secret, &database.embedded) {
         (Some(s), _) => s.clone(),
         (None, Some(_)) => Secret::load_or_create(&config.data_dir.join("jwt-secret"))
@@ -183,7 +190,7 @@ fn serve(config: &Config, database: &Database) -> Result<(), String> {
         pool: database.pool.clone(),
         auth,
     };
-    http::serve(app, listener, config.workers)?;
+    http::serve(app, listener, config.workers, shutdown)?;
     println!("coupons: stopped");
     Ok(())
 }

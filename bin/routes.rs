@@ -16,7 +16,9 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// allowed ones, anything else a 404.
 pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
     let url = rq.url().to_owned();
-    let segments: Vec<&str> = path(&url).split('/').filter(|s| !s.is_empty()).collect();
+    // Strict: `/login/` and `//login` are not `/login`.
+    let p = path(&url);
+    let segments: Vec<&str> = p.strip_prefix('/').unwrap_or(p).split('/').collect();
     let method = rq.method().clone();
     use Method::{Delete, Get, Post, Put};
     match (segments.as_slice(), &method) {

@@ -23,7 +23,14 @@ remove=$1; shift
 exec 3<&0
 "$@" <&- 3<&- &
 pid=$!
-{ read -r _ <&3; kill -TERM "$pid" 2>/dev/null; } &
+{
+  read -r _ <&3
+  kill -TERM "$pid" 2>/dev/null
+  # A server told to stop while still starting can hang: give it 30 s, then kill it.
+  i=0
+  while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -KILL "$pid" 2>/dev/null
+} &
 wait "$pid"
 status=$?
 if [ -n "$remove" ]; then rm -rf -- "$remove"; fi
@@ -105,7 +112,7 @@ impl EmbeddedServer {
         }
         let (server, flavor) = find_server()?;
         if !dir.join("mysql").is_dir() {
-            initialize(&server, flavor, &dir)?;
+            initialize_into(&server, flavor, &dir)?;
         }
         let log = dir.join("server.err");
         let mut args = vec![
@@ -118,7 +125,7 @@ impl EmbeddedServer {
             "--max-connections=1000".to_owned(),
         ];
         if flavor == Flavor::MySql {
-            args.push("--mysqlx=OFF".to_owned());
+            args.push("--loose-mysqlx=OFF".to_owned());
         }
         args.extend(root_user_arg());
         let remove = if ephemeral {
@@ -204,9 +211,12 @@ fn answers(socket: &Path) -> bool {
     if !socket.exists() {
         return false;
     }
+    // Bounded: a server that listens but never finishes starting must not hang us.
     let opts = mysql::OptsBuilder::new()
         .socket(Some(socket.display().to_string()))
-        .user(Some("root"));
+        .user(Some("root"))
+        .read_timeout(Some(Duration::from_secs(2)))
+        .write_timeout(Some(Duration::from_secs(2)));
     mysql::Conn::new(opts).is_ok()
 }
 
@@ -263,6 +273,31 @@ fn find_server() -> Result<(PathBuf, Flavor), Error> {
          service at a server you already run with DATABASE_URL=mysql://user:pass@host:3306/coupons"
             .to_owned(),
     ))
+}
+
+/// Initialises in a staging directory beside `dir`, then moves the result in with the system
+/// tables (`mysql/`) last, so an interrupted or failed initialisation never leaves a directory
+/// that looks initialised.
+fn initialize_into(server: &Path, flavor: Flavor, dir: &Path) -> Result<(), Error> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = dir.with_file_name(format!(".{name}.init-{}", std::process::id()));
+    let io = |e: std::io::Error| Error::Launch(format!("initialising {}: {e}", dir.display()));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging).map_err(io)?;
+    let result = initialize(server, flavor, &staging).and_then(|()| {
+        for entry in fs::read_dir(&staging).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if entry.file_name() != "mysql" {
+                fs::rename(entry.path(), dir.join(entry.file_name())).map_err(io)?;
+            }
+        }
+        fs::rename(staging.join("mysql"), dir.join("mysql")).map_err(io)
+    });
+    let _ = fs::remove_dir_all(&staging);
+    result
 }
 
 fn initialize(server: &Path, flavor: Flavor, dir: &Path) -> Result<(), Error> {

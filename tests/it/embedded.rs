@@ -231,3 +231,31 @@ fn a_short_sellout_loadtest_hands_out_exactly_the_stock() {
     assert_eq!(summary["status_counts"]["409"], 600, "{summary}");
     assert_eq!(summary["errors"], 0, "{summary}");
 }
+
+#[test]
+fn a_signal_during_start_up_still_stops_cleanly() {
+    let dir = data_dir("early-stop");
+    let dir_s = dir.display().to_string();
+    let env = [
+        ("COUPONS_DATA_DIR", dir_s.as_str()),
+        ("BIND_ADDR", "127.0.0.1:0"),
+    ];
+    let mut child = coupons_command(&env)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The private database is initialising and starting now.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket_answers(&dir));
+    // And the directory is usable afterwards: a normal start and stop.
+    let svc = Service::spawn(&[("COUPONS_DATA_DIR", dir_s.as_str()), ("BCRYPT_COST", "4")]);
+    assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
+    assert!(svc.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

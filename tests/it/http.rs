@@ -613,6 +613,9 @@ fn every_route_and_error_status() {
         404,
         "not_found",
     );
+    for path in ["/login/", "//login", "/coupons/", "/"] {
+        check(s, "POST", path, &[JSON], Some("{}"), 404, "not_found");
+    }
     for (method, path, allow) in [
         ("GET", "/register", "POST"),
         ("DELETE", "/coupons", "GET"),

@@ -433,7 +433,10 @@ fn a_held_row_lock_ends_in_busy_then_the_claim_goes_through() {
     let mut holder = db.conn();
     holder.query_drop("START TRANSACTION").unwrap();
     holder
-        .exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon.0,))
+        .exec_drop(
+            "SELECT id FROM coupons WHERE id = ? FOR UPDATE",
+            (coupon.0,),
+        )
         .unwrap();
     let started = std::time::Instant::now();
     let r = claim::claim(&db.pool, users[0], coupon);

@@ -65,9 +65,12 @@ impl fmt::Debug for Secret {
 /// A registered user, as shown to clients (never the hash).
 #[derive(Debug, Clone, Serialize)]
 pub struct User {
+    /// The user's id.
     pub id: UserId,
+    /// The normalised email.
     pub email: String,
     #[serde(serialize_with = "role_str")]
+    /// USER or ADMIN.
     pub role: Role,
 }
 
@@ -78,7 +81,9 @@ fn role_str<S: serde::Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
 /// A signed token and how many seconds it stays valid.
 #[derive(Debug, Clone)]
 pub struct Token {
+    /// The JWT.
     pub token: String,
+    /// Seconds until it expires.
     pub expires_in: u64,
 }
 
@@ -86,7 +91,9 @@ pub struct Token {
 /// against the database by [`require_admin`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {
+    /// The user the token was issued to.
     pub user_id: UserId,
+    /// The role the token claims.
     pub role: Role,
 }
 

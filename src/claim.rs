@@ -10,25 +10,35 @@ use serde::Serialize;
 /// One granted unit of a coupon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Claim {
+    /// The claim's id.
     pub id: ClaimId,
+    /// The coupon claimed.
     pub coupon_id: CouponId,
+    /// The coupon's code.
     pub code: String,
+    /// When the claim committed (service clock, UTC).
     pub claimed_at: Timestamp,
 }
 
 /// A successful claim and the stock left right after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimed {
+    /// The new claim.
     pub claim: Claim,
+    /// Units left right after this claim.
     pub available_count: u64,
 }
 
 /// One line of a user's claim history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryEntry {
+    /// The claim's id.
     pub claim_id: ClaimId,
+    /// The coupon claimed.
     pub coupon_id: CouponId,
+    /// The coupon's code.
     pub code: String,
+    /// When the claim committed (UTC).
     pub claimed_at: Timestamp,
 }
 

@@ -9,12 +9,15 @@ use serde::{Serialize, Serializer};
 /// A coupon as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Coupon {
+    /// The coupon's id.
     pub id: CouponId,
+    /// The code as the admin wrote it.
     pub code: String,
     /// Units left to claim.
     pub available_count: u64,
     /// Units ever made available: `available_count` plus the claims made.
     pub total_count: u64,
+    /// ACTIVE or INACTIVE.
     #[serde(serialize_with = "status_str")]
     pub status: Status,
 }
@@ -26,17 +29,22 @@ fn status_str<S: Serializer>(st: &Status, s: S) -> Result<S::Ok, S::Error> {
 /// What an admin gives to create a coupon.
 #[derive(Debug, Clone)]
 pub struct NewCoupon {
+    /// The code, unique among live coupons.
     pub code: CouponCode,
+    /// The initial stock, which is also the total.
     pub available_count: Stock,
+    /// Whether it can be claimed.
     pub status: Status,
 }
 
 /// A change to a coupon; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct CouponChange {
+    /// A new code.
     pub code: Option<CouponCode>,
     /// Sets the remaining stock; `total_count` moves by the same amount.
     pub available_count: Option<Stock>,
+    /// A new status.
     pub status: Option<Status>,
 }
 

@@ -1,5 +1,5 @@
 //! The connection pool, the schema, and the two ways library code touches the database:
-//! [`with_conn`] for plain reads and writes, [`transaction`] for a unit of work that retries.
+//! `with_conn` for plain reads and writes, `transaction` for a unit of work that retries.
 
 use crate::Error;
 use mysql::prelude::Queryable;

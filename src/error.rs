@@ -20,7 +20,12 @@ pub enum TokenProblem {
 #[derive(Debug)]
 pub enum Error {
     /// An input failed to parse (422). `field` names the input, `reason` is for people.
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        /// The input's name, e.g. `email`.
+        field: &'static str,
+        /// What is wrong, for people.
+        reason: String,
+    },
     /// The email is already registered (409 `email_taken`).
     EmailTaken,
     /// Another live coupon has this code, compared case-insensitively (409 `code_taken`).

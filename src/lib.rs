@@ -34,6 +34,7 @@
 //! Without a server at hand, [`embedded::EmbeddedServer`] starts a private one from the
 //! system's MariaDB binaries.
 
+#![deny(missing_docs)]
 pub mod auth;
 pub mod claim;
 pub mod coupon;

@@ -173,7 +173,11 @@ pub fn handle(app: &App, mut rq: Request) {
 }
 
 fn respond(rq: Request, reply: Reply) {
-    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
+    // Always a Content-Length: bodies are built whole, and tiny_http would otherwise switch
+    // to chunked encoding from 32 KiB.
+    let mut response = Response::from_data(reply.body)
+        .with_status_code(reply.status)
+        .with_chunked_threshold(usize::MAX);
     let headers =
         std::iter::once(("Content-Type", "application/json".to_owned())).chain(reply.headers);
     for (name, value) in headers {

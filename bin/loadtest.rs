@@ -132,8 +132,16 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         coupons.len()
     );
 
+    let server_pid = target.embedded.as_ref().map(|(child, _, _)| child.id());
+    let at_rest = server_pid.and_then(memory);
+    let peak = std::sync::Mutex::new(at_rest.unwrap_or_default());
     let started = Instant::now();
-    let (record, per_coupon) = drive(addr, &o, &tokens, &coupons, started);
+    let (record, per_coupon) = drive(addr, &o, &tokens, &coupons, started, || {
+        if let Some(now) = server_pid.and_then(memory) {
+            let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+            *p = (p.0.max(now.0), p.1.max(now.1));
+        }
+    });
     let elapsed = started.elapsed();
     let attempts = record.latencies_us.len() as u64;
     let mut summary = record.summary(elapsed);
@@ -142,6 +150,13 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     summary["scenario"] = json!(format!("{:?}", o.scenario).to_lowercase());
     summary["connections"] = json!(o.connections);
     summary["invariant_ok"] = json!(ok);
+    if let Some((rss, threads)) = at_rest {
+        let (max_rss, max_threads) = *peak.lock().unwrap_or_else(|e| e.into_inner());
+        summary["server_rss_mib_at_start"] = json!((rss as f64 / 1024.0 * 10.0).round() / 10.0);
+        summary["server_rss_mib_max"] = json!((max_rss as f64 / 1024.0 * 10.0).round() / 10.0);
+        summary["server_threads_at_start"] = json!(threads);
+        summary["server_threads_max"] = json!(max_threads);
+    }
     summary["checks"] = json!(checks
         .iter()
         .map(|(c, p)| json!({"check": c, "ok": p}))
@@ -358,13 +373,25 @@ fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>,
         .collect()
 }
 
+/// The server's resident memory (KiB) and thread count, from /proc.
+fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("VmRSS:")?, field("Threads:")?))
+}
+
 /// Runs the load: one thread per connection, until the duration or the request budget ends.
+/// `sample` is called about every 200 ms while it runs.
 fn drive(
     addr: SocketAddr,
     o: &Options,
     tokens: &[String],
     coupons: &[u64],
     started: Instant,
+    sample: impl Fn() + Sync,
 ) -> (Record, HashMap<u64, u64>) {
     let sent = AtomicU64::new(0);
     let (done_requests, done_ok, done_err) =
@@ -382,6 +409,7 @@ fn drive(
             let mut last = (0u64, Instant::now());
             while !finished.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
+                sample();
                 if last.1.elapsed() < Duration::from_secs(1) && !finished.load(Relaxed) {
                     continue;
                 }

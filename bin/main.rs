@@ -8,6 +8,7 @@ mod http;
 mod loadtest;
 mod routes;
 mod stats;
+mod suite;
 
 use config::Config;
 use coupons::auth::{self, Auth, Secret};
@@ -26,6 +27,7 @@ Usage:
   coupons admin demote EMAIL    make an admin a plain user
   coupons loadtest [OPTIONS]    load a running service (--url) or one it starts (--embedded)
   coupons bench-db [OPTIONS]    claims/s of the library alone, no HTTP (the yardstick)
+  coupons bench-suite [OPTIONS] every figure of BENCHMARKS.md: tables and charts
   coupons --help                this text
 
 Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
@@ -39,6 +41,7 @@ enum Command {
     SetRole(String, Role),
     Loadtest,
     BenchDb,
+    Suite,
     Help,
 }
 
@@ -53,6 +56,7 @@ impl Command {
             ["--help" | "-h" | "help"] => Command::Help,
             ["loadtest", ..] => Command::Loadtest,
             ["bench-db", ..] => Command::BenchDb,
+            ["bench-suite", ..] => Command::Suite,
             _ => return None,
         })
     }
@@ -66,11 +70,17 @@ fn main() -> ExitCode {
     };
     let tool = match command {
         Command::Help => {
-            print!("{USAGE}\n{}\n{}\n", loadtest::USAGE, benchdb::USAGE);
+            print!(
+                "{USAGE}\n{}\n{}\n{}\n",
+                loadtest::USAGE,
+                benchdb::USAGE,
+                suite::USAGE
+            );
             return ExitCode::SUCCESS;
         }
         Command::Loadtest => Some(loadtest::run(&args[1..])),
         Command::BenchDb => Some(benchdb::run(&args[1..])),
+        Command::Suite => Some(suite::run(&args[1..])),
         _ => None,
     };
     if let Some(result) = tool {

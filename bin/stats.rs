@@ -183,7 +183,7 @@ pub fn bars(x: f64, title: &str, data: &[(String, f64)], unit: &str) -> String {
         ty = top - 3.0,
         ly = top + h + 28.0,
     );
-    let label_every = (data.len() / 10).max(1);
+    let label_every = data.len().div_ceil(10).max(1);
     for (i, (label, v)) in data.iter().enumerate() {
         let bh = v / max * h;
         let bx = x + i as f64 * bw;
@@ -204,6 +204,76 @@ pub fn bars(x: f64, title: &str, data: &[(String, f64)], unit: &str) -> String {
         }
     }
     out
+}
+
+/// A grouped bar chart: one group per label, one bar per series, in a 900 x 360 SVG.
+pub fn grouped_bars(
+    title: &str,
+    unit: &str,
+    series: &[&str],
+    groups: &[(String, Vec<f64>)],
+) -> String {
+    const COLORS: [&str; 4] = ["#4477aa", "#ee6677", "#228833", "#ccbb44"];
+    let (x0, top, w, h) = (70.0, 50.0, 800.0, 240.0);
+    let max = groups
+        .iter()
+        .flat_map(|g| g.1.iter().copied())
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let gw = w / groups.len().max(1) as f64;
+    let bw = (gw * 0.8) / series.len().max(1) as f64;
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="360" font-family="sans-serif" font-size="12">
+<rect width="900" height="360" fill="white"/>
+<text x="450" y="22" text-anchor="middle" font-size="15">{}</text>
+<line x1="{x0}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{x0}" y1="{top}" x2="{x0}" y2="{b}" stroke="black"/>
+<text x="{lx}" y="{top}" text-anchor="end" font-size="10">{max:.0}</text>
+<text x="{lx}" y="{b}" text-anchor="end" font-size="10">0</text>
+<text x="20" y="{my}" font-size="11" transform="rotate(-90 20 {my})" text-anchor="middle">{}</text>
+"#,
+        escape(title),
+        escape(unit),
+        b = top + h,
+        r = x0 + w,
+        lx = x0 - 4.0,
+        my = top + h / 2.0,
+    );
+    for (gi, (label, values)) in groups.iter().enumerate() {
+        let gx = x0 + gi as f64 * gw + gw * 0.1;
+        for (si, v) in values.iter().enumerate() {
+            let bh = v / max * h;
+            out += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {v:.1}</title></rect>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{v:.0}</text>\n",
+                gx + si as f64 * bw,
+                top + h - bh,
+                bw - 2.0,
+                COLORS[si % COLORS.len()],
+                escape(label),
+                escape(series.get(si).copied().unwrap_or("")),
+                gx + si as f64 * bw + bw / 2.0,
+                top + h - bh - 3.0,
+            );
+        }
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n",
+            gx + gw * 0.4,
+            top + h + 16.0,
+            escape(label)
+        );
+    }
+    for (si, name) in series.iter().enumerate() {
+        let lx = x0 + 10.0 + si as f64 * 220.0;
+        out += &format!(
+            "<rect x=\"{lx}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
+            COLORS[si % COLORS.len()],
+            lx + 16.0,
+            top + h + 46.0,
+            escape(name),
+            y = top + h + 36.0,
+        );
+    }
+    out + "</svg>\n"
 }
 
 fn escape(s: &str) -> String {

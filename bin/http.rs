@@ -110,6 +110,7 @@ pub fn serve(
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
+        s.spawn(|| purge_keys(&app, stopping));
         for _ in 0..bcrypt_threads {
             s.spawn(|| slow_worker(&app, &slow_rx));
         }
@@ -122,6 +123,20 @@ pub fn serve(
         drop(slow_tx);
     });
     Ok(())
+}
+
+/// Deletes expired idempotency keys once an hour, until the server stops.
+fn purge_keys(app: &App, stopping: &AtomicBool) {
+    let mut next = std::time::Instant::now();
+    while !stopping.load(Ordering::SeqCst) {
+        if std::time::Instant::now() >= next {
+            if let Err(e) = coupons::idempotency::purge(&app.pool, coupons::idempotency::KEEP_FOR) {
+                eprintln!("coupons: purging idempotency keys: {e}");
+            }
+            next += std::time::Duration::from_secs(3600);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn worker(app: &App, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {

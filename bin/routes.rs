@@ -5,6 +5,7 @@ use crate::error::ApiError;
 use crate::http::{json_body, path, query, token, App, Reply};
 use coupons::auth::{self, Principal};
 use coupons::coupon::{self, CouponChange, NewCoupon};
+use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{claim, db, CouponCode, CouponId, Email, Error, Password, Status, Stock};
 use serde::Deserialize;
 use serde_json::json;
@@ -99,18 +100,50 @@ fn admin(app: &App, rq: &Request) -> Result<Principal> {
     Ok(who)
 }
 
+/// The `Idempotency-Key` header, parsed, if sent.
+fn idempotency_key(rq: &Request) -> Result<Option<IdempotencyKey>> {
+    let value = rq
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Idempotency-Key"));
+    Ok(value
+        .map(|h| IdempotencyKey::parse(h.value.as_str()))
+        .transpose()?)
+}
+
+/// The answer of a keyed request, marked when it is a replay (errors included).
+fn answered<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Reply) -> Result<Reply> {
+    let mut reply = match answer.result {
+        Ok(value) => ok(value),
+        Err(e) if answer.replayed => ApiError::App(e).reply("replay"),
+        Err(e) => return Err(e.into()),
+    };
+    if answer.replayed {
+        reply.headers.push(("Idempotent-Replayed", "true".into()));
+    }
+    Ok(reply)
+}
+
 fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
     let who = principal(app, rq)?;
     let id: CouponId = id.parse()?;
-    let c = claim::claim(&app.pool, who.user_id, id)?;
-    Ok(Reply::json(
-        201,
-        &json!({
-            "message": "Coupon claimed successfully",
-            "claim": c.claim,
-            "available_count": c.available_count,
-        }),
-    ))
+    let answer = match idempotency_key(rq)? {
+        Some(key) => claim::claim_once(&app.pool, who.user_id, id, &key),
+        None => Answer {
+            result: claim::claim(&app.pool, who.user_id, id),
+            replayed: false,
+        },
+    };
+    answered(answer, |c| {
+        Reply::json(
+            201,
+            &json!({
+                "message": "Coupon claimed successfully",
+                "claim": c.claim,
+                "available_count": c.available_count,
+            }),
+        )
+    })
 }
 
 fn history(app: &App, rq: &Request) -> Result<Reply> {
@@ -151,7 +184,8 @@ fn coupon_body(rq: &mut Request, url: &str) -> Result<CouponBody> {
 }
 
 fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
-    admin(app, rq)?;
+    let who = admin(app, rq)?;
+    let key = idempotency_key(rq)?;
     let b = coupon_body(rq, url)?;
     let new = NewCoupon {
         code: CouponCode::parse(b.code.as_deref().unwrap_or_default())?,
@@ -164,7 +198,14 @@ fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
             .as_deref()
             .map_or(Ok(Status::Active), Status::parse)?,
     };
-    Ok(Reply::json(201, &coupon::create(&app.pool, &new)?))
+    let answer = match key {
+        Some(key) => coupon::create_once(&app.pool, who.user_id, &new, &key),
+        None => Answer {
+            result: coupon::create(&app.pool, &new),
+            replayed: false,
+        },
+    };
+    answered(answer, |c| Reply::json(201, &c))
 }
 
 fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {

@@ -2,9 +2,11 @@
 
 use crate::coupon::lock_live;
 use crate::db::{transaction, with_conn, Pool};
-use crate::error::TokenProblem;
+use crate::error::{OnConstraint, TokenProblem};
+use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
 use crate::{ClaimId, CouponId, Error, Status, Timestamp, UserId};
 use mysql::prelude::Queryable;
+use mysql::Transaction;
 use serde::Serialize;
 
 /// One granted unit of a coupon.
@@ -50,39 +52,112 @@ pub struct HistoryEntry {
 /// [`Error::SoldOut`], [`Error::Token`] if the user no longer exists, [`Error::Busy`] if
 /// deadlocks or lock-wait timeouts outlast the retries.
 pub fn claim(pool: &Pool, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
-    transaction(pool, |tx| {
-        let c = lock_live(tx, coupon)?.ok_or(Error::CouponNotFound)?;
-        if c.status != Status::Active {
-            return Err(Error::Inactive);
+    claim_keyed(pool, user, coupon, None).result
+}
+
+/// [`claim`] guarded by an idempotency key: the first request with `key` claims (or is refused)
+/// and records its answer in the same transaction; every later one with the same key gets that
+/// answer again (`replayed`), never a second claim. The key with another coupon is
+/// [`Error::KeyReused`].
+pub fn claim_once(
+    pool: &Pool,
+    user: UserId,
+    coupon: CouponId,
+    key: &IdempotencyKey,
+) -> Answer<Claimed> {
+    claim_keyed(pool, user, coupon, Some(key))
+}
+
+fn claim_keyed(
+    pool: &Pool,
+    user: UserId,
+    coupon: CouponId,
+    key: Option<&IdempotencyKey>,
+) -> Answer<Claimed> {
+    let request = format!("claim {coupon}");
+    let done = transaction(pool, |tx| {
+        let Some(key) = key else {
+            return Ok(Answer::new(Ok(take_one(tx, user, coupon)?)));
+        };
+        if let Some(first) = idempotency::reserve(tx, user, key, &request)? {
+            return replay(tx, first);
         }
-        if c.available_count == 0 {
-            return Err(Error::SoldOut);
-        }
-        tx.exec_drop(
-            "UPDATE coupons SET available_count = available_count - 1 WHERE id = ?",
-            (coupon.0,),
-        )?;
-        let claimed_at = Timestamp::now();
-        let inserted = tx.exec_drop(
-            "INSERT INTO claims (user_id, coupon_id, claimed_at) VALUES (?, ?, ?)",
-            (user.0, coupon.0, claimed_at),
-        );
-        match inserted.map_err(Error::from) {
-            // The user foreign key: the token's user was deleted.
-            Err(e) if e.server_code() == Some(1452) => {
-                return Err(Error::Token(TokenProblem::UnknownUser))
-            }
-            other => other?,
-        }
-        Ok(Claimed {
-            claim: Claim {
-                id: ClaimId(tx.last_insert_id().unwrap_or(0)),
-                coupon_id: coupon,
-                code: c.code,
-                claimed_at,
+        let result = take_one(tx, user, coupon);
+        // A refusal is an answer too: recorded, so that a retry gets the same one.
+        let (outcome, id, count) = match &result {
+            Ok(c) => (
+                "claimed",
+                Some(c.claim.id.0),
+                Some(c.available_count as i64),
+            ),
+            Err(e) => match e.outcome() {
+                Some(name) => (name, None, None),
+                None => return Err(result.err().unwrap_or(Error::Busy)),
             },
-            available_count: c.available_count - 1,
-        })
+        };
+        idempotency::record(tx, user, key, outcome, id, count)?;
+        Ok(Answer::new(result))
+    });
+    done.unwrap_or_else(|e| Answer::new(Err(e)))
+}
+
+/// The claim itself: everything that decides whether it succeeds.
+fn take_one(tx: &mut Transaction<'_>, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
+    let c = lock_live(tx, coupon)?.ok_or(Error::CouponNotFound)?;
+    if c.status != Status::Active {
+        return Err(Error::Inactive);
+    }
+    if c.available_count == 0 {
+        return Err(Error::SoldOut);
+    }
+    tx.exec_drop(
+        "UPDATE coupons SET available_count = available_count - 1 WHERE id = ?",
+        (coupon.0,),
+    )?;
+    let claimed_at = Timestamp::now();
+    tx.exec_drop(
+        "INSERT INTO claims (user_id, coupon_id, claimed_at) VALUES (?, ?, ?)",
+        (user.0, coupon.0, claimed_at),
+    )
+    .map_err(Error::from)
+    .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
+    Ok(Claimed {
+        claim: Claim {
+            id: ClaimId(tx.last_insert_id().unwrap_or(0)),
+            coupon_id: coupon,
+            code: c.code,
+            claimed_at,
+        },
+        available_count: c.available_count - 1,
+    })
+}
+
+/// The answer recorded for an idempotency key, again.
+fn replay(tx: &mut Transaction<'_>, first: Recorded) -> Result<Answer<Claimed>, Error> {
+    let result = match (first.outcome.as_str(), first.result_id) {
+        ("claimed", Some(id)) => {
+            let row: Option<(u64, String, Timestamp)> = tx.exec_first(
+                "SELECT cl.coupon_id, co.code, cl.claimed_at
+                 FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id = ?",
+                (id,),
+            )?;
+            let (coupon_id, code, claimed_at) =
+                row.ok_or(Error::Internal("recorded claim is missing".into()))?;
+            Ok(Claimed {
+                claim: Claim {
+                    id: ClaimId(id),
+                    coupon_id: CouponId(coupon_id),
+                    code,
+                    claimed_at,
+                },
+                available_count: first.result_count.unwrap_or(0).max(0) as u64,
+            })
+        }
+        (outcome, _) => Err(Error::from_outcome(outcome)),
+    };
+    Ok(Answer {
+        result,
+        replayed: true,
     })
 }
 

@@ -2,7 +2,8 @@
 
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::OnConstraint;
-use crate::{CouponCode, CouponId, Error, Status, Stock, Timestamp};
+use crate::idempotency::{self, Answer, IdempotencyKey};
+use crate::{CouponCode, CouponId, Error, Status, Stock, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use serde::{Serialize, Serializer};
 
@@ -63,17 +64,21 @@ fn from_row((id, code, available, total, status): CouponRow) -> Coupon {
 
 /// Creates a coupon whose total stock is its initial `available_count`.
 pub fn create(pool: &Pool, new: &NewCoupon) -> Result<Coupon, Error> {
+    with_conn(pool, |conn| insert(&mut **conn, new))
+}
+
+fn insert(conn: &mut impl Queryable, new: &NewCoupon) -> Result<Coupon, Error> {
     let now = Timestamp::now();
     let stock = new.available_count.get();
-    let id = with_conn(pool, |conn| {
-        conn.exec_drop(
+    let id = conn
+        .exec_iter(
             "INSERT INTO coupons (code, available_count, total_count, status, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?)",
             (new.code.as_str(), stock, stock, new.status.as_str(), now, now),
-        )?;
-        Ok(conn.last_insert_id())
-    })
-    .on_duplicate(Error::CodeTaken)?;
+        )
+        .map(|r| r.last_insert_id().unwrap_or(0))
+        .map_err(Error::from)
+        .on_duplicate(Error::CodeTaken)?;
     Ok(Coupon {
         id: CouponId(id),
         code: new.code.as_str().to_owned(),
@@ -81,6 +86,46 @@ pub fn create(pool: &Pool, new: &NewCoupon) -> Result<Coupon, Error> {
         total_count: stock.into(),
         status: new.status,
     })
+}
+
+/// [`create`] guarded by an idempotency key of the admin's: a retry with the same key gets the
+/// same coupon (as it is now) or the same refusal, never a second coupon.
+pub fn create_once(
+    pool: &Pool,
+    admin: UserId,
+    new: &NewCoupon,
+    key: &IdempotencyKey,
+) -> Answer<Coupon> {
+    let request = format!(
+        "create {} {} {}",
+        new.code.as_str(),
+        new.available_count.get(),
+        new.status.as_str()
+    );
+    let done = transaction(pool, |tx| {
+        if let Some(first) = idempotency::reserve(tx, admin, key, &request)? {
+            let result = match (first.outcome.as_str(), first.result_id) {
+                ("created", Some(id)) => read(tx, CouponId(id), false)?
+                    .ok_or_else(|| Error::Internal("recorded coupon is missing".into())),
+                (outcome, _) => Err(Error::from_outcome(outcome)),
+            };
+            return Ok(Answer {
+                result,
+                replayed: true,
+            });
+        }
+        let result = insert(tx, new);
+        let (outcome, id) = match &result {
+            Ok(c) => ("created", Some(c.id.0)),
+            Err(e) => match e.outcome() {
+                Some(name) => (name, None),
+                None => return Err(result.err().unwrap_or(Error::Busy)),
+            },
+        };
+        idempotency::record(tx, admin, key, outcome, id, None)?;
+        Ok(Answer::new(result))
+    });
+    done.unwrap_or_else(|e| Answer::new(Err(e)))
 }
 
 /// Applies `change` under the coupon's row lock, so it never races with a claim.
@@ -136,12 +181,21 @@ pub fn delete(pool: &Pool, id: CouponId) -> Result<(), Error> {
 /// The coupon, unless it does not exist or was deleted.
 pub fn get(pool: &Pool, id: CouponId) -> Result<Coupon, Error> {
     with_conn(pool, |conn| {
-        let row: Option<CouponRow> = conn.exec_first(
-            format!("SELECT {COLUMNS} FROM coupons WHERE id = ? AND deleted_at IS NULL"),
-            (id.0,),
-        )?;
-        row.map(from_row).ok_or(Error::CouponNotFound)
+        read(&mut **conn, id, true)?.ok_or(Error::CouponNotFound)
     })
+}
+
+fn read(conn: &mut impl Queryable, id: CouponId, live_only: bool) -> Result<Option<Coupon>, Error> {
+    let live = if live_only {
+        " AND deleted_at IS NULL"
+    } else {
+        ""
+    };
+    let row: Option<CouponRow> = conn.exec_first(
+        format!("SELECT {COLUMNS} FROM coupons WHERE id = ?{live}"),
+        (id.0,),
+    )?;
+    Ok(row.map(from_row))
 }
 
 /// Active, not deleted coupons, oldest first (sold-out ones included, with 0 available).

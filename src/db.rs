@@ -25,7 +25,10 @@ const LOCK_WAIT_SECS: u32 = 2;
 
 /// The migrations in `sql/`, in order. Applied ones are recorded in `schema_migrations` and
 /// never edited; a change to the schema is a new file.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../sql/001_schema.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../sql/001_schema.sql")),
+    (2, include_str!("../sql/002_idempotency.sql")),
+];
 
 /// A pooled connection that remembers whether it failed and when it was last used.
 pub struct Connection {

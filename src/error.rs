@@ -40,6 +40,8 @@ pub enum Error {
     CouponNotFound,
     /// No user has this email (404 `user_not_found`; used by the admin commands).
     UserNotFound,
+    /// The idempotency key was used before for a different request (422 `idempotency_key_reused`).
+    KeyReused,
     /// The coupon has no stock left (409 `sold_out`).
     SoldOut,
     /// The coupon exists but is not active (409 `inactive`).
@@ -74,6 +76,29 @@ impl Error {
         }
     }
 
+    /// The name an idempotency key records for this refusal; `None` for errors that are not an
+    /// answer (faults, which roll back and may be retried).
+    pub(crate) fn outcome(&self) -> Option<&'static str> {
+        match self {
+            Error::SoldOut => Some("sold_out"),
+            Error::Inactive => Some("inactive"),
+            Error::CouponNotFound => Some("coupon_not_found"),
+            Error::CodeTaken => Some("code_taken"),
+            _ => None,
+        }
+    }
+
+    /// The refusal an idempotency key recorded, back as an error.
+    pub(crate) fn from_outcome(outcome: &str) -> Error {
+        match outcome {
+            "sold_out" => Error::SoldOut,
+            "inactive" => Error::Inactive,
+            "coupon_not_found" => Error::CouponNotFound,
+            "code_taken" => Error::CodeTaken,
+            other => Error::Internal(format!("unknown recorded outcome {other:?}")),
+        }
+    }
+
     /// Deadlock (1213) or lock-wait timeout (1205): the whole transaction may be retried.
     pub(crate) fn is_conflict(&self) -> bool {
         matches!(self.server_code(), Some(1213 | 1205))
@@ -94,6 +119,7 @@ impl fmt::Display for Error {
             Error::NotAdmin => f.write_str("admin access required"),
             Error::CouponNotFound => f.write_str("coupon not found"),
             Error::UserNotFound => f.write_str("user not found"),
+            Error::KeyReused => f.write_str("this Idempotency-Key was used for another request"),
             Error::SoldOut => f.write_str("No coupons available"),
             Error::Inactive => f.write_str("coupon is not active"),
             Error::Busy => f.write_str("too much contention, try again"),
@@ -148,12 +174,21 @@ impl From<r2d2::Error> for Error {
 pub(crate) trait OnConstraint<T> {
     /// A duplicate key (1062) becomes `err`.
     fn on_duplicate(self, err: Error) -> Result<T, Error>;
+    /// A missing parent row (1452) becomes `err`.
+    fn on_foreign_key(self, err: Error) -> Result<T, Error>;
 }
 
 impl<T> OnConstraint<T> for Result<T, Error> {
     fn on_duplicate(self, err: Error) -> Result<T, Error> {
         match self {
             Err(e) if e.server_code() == Some(1062) => Err(err),
+            other => other,
+        }
+    }
+
+    fn on_foreign_key(self, err: Error) -> Result<T, Error> {
+        match self {
+            Err(e) if e.server_code() == Some(1452) => Err(err),
             other => other,
         }
     }

@@ -41,6 +41,7 @@ pub mod coupon;
 pub mod db;
 pub mod embedded;
 mod error;
+pub mod idempotency;
 mod types;
 
 pub use error::{Error, TokenProblem};

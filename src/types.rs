@@ -237,6 +237,13 @@ impl Timestamp {
         }
     }
 
+    /// This instant, `d` earlier.
+    pub fn minus(self, d: std::time::Duration) -> Timestamp {
+        Timestamp {
+            micros: self.micros - d.as_micros() as i64,
+        }
+    }
+
     /// Seconds since the Unix epoch.
     pub fn unix_secs(self) -> i64 {
         self.micros.div_euclid(1_000_000)

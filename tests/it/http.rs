@@ -791,3 +791,139 @@ fn a_burst_of_keep_alive_connections_is_served_at_once() {
         let _ = r.read(&mut rest);
     }
 }
+
+#[test]
+fn idempotent_claims_over_http() {
+    use std::io::Write;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let coupon = create_coupon(&svc, &admin, "IDEM", 10);
+    let user = svc.register("user@example.com");
+    let auth = bearer(&user);
+    let path = format!("/coupons/{coupon}/claim");
+
+    // 50 parallel requests with one key: one claim, and every answer is that claim.
+    let answers: Vec<Resp> = thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|_| {
+                s.spawn(|| {
+                    svc.call(
+                        "POST",
+                        &path,
+                        &[(auth.0, &auth.1), ("Idempotency-Key", "abc-1")],
+                        None,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first_id = answers[0].body["claim"]["id"].clone();
+    for a in &answers {
+        assert_eq!(a.status, 201, "{}", a.body);
+        assert_eq!(a.body["claim"]["id"], first_id);
+    }
+    let replayed = answers
+        .iter()
+        .filter(|a| a.headers.get("idempotent-replayed").map(String::as_str) == Some("true"))
+        .count();
+    assert_eq!(replayed, 49);
+    assert_eq!(db.stock(coupon), (9, 1, 10));
+
+    // The client sends a request and drops the connection before the answer; its retry with
+    // the same key finds the claim.
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nIdempotency-Key: lost-answer\r\nContent-Length: 0\r\n\r\n",
+        auth.1
+    );
+    let mut stream = std::net::TcpStream::connect(&svc.addr).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    drop(stream);
+    let retry = svc.call(
+        "POST",
+        &path,
+        &[(auth.0, &auth.1), ("Idempotency-Key", "lost-answer")],
+        None,
+    );
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert_eq!(
+        retry.headers.get("idempotent-replayed").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(db.stock(coupon), (8, 2, 10));
+
+    // Another user's same key is their own; the same key for another coupon is refused.
+    let other = svc.register("other@example.com");
+    let r = svc.call(
+        "POST",
+        &path,
+        &[("token", &other), ("Idempotency-Key", "abc-1")],
+        None,
+    );
+    assert_eq!(r.status, 201);
+    assert!(!r.headers.contains_key("idempotent-replayed"));
+    assert_ne!(r.body["claim"]["id"], first_id);
+    let second = create_coupon(&svc, &admin, "IDEM2", 1);
+    let r = svc.call(
+        "POST",
+        &format!("/coupons/{second}/claim"),
+        &[(auth.0, &auth.1), ("Idempotency-Key", "abc-1")],
+        None,
+    );
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    for bad in ["", &"k".repeat(256)] {
+        let r = svc.call(
+            "POST",
+            &path,
+            &[(auth.0, &auth.1), ("Idempotency-Key", bad)],
+            None,
+        );
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (422, Some("invalid_idempotency_key")),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(db.stock(coupon), (7, 3, 10));
+    assert_eq!(db.stock(second), (1, 0, 1));
+
+    // Admin create: the same key and body give the same coupon; another body is refused.
+    let h = bearer(&admin);
+    let body = Some(r#"{"code":"KEYED","available_count":4}"#);
+    let a = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, (h.0, &h.1), ("Idempotency-Key", "create-1")],
+        body,
+    );
+    let b = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, (h.0, &h.1), ("Idempotency-Key", "create-1")],
+        body,
+    );
+    assert_eq!((a.status, b.status), (201, 201));
+    assert_eq!(a.body["id"], b.body["id"]);
+    assert_eq!(
+        b.headers.get("idempotent-replayed").map(String::as_str),
+        Some("true")
+    );
+    let c = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, (h.0, &h.1), ("Idempotency-Key", "create-1")],
+        Some(r#"{"code":"OTHER","available_count":4}"#),
+    );
+    assert_eq!(
+        (c.status, c.body["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM coupons WHERE code = 'KEYED'"),
+        1
+    );
+}

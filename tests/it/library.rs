@@ -407,8 +407,11 @@ fn migrating_twice_changes_nothing() {
     db::migrate(&db.pool).unwrap();
     db::migrate(&db.pool).unwrap();
     assert_eq!(schema(&db), before);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_migrations"), 1);
-    assert_eq!(before.len(), 4);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM schema_migrations"),
+        crate::support::migrations()
+    );
+    assert_eq!(before.len(), 5);
 }
 
 #[test]
@@ -448,4 +451,83 @@ fn a_held_row_lock_ends_in_busy_then_the_claim_goes_through() {
     assert_eq!(db.stock(coupon.0), (3, 0, 3));
     claim::claim(&db.pool, users[0], coupon).unwrap();
     assert_eq!(db.stock(coupon.0), (2, 1, 3));
+}
+
+fn key(s: &str) -> coupons::idempotency::IdempotencyKey {
+    coupons::idempotency::IdempotencyKey::parse(s).unwrap()
+}
+
+#[test]
+fn fifty_parallel_claims_with_one_key_claim_once() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 2);
+    let coupon = new_coupon(&db, "ONCE", 100);
+    let k = key("order-7f3a");
+    let answers: Vec<_> = threads(12).install(|| {
+        (0..50)
+            .into_par_iter()
+            .map(|_| claim::claim_once(&db.pool, users[0], coupon, &k))
+            .collect()
+    });
+    let ids: Vec<u64> = answers
+        .iter()
+        .map(|a| {
+            a.result
+                .as_ref()
+                .expect("every answer is the claim")
+                .claim
+                .id
+                .0
+        })
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+    assert_eq!(db.stock(coupon.0), (99, 1, 100));
+
+    // The same key from another user is another request; from the same user for another
+    // coupon it is refused.
+    let other = claim::claim_once(&db.pool, users[1], coupon, &k);
+    assert!(!other.replayed);
+    assert_ne!(other.result.unwrap().claim.id.0, ids[0]);
+    let second = new_coupon(&db, "ONCE2", 5);
+    let reused = claim::claim_once(&db.pool, users[0], second, &k);
+    assert!(matches!(reused.result, Err(Error::KeyReused)), "{reused:?}");
+    assert_eq!(db.stock(coupon.0), (98, 2, 100));
+    assert_eq!(db.stock(second.0), (5, 0, 5));
+}
+
+#[test]
+fn a_refusal_is_replayed_too_and_keys_expire() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let coupon = new_coupon(&db, "EMPTY", 0);
+    let first = claim::claim_once(&db.pool, users[0], coupon, &key("k1"));
+    assert!(matches!(first.result, Err(Error::SoldOut)) && !first.replayed);
+    let change = CouponChange {
+        available_count: Some(Stock::parse(3).unwrap()),
+        ..CouponChange::default()
+    };
+    coupon::update(&db.pool, coupon, &change).unwrap();
+    // Same key: the same answer, even though stock came back.
+    let again = claim::claim_once(&db.pool, users[0], coupon, &key("k1"));
+    assert!(matches!(again.result, Err(Error::SoldOut)) && again.replayed);
+    // A new key claims.
+    assert!(claim::claim_once(&db.pool, users[0], coupon, &key("k2"))
+        .result
+        .is_ok());
+    assert_eq!(db.stock(coupon.0), (2, 1, 3));
+
+    db.conn()
+        .query_drop("UPDATE idempotency_keys SET created_at = created_at - INTERVAL 25 HOUR WHERE idem_key = 'k1'")
+        .unwrap();
+    let purged = coupons::idempotency::purge(&db.pool, coupons::idempotency::KEEP_FOR).unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys"), 1);
+    for bad in ["", &"k".repeat(256), "tab\there", "é"] {
+        assert!(
+            coupons::idempotency::IdempotencyKey::parse(bad).is_err(),
+            "{bad:?}"
+        );
+    }
 }

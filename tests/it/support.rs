@@ -127,6 +127,20 @@ impl Drop for TestDb {
     }
 }
 
+/// How many migrations `sql/` holds.
+pub fn migrations() -> i64 {
+    std::fs::read_dir("sql")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count() as i64
+}
+
 /// Cheap hashing for tests.
 pub fn auth() -> Auth {
     Auth::new(&Secret::parse(SECRET).unwrap(), 3600, 4).unwrap()

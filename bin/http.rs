@@ -179,12 +179,17 @@ fn slow_worker(app: &App, queue: &Mutex<Receiver<Request>>) {
 /// worker lives on.
 pub fn handle(app: &App, mut rq: Request) {
     let what = format!("{} {}", rq.method(), path(rq.url()));
-    let reply = match catch_unwind(AssertUnwindSafe(|| routes::route(app, &mut rq))) {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(e)) => e.reply(&what),
-        Err(_) => ApiError::Panic.reply(&what),
-    };
+    let reply = guarded(&what, || routes::route(app, &mut rq));
     respond(rq, reply);
+}
+
+/// Runs a handler; its error becomes its response, and a panic a 500 (the thread goes on).
+fn guarded(what: &str, handler: impl FnOnce() -> Result<Reply, ApiError>) -> Reply {
+    match catch_unwind(AssertUnwindSafe(handler)) {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => e.reply(what),
+        Err(_) => ApiError::Panic.reply(what),
+    }
 }
 
 fn respond(rq: Request, reply: Reply) {
@@ -300,6 +305,18 @@ pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, Api
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_handler_is_a_500_and_the_thread_goes_on() {
+        let reply = guarded("GET /boom", || panic!("handler bug"));
+        assert_eq!(reply.status, 500);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["code"], "internal");
+        assert!(!body.to_string().contains("handler bug"));
+        // The same thread serves the next request.
+        let next = guarded("GET /ok", || Ok(Reply::json(200, &serde_json::json!({"ok": true}))));
+        assert_eq!(next.status, 200);
+    }
 
     #[test]
     fn query_strings_are_percent_decoded() {

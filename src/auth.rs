@@ -97,8 +97,12 @@ pub struct Principal {
     pub role: Role,
 }
 
+/// The `iss` of every token: a token from another issuer is refused even if the key matches.
+pub const ISSUER: &str = "coupons";
+
 #[derive(Serialize, Deserialize)]
 struct Claims {
+    iss: String,
     sub: String,
     role: String,
     iat: u64,
@@ -126,7 +130,8 @@ impl Auth {
             return Err(Error::invalid("TOKEN_TTL_SECS", "must be at least 1"));
         }
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+        validation.set_required_spec_claims(&["exp", "sub", "iat", "iss"]);
+        validation.set_issuer(&[ISSUER]);
         validation.leeway = 5;
         let dummy_hash = bcrypt::non_truncating_hash("not-a-real-password", bcrypt_cost)
             .map_err(|e| Error::Internal(e.to_string()))?;
@@ -183,6 +188,7 @@ impl Auth {
     pub fn issue(&self, user: UserId, role: Role) -> Result<Token, Error> {
         let iat = Timestamp::now().unix_secs() as u64;
         let claims = Claims {
+            iss: ISSUER.to_owned(),
             sub: user.to_string(),
             role: role.as_str().to_owned(),
             iat,

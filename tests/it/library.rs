@@ -253,20 +253,39 @@ fn tokens_are_checked() {
 
 /// A token signed with `secret`, expiring `exp_in` seconds from now.
 pub fn forge(secret: &str, user: u64, exp_in: i64, alg: &str) -> String {
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let now = coupons::Timestamp::now().unix_secs();
-    let claims = serde_json::json!({"sub": user.to_string(), "role": "ADMIN", "iat": now, "exp": now + exp_in});
-    let alg = if alg == "HS512" {
-        Algorithm::HS512
-    } else {
-        Algorithm::HS256
-    };
-    encode(
-        &Header::new(alg),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    let claims = serde_json::json!({"iss": "coupons", "sub": user.to_string(), "role": "ADMIN", "iat": now, "exp": now + exp_in});
+    forge_claims(secret, &claims, alg)
+}
+
+/// A token with these claims, signed with `secret` (HS256 or HS512), or with header `alg` and
+/// a garbage signature for any other algorithm (`none`, `RS256`).
+pub fn forge_claims(secret: &str, claims: &serde_json::Value, alg: &str) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    match alg {
+        "HS256" | "HS512" => {
+            let alg = if alg == "HS512" { Algorithm::HS512 } else { Algorithm::HS256 };
+            encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        }
+        other => {
+            let b64 = |v: &serde_json::Value| base64url(v.to_string().as_bytes());
+            let head = b64(&serde_json::json!({"alg": other, "typ": "JWT"}));
+            let sig = if other == "none" { String::new() } else { base64url(b"not-a-signature") };
+            format!("{head}.{}.{sig}", b64(claims))
+        }
+    }
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| n << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 #[test]

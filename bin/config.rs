@@ -5,6 +5,7 @@ use coupons::auth::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub struct Config {
     /// `DATABASE_URL`: `mysql://user:pass@host:port/db` of a server to use. Unset: start the
@@ -25,6 +26,8 @@ pub struct Config {
     pub workers: usize,
     /// `DB_POOL_SIZE`: the most database connections the service opens.
     pub db_pool_size: u32,
+    /// `DB_POOL_WAIT_MS`: how long a request waits for a free connection before a 503.
+    pub db_pool_wait: Duration,
 }
 
 impl Config {
@@ -52,6 +55,7 @@ impl Config {
                 workers as u32 + bcrypt_threads() as u32 + 2,
                 1..=1000,
             )?,
+            db_pool_wait: Duration::from_millis(number("DB_POOL_WAIT_MS", 2000, 1..=60_000)?),
         })
     }
 }

@@ -24,6 +24,8 @@ const SLOW_QUEUE: usize = 256;
 pub struct App {
     pub pool: Pool,
     pub auth: Auth,
+    /// False until the schema is applied (a service started before its database).
+    pub ready: Arc<AtomicBool>,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers.
@@ -314,7 +316,9 @@ mod tests {
         assert_eq!(body["code"], "internal");
         assert!(!body.to_string().contains("handler bug"));
         // The same thread serves the next request.
-        let next = guarded("GET /ok", || Ok(Reply::json(200, &serde_json::json!({"ok": true}))));
+        let next = guarded("GET /ok", || {
+            Ok(Reply::json(200, &serde_json::json!({"ok": true})))
+        });
         assert_eq!(next.status, 200);
     }
 

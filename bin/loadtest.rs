@@ -257,8 +257,12 @@ impl Target {
         };
         let email = "loadtest-admin@example.com";
         register(self.addr, email)?;
-        let pool = db::pool(db::opts_from_url(url).map_err(|e| e.to_string())?, 1)
-            .map_err(|e| e.to_string())?;
+        let pool = db::pool(
+            db::opts_from_url(url).map_err(|e| e.to_string())?,
+            1,
+            db::CHECKOUT_TIMEOUT,
+        )
+        .map_err(|e| e.to_string())?;
         set_role(
             &pool,
             &Email::parse(email).map_err(|e| e.to_string())?,

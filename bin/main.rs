@@ -16,6 +16,8 @@ use coupons::db::{self, Pool};
 use coupons::embedded::EmbeddedServer;
 use coupons::{Email, Error, Role};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 const USAGE: &str = "\
 coupons: a concurrency-safe coupon service
@@ -113,9 +115,13 @@ fn main() -> ExitCode {
 struct Database {
     pool: Pool,
     embedded: Option<EmbeddedServer>,
+    /// Whether the schema is applied; until then the service answers 503.
+    ready: Arc<AtomicBool>,
 }
 
-fn open_database(config: &Config, pool_size: u32) -> Result<Database, String> {
+/// Opens the database and applies the schema. When `serving` on `DATABASE_URL` and the server
+/// does not answer, it returns at once and keeps trying in the background (`ready` says when).
+fn open_database(config: &Config, pool_size: u32, serving: bool) -> Result<Database, String> {
     let (url, embedded) = match &config.database_url {
         Some(url) => (url.clone(), None),
         None => {
@@ -131,9 +137,31 @@ fn open_database(config: &Config, pool_size: u32) -> Result<Database, String> {
             return Err(e.to_string());
         }
     }
-    let pool = db::pool(opts, pool_size).map_err(|e| e.to_string())?;
-    db::migrate(&pool).map_err(|e| e.to_string())?;
-    Ok(Database { pool, embedded })
+    let pool = db::pool(opts.clone(), pool_size, config.db_pool_wait).map_err(|e| e.to_string())?;
+    let ready = Arc::new(AtomicBool::new(false));
+    match db::migrate(&pool) {
+        Ok(()) => ready.store(true, Ordering::SeqCst),
+        // The service may start before its database: it answers 503 until the schema is in.
+        Err(Error::Unavailable(why)) if serving && embedded.is_none() => {
+            eprintln!("coupons: database unavailable ({why}); serving 503 until it is back");
+            let (pool, ready) = (pool.clone(), ready.clone());
+            std::thread::spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let _ = db::create_database(&opts);
+                if db::migrate(&pool).is_ok() {
+                    eprintln!("coupons: database is back; schema applied");
+                    ready.store(true, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(Database {
+        pool,
+        embedded,
+        ready,
+    })
 }
 
 fn run(command: Command, config: Config) -> Result<(), String> {
@@ -141,7 +169,7 @@ fn run(command: Command, config: Config) -> Result<(), String> {
         Command::Serve => (config.db_pool_size, Some(http::Shutdown::install()?)),
         _ => (2, None),
     };
-    let database = open_database(&config, pool_size)?;
+    let database = open_database(&config, pool_size, shutdown.is_some())?;
     match (command, shutdown) {
         (Command::Serve, Some(shutdown)) => {
             if shutdown.requested() {
@@ -199,6 +227,7 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
     let app = http::App {
         pool: database.pool.clone(),
         auth,
+        ready: database.ready.clone(),
     };
     http::serve(app, listener, config.workers, shutdown)?;
     println!("coupons: stopped");

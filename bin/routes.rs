@@ -16,6 +16,9 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// Dispatches on method and path; a known path with another method is a 405 naming the
 /// allowed ones, anything else a 404.
 pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
+    if !app.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Unavailable("the schema is not applied yet".into()).into());
+    }
     let url = rq.url().to_owned();
     // Strict: `/login/` and `//login` are not `/login`.
     let p = path(&url);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// The pool every library function takes. Cheap to clone; share it between threads.
 pub type Pool = r2d2::Pool<Manager>;
 
-/// How long a caller waits for a free connection before getting [`Error::Unavailable`].
+/// The usual wait for a free connection before a caller gets [`Error::Unavailable`].
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection idle for longer than this is pinged before use; a busy one is not.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
@@ -102,16 +102,17 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
     Ok(b.into())
 }
 
-/// A pool of up to `size` connections. It does not connect yet, so it can be built while the
-/// database is down; the first use says whether it is reachable.
-pub fn pool(opts: Opts, size: u32) -> Result<Pool, Error> {
+/// A pool of up to `size` connections; a caller waits at most `wait` for a free one (see
+/// [`CHECKOUT_TIMEOUT`]). It does not connect yet, so it can be built while the database is
+/// down; the first use says whether it is reachable.
+pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
     let manager = Manager {
         inner: MySqlConnectionManager::new(OptsBuilder::from_opts(opts)),
     };
     Ok(r2d2::Pool::builder()
         .max_size(size.max(1))
         .min_idle(Some(0))
-        .connection_timeout(CHECKOUT_TIMEOUT)
+        .connection_timeout(wait)
         .test_on_check_out(true)
         .build_unchecked(manager))
 }

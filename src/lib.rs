@@ -14,7 +14,7 @@
 //! fn main() -> Result<(), coupons::Error> {
 //!     let opts = db::opts_from_url("mysql://root:secret@127.0.0.1:3306/coupons")?;
 //!     db::create_database(&opts)?;
-//!     let pool = db::pool(opts, 8)?;
+//!     let pool = db::pool(opts, 8, db::CHECKOUT_TIMEOUT)?;
 //!     db::migrate(&pool)?;
 //!
 //!     let auth = Auth::new(&Secret::generate()?, 7200, 12)?;

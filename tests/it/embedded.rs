@@ -262,3 +262,40 @@ fn a_signal_during_start_up_still_stops_cleanly() {
     assert!(svc.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_service_starts_before_its_database_and_serves_when_it_comes() {
+    use coupons::embedded::EmbeddedServer;
+    let dir = data_dir("late-db");
+    let server = EmbeddedServer::start(&dir).unwrap();
+    let url = server.url("coupons");
+    server.stop().unwrap();
+
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &url),
+        ("JWT_SECRET", crate::support::SECRET),
+        ("BCRYPT_COST", "4"),
+        ("DB_POOL_WAIT_MS", "500"),
+    ]);
+    for path in ["/healthz", "/coupons"] {
+        let r = svc.call("GET", path, &[], None);
+        assert_eq!(r.status, 503, "{path}: {}", r.body);
+        assert_eq!(r.body["code"], "database_unavailable");
+        assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    }
+
+    let server = EmbeddedServer::start(&dir).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while svc.call("GET", "/healthz", &[], None).status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never noticed the database"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    svc.register("late@example.com");
+    assert_eq!(svc.call("GET", "/coupons", &[], None).status, 200);
+    drop(svc);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -934,7 +934,9 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
     let svc = Service::start(&db);
     let good = svc.register("ada@example.com");
     let ghost = svc.register("ghost@example.com");
-    db.conn().query_drop("DELETE FROM users WHERE email = 'ghost@example.com'").unwrap();
+    db.conn()
+        .query_drop("DELETE FROM users WHERE email = 'ghost@example.com'")
+        .unwrap();
     let id = db.scalar("SELECT id FROM users WHERE email = 'ada@example.com'") as u64;
     let now = coupons::Timestamp::now().unix_secs();
     let claims = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -946,28 +948,113 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
     let forged_payload = forge_claims(SECRET, &claims(&|c| c["sub"] = "1".into()), "HS256");
     tampered_parts[1] = forged_payload.split('.').nth(1).unwrap().to_owned();
     let cases: Vec<(&str, String, &str)> = vec![
-        ("alg none", forge_claims(SECRET, &claims(&|_| {}), "none"), "invalid_token"),
-        ("HS512", forge_claims(SECRET, &claims(&|_| {}), "HS512"), "invalid_token"),
-        ("RS256 header", forge_claims(SECRET, &claims(&|_| {}), "RS256"), "invalid_token"),
-        ("another secret", forge_claims("another-secret-another-secret-another", &claims(&|_| {}), "HS256"), "invalid_token"),
-        ("tampered payload", tampered_parts.join("."), "invalid_token"),
-        ("expired", forge_claims(SECRET, &claims(&|c| c["exp"] = (now - 3600).into()), "HS256"), "token_expired"),
-        ("no exp", forge_claims(SECRET, &claims(&|c| { c.as_object_mut().unwrap().remove("exp"); }), "HS256"), "invalid_token"),
-        ("no sub", forge_claims(SECRET, &claims(&|c| { c.as_object_mut().unwrap().remove("sub"); }), "HS256"), "invalid_token"),
-        ("no iss", forge_claims(SECRET, &claims(&|c| { c.as_object_mut().unwrap().remove("iss"); }), "HS256"), "invalid_token"),
-        ("another iss", forge_claims(SECRET, &claims(&|c| c["iss"] = "evil".into()), "HS256"), "invalid_token"),
-        ("sub not a number", forge_claims(SECRET, &claims(&|c| c["sub"] = "1;DROP".into()), "HS256"), "invalid_token"),
+        (
+            "alg none",
+            forge_claims(SECRET, &claims(&|_| {}), "none"),
+            "invalid_token",
+        ),
+        (
+            "HS512",
+            forge_claims(SECRET, &claims(&|_| {}), "HS512"),
+            "invalid_token",
+        ),
+        (
+            "RS256 header",
+            forge_claims(SECRET, &claims(&|_| {}), "RS256"),
+            "invalid_token",
+        ),
+        (
+            "another secret",
+            forge_claims(
+                "another-secret-another-secret-another",
+                &claims(&|_| {}),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "tampered payload",
+            tampered_parts.join("."),
+            "invalid_token",
+        ),
+        (
+            "expired",
+            forge_claims(
+                SECRET,
+                &claims(&|c| c["exp"] = (now - 3600).into()),
+                "HS256",
+            ),
+            "token_expired",
+        ),
+        (
+            "no exp",
+            forge_claims(
+                SECRET,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "no sub",
+            forge_claims(
+                SECRET,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("sub");
+                }),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "no iss",
+            forge_claims(
+                SECRET,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("iss");
+                }),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "another iss",
+            forge_claims(SECRET, &claims(&|c| c["iss"] = "evil".into()), "HS256"),
+            "invalid_token",
+        ),
+        (
+            "sub not a number",
+            forge_claims(SECRET, &claims(&|c| c["sub"] = "1;DROP".into()), "HS256"),
+            "invalid_token",
+        ),
         ("deleted user", ghost, "unknown_user"),
         ("garbage", "not.a.token".into(), "invalid_token"),
     ];
     for (case, token, code) in cases {
-        for headers in [vec![("Authorization", format!("Bearer {token}"))], vec![("token", token.clone())]] {
+        for headers in [
+            vec![("Authorization", format!("Bearer {token}"))],
+            vec![("token", token.clone())],
+        ] {
             let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let r = svc.call("GET", "/users/me/history", &h, None);
-            assert_eq!((r.status, r.body["code"].as_str()), (401, Some(code)), "{case}");
-            assert_eq!(r.headers.get("www-authenticate").map(String::as_str), Some("Bearer"), "{case}");
+            assert_eq!(
+                (r.status, r.body["code"].as_str()),
+                (401, Some(code)),
+                "{case}"
+            );
+            assert_eq!(
+                r.headers.get("www-authenticate").map(String::as_str),
+                Some("Bearer"),
+                "{case}"
+            );
         }
     }
     // And the good one still works, with either header.
-    assert_eq!(svc.call("GET", "/users/me/history", &[("token", &good)], None).status, 200);
+    assert_eq!(
+        svc.call("GET", "/users/me/history", &[("token", &good)], None)
+            .status,
+        200
+    );
 }

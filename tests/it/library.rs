@@ -264,13 +264,26 @@ pub fn forge_claims(secret: &str, claims: &serde_json::Value, alg: &str) -> Stri
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     match alg {
         "HS256" | "HS512" => {
-            let alg = if alg == "HS512" { Algorithm::HS512 } else { Algorithm::HS256 };
-            encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+            let alg = if alg == "HS512" {
+                Algorithm::HS512
+            } else {
+                Algorithm::HS256
+            };
+            encode(
+                &Header::new(alg),
+                claims,
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
         }
         other => {
             let b64 = |v: &serde_json::Value| base64url(v.to_string().as_bytes());
             let head = b64(&serde_json::json!({"alg": other, "typ": "JWT"}));
-            let sig = if other == "none" { String::new() } else { base64url(b"not-a-signature") };
+            let sig = if other == "none" {
+                String::new()
+            } else {
+                base64url(b"not-a-signature")
+            };
             format!("{head}.{}.{sig}", b64(claims))
         }
     }

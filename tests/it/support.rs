@@ -77,7 +77,7 @@ impl TestDb {
         let url = server().url.replace("{db}", &name);
         let opts = db::opts_from_url(&url).unwrap();
         db::create_database(&opts).expect("creating a test database");
-        let pool = db::pool(opts, 16).unwrap();
+        let pool = db::pool(opts, 16, db::CHECKOUT_TIMEOUT).unwrap();
         db::migrate(&pool).expect("applying the schema");
         TestDb { name, url, pool }
     }

@@ -23,6 +23,8 @@ pub enum ApiError {
     Overloaded,
     /// A handler panicked (500).
     Panic,
+    /// The service is stopping and did not get to this request (503, with `Retry-After`).
+    ShuttingDown,
 }
 
 impl From<Error> for ApiError {
@@ -100,6 +102,11 @@ impl ApiError {
                 "overloaded".into(),
                 "too many logins at once, try again shortly".into(),
             ),
+            A::ShuttingDown => (
+                503,
+                "shutting_down".into(),
+                "the service is stopping, try again".into(),
+            ),
             A::Panic => {
                 eprintln!("coupons: {what}: handler panicked");
                 (500, "internal".into(), "internal server error".into())
@@ -111,7 +118,7 @@ impl ApiError {
         );
         match self {
             A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
-            A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded => {
+            A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded | A::ShuttingDown => {
                 reply.headers.push(("Retry-After", "1".to_owned()))
             }
             A::App(Error::Token(_) | Error::BadCredentials) => reply

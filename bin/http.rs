@@ -13,6 +13,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 /// Request bodies larger than this are refused with 413.
@@ -61,38 +62,19 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[derive(Default)]
 pub struct Shutdown {
     requested: AtomicBool,
-    /// The running server and its worker count, to wake every worker.
-    server: Mutex<Option<(Arc<Server>, usize)>>,
 }
 
 impl Shutdown {
     pub fn install() -> Result<Arc<Shutdown>, String> {
         let shutdown = Arc::new(Shutdown::default());
         let handler = shutdown.clone();
-        ctrlc::set_handler(move || handler.request())
+        ctrlc::set_handler(move || handler.requested.store(true, Ordering::SeqCst))
             .map_err(|e| format!("installing the signal handler: {e}"))?;
         Ok(shutdown)
     }
 
-    fn request(&self) {
-        let server = self.server.lock().unwrap_or_else(|e| e.into_inner());
-        self.requested.store(true, Ordering::SeqCst);
-        if let Some((server, workers)) = &*server {
-            for _ in 0..*workers {
-                server.unblock();
-            }
-        }
-    }
-
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
-    }
-
-    /// Registers the server; false if a stop was already asked for.
-    fn attach(&self, server: Arc<Server>, workers: usize) -> bool {
-        let mut slot = self.server.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some((server, workers));
-        !self.requested()
     }
 }
 
@@ -103,10 +85,7 @@ pub fn serve(
     workers: usize,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
-    let server = Arc::new(Server::from_listener(listener, None).map_err(|e| e.to_string())?);
-    if !shutdown.attach(server.clone(), workers) {
-        return Ok(());
-    }
+    let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let stopping = &shutdown.requested;
     let bcrypt_threads = crate::config::bcrypt_threads();
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
@@ -141,11 +120,28 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
     }
 }
 
+/// Workers look for a stop this often. After one, they go on answering what arrives until
+/// nothing has for this long, and for [`DRAIN_LIMIT`] at most; whatever is still queued then
+/// gets a 503.
+const POLL: Duration = Duration::from_millis(200);
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 fn worker(app: &App, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
+    let mut drain_until = None;
     loop {
-        let rq = match server.recv() {
-            Ok(rq) => rq,
-            Err(_) if stopping.load(Ordering::SeqCst) => return,
+        let stop = stopping.load(Ordering::SeqCst);
+        if stop
+            && Instant::now() >= *drain_until.get_or_insert_with(|| Instant::now() + DRAIN_LIMIT)
+        {
+            while let Ok(Some(rq)) = server.try_recv() {
+                respond(rq, ApiError::ShuttingDown.reply("shutdown"));
+            }
+            return;
+        }
+        let rq = match server.recv_timeout(POLL) {
+            Ok(Some(rq)) => rq,
+            Ok(None) if stop => return,
+            Ok(None) => continue,
             Err(e) => {
                 eprintln!("coupons: accepting a request: {e}");
                 continue;

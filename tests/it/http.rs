@@ -1062,7 +1062,9 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
 /// Everything in the database, as one comparable value.
 fn snapshot(db: &TestDb) -> Vec<(String, i64)> {
     db.conn()
-        .query::<(String, Option<i64>), _>("CHECKSUM TABLE users, coupons, claims, idempotency_keys")
+        .query::<(String, Option<i64>), _>(
+            "CHECKSUM TABLE users, coupons, claims, idempotency_keys",
+        )
         .unwrap()
         .into_iter()
         .map(|(t, c)| (t, c.unwrap_or(-1)))
@@ -1087,15 +1089,56 @@ fn hostile_and_malformed_requests_get_a_4xx_and_change_nothing() {
     let claim = format!("/coupons/{taken}/claim");
     let long_key = "k".repeat(256);
 
-    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Option<String>, u16);
-    let reg = |body: &str, status: u16| -> Case<'_> { ("POST", "/register".into(), vec![JSON], Some(body.to_owned()), status) };
-    let login = |body: &str, status: u16| -> Case<'_> { ("POST", "/login".into(), vec![JSON], Some(body.to_owned()), status) };
-    let create = |body: &str, status: u16| -> Case<'_> { ("POST", "/admin/coupons".into(), admin_h.to_vec(), Some(body.to_owned()), status) };
-    let update = |body: &str, status: u16| -> Case<'_> { ("PUT", upd.clone(), admin_h.to_vec(), Some(body.to_owned()), status) };
+    type Case<'a> = (
+        &'a str,
+        String,
+        Vec<(&'a str, &'a str)>,
+        Option<String>,
+        u16,
+    );
+    let reg = |body: &str, status: u16| -> Case<'_> {
+        (
+            "POST",
+            "/register".into(),
+            vec![JSON],
+            Some(body.to_owned()),
+            status,
+        )
+    };
+    let login = |body: &str, status: u16| -> Case<'_> {
+        (
+            "POST",
+            "/login".into(),
+            vec![JSON],
+            Some(body.to_owned()),
+            status,
+        )
+    };
+    let create = |body: &str, status: u16| -> Case<'_> {
+        (
+            "POST",
+            "/admin/coupons".into(),
+            admin_h.to_vec(),
+            Some(body.to_owned()),
+            status,
+        )
+    };
+    let update = |body: &str, status: u16| -> Case<'_> {
+        (
+            "PUT",
+            upd.clone(),
+            admin_h.to_vec(),
+            Some(body.to_owned()),
+            status,
+        )
+    };
     let cases: Vec<Case> = vec![
         reg(r#"{"email":"a@x.org","password":"password1""#, 400),
         reg("{", 400),
-        reg(r#"{"email":"a@x.org","password":"password1"} trailing"#, 400),
+        reg(
+            r#"{"email":"a@x.org","password":"password1"} trailing"#,
+            400,
+        ),
         reg(&nested, 422),
         reg("[]", 422),
         reg(r#""a string""#, 422),
@@ -1105,83 +1148,274 @@ fn hostile_and_malformed_requests_get_a_4xx_and_change_nothing() {
         reg(r#"{"email":"a@x.org","password":12345678}"#, 422),
         reg(r#"{"email":"a@x.org"}"#, 422),
         reg(r#"{"password":"password1"}"#, 422),
-        reg(r#"{"email":"a@x.org","password":"password1","role":"ADMIN"}"#, 422),
-        reg(r#"{"email":"a@x.org","password":"password1","is_admin":true}"#, 422),
+        reg(
+            r#"{"email":"a@x.org","password":"password1","role":"ADMIN"}"#,
+            422,
+        ),
+        reg(
+            r#"{"email":"a@x.org","password":"password1","is_admin":true}"#,
+            422,
+        ),
         reg(r#"{"email":"","password":"password1"}"#, 422),
         reg(r#"{"email":"a b@x.org","password":"password1"}"#, 422),
-        reg(&format!(r#"{{"email":"{}@x.org","password":"password1"}}"#, long(300)), 422),
+        reg(
+            &format!(
+                r#"{{"email":"{}@x.org","password":"password1"}}"#,
+                long(300)
+            ),
+            422,
+        ),
         reg(r#"{"email":"a\u0000@x.org","password":"password1"}"#, 422),
-        reg(r#"{"email":"a@x.org' OR '1'='1","password":"password1"}"#, 422),
-        reg(r#"{"email":"'; DROP TABLE users; --@x.org","password":"password1"}"#, 422),
+        reg(
+            r#"{"email":"a@x.org' OR '1'='1","password":"password1"}"#,
+            422,
+        ),
+        reg(
+            r#"{"email":"'; DROP TABLE users; --@x.org","password":"password1"}"#,
+            422,
+        ),
         reg(r#"{"email":"a@x.org","password":"short"}"#, 422),
-        reg(&format!(r#"{{"email":"a@x.org","password":"{}"}}"#, long(73)), 422),
-        reg(&format!(r#"{{"email":"a@x.org","password":"{}"}}"#, "€".repeat(25)), 422),
-        reg(r#"{"email":"user@example.com","password":"password1"}"#, 409),
-        ("POST", "/register".into(), vec![("Content-Type", "text/plain")], Some(r#"{"email":"a@x.org","password":"password1"}"#.into()), 415),
-        ("POST", "/register".into(), vec![("Content-Type", "application/x-www-form-urlencoded")], Some("email=a%40x.org&password=password1".into()), 415),
-        ("POST", "/register".into(), vec![JSON], Some(format!(r#"{{"email":"a@x.org","password":"{}"}}"#, long(100 * 1024))), 413),
-        ("POST", "/register?email=a%40x.org".into(), vec![], None, 422),
-        ("POST", "/register?email=a%40x.org&password=short".into(), vec![], None, 422),
+        reg(
+            &format!(r#"{{"email":"a@x.org","password":"{}"}}"#, long(73)),
+            422,
+        ),
+        reg(
+            &format!(r#"{{"email":"a@x.org","password":"{}"}}"#, "€".repeat(25)),
+            422,
+        ),
+        reg(
+            r#"{"email":"user@example.com","password":"password1"}"#,
+            409,
+        ),
+        (
+            "POST",
+            "/register".into(),
+            vec![("Content-Type", "text/plain")],
+            Some(r#"{"email":"a@x.org","password":"password1"}"#.into()),
+            415,
+        ),
+        (
+            "POST",
+            "/register".into(),
+            vec![("Content-Type", "application/x-www-form-urlencoded")],
+            Some("email=a%40x.org&password=password1".into()),
+            415,
+        ),
+        (
+            "POST",
+            "/register".into(),
+            vec![JSON],
+            Some(format!(
+                r#"{{"email":"a@x.org","password":"{}"}}"#,
+                long(100 * 1024)
+            )),
+            413,
+        ),
+        (
+            "POST",
+            "/register?email=a%40x.org".into(),
+            vec![],
+            None,
+            422,
+        ),
+        (
+            "POST",
+            "/register?email=a%40x.org&password=short".into(),
+            vec![],
+            None,
+            422,
+        ),
         login("{", 400),
         login(r#"{"email":"user@example.com"}"#, 422),
         login(r#"{"email":"' OR 1=1 --","password":"password1"}"#, 401),
-        login(r#"{"email":"user@example.com","password":"' OR '1'='1"}"#, 401),
-        login(&format!(r#"{{"email":"user@example.com","password":"{}"}}"#, long(1000)), 401),
+        login(
+            r#"{"email":"user@example.com","password":"' OR '1'='1"}"#,
+            401,
+        ),
+        login(
+            &format!(
+                r#"{{"email":"user@example.com","password":"{}"}}"#,
+                long(1000)
+            ),
+            401,
+        ),
         create(r#"{"code":"","available_count":1}"#, 422),
-        create(&format!(r#"{{"code":"{}","available_count":1}}"#, long(65)), 422),
+        create(
+            &format!(r#"{{"code":"{}","available_count":1}}"#, long(65)),
+            422,
+        ),
         create(r#"{"code":"has space","available_count":1}"#, 422),
         create(r#"{"code":"ÄBC","available_count":1}"#, 422),
         create(r#"{"code":"A\u0007B","available_count":1}"#, 422),
-        create(r#"{"code":"x'; DROP TABLE coupons; --","available_count":1}"#, 422),
+        create(
+            r#"{"code":"x'; DROP TABLE coupons; --","available_count":1}"#,
+            422,
+        ),
         create(r#"{"code":"NEG","available_count":-1}"#, 422),
         create(r#"{"code":"FLT","available_count":1e3}"#, 422),
         create(r#"{"code":"FLT","available_count":3.5}"#, 422),
         create(r#"{"code":"STR","available_count":"10"}"#, 422),
-        create(r#"{"code":"BIG","available_count":99999999999999999999}"#, 422),
+        create(
+            r#"{"code":"BIG","available_count":99999999999999999999}"#,
+            422,
+        ),
         create(r#"{"code":"BIG","available_count":1000000001}"#, 422),
         create(r#"{"code":"NUL","available_count":null}"#, 422),
-        create(r#"{"code":"ST","available_count":1,"status":"DELETED"}"#, 422),
+        create(
+            r#"{"code":"ST","available_count":1,"status":"DELETED"}"#,
+            422,
+        ),
         create(r#"{"code":"ST","available_count":1,"status":1}"#, 422),
         create(r#"{"code":"TC","available_count":1,"total_count":99}"#, 422),
         create(r#"{"available_count":1}"#, 422),
         create("[]", 422),
         create(r#"{"code":"taken","available_count":1}"#, 409),
-        ("POST", "/admin/coupons".into(), vec![JSON], Some(r#"{"code":"NT","available_count":1}"#.into()), 401),
-        ("POST", "/admin/coupons".into(), vec![JSON, ("Authorization", u.as_str())], Some(r#"{"code":"UT","available_count":1}"#.into()), 403),
-        ("POST", "/admin/coupons".into(), vec![JSON, ("Authorization", "Bearer garbage")], Some(r#"{"code":"GT","available_count":1}"#.into()), 401),
-        ("POST", "/admin/coupons".into(), vec![JSON, ("Authorization", "Basic YWRtaW46YWRtaW4=")], Some(r#"{"code":"BT","available_count":1}"#.into()), 401),
+        (
+            "POST",
+            "/admin/coupons".into(),
+            vec![JSON],
+            Some(r#"{"code":"NT","available_count":1}"#.into()),
+            401,
+        ),
+        (
+            "POST",
+            "/admin/coupons".into(),
+            vec![JSON, ("Authorization", u.as_str())],
+            Some(r#"{"code":"UT","available_count":1}"#.into()),
+            403,
+        ),
+        (
+            "POST",
+            "/admin/coupons".into(),
+            vec![JSON, ("Authorization", "Bearer garbage")],
+            Some(r#"{"code":"GT","available_count":1}"#.into()),
+            401,
+        ),
+        (
+            "POST",
+            "/admin/coupons".into(),
+            vec![JSON, ("Authorization", "Basic YWRtaW46YWRtaW4=")],
+            Some(r#"{"code":"BT","available_count":1}"#.into()),
+            401,
+        ),
         update(r#"{"available_count":-5}"#, 422),
         update(r#"{"status":"nope"}"#, 422),
         update(r#"{"code":"TAKEN"}"#, 409),
         update(r#"{"code":""}"#, 422),
         update(r#"{"available_count":1,"id":1}"#, 422),
         update("{", 400),
-        ("PUT", "/admin/coupons/abc".into(), admin_h.to_vec(), Some(r#"{"status":"ACTIVE"}"#.into()), 404),
-        ("PUT", "/admin/coupons/-1".into(), admin_h.to_vec(), Some(r#"{"status":"ACTIVE"}"#.into()), 404),
-        ("PUT", "/admin/coupons/1;DROP".into(), admin_h.to_vec(), Some(r#"{"status":"ACTIVE"}"#.into()), 404),
-        ("PUT", "/admin/coupons/99999999999999999999".into(), admin_h.to_vec(), Some(r#"{"status":"ACTIVE"}"#.into()), 404),
-        ("PUT", "/admin/coupons/0".into(), admin_h.to_vec(), Some(r#"{"status":"ACTIVE"}"#.into()), 404),
-        ("DELETE", "/admin/coupons/1%3BDROP".into(), admin_h.to_vec(), None, 404),
-        ("POST", "/coupons/abc/claim".into(), user_h.to_vec(), None, 404),
-        ("POST", "/coupons/1%3BDROP%20TABLE%20claims/claim".into(), user_h.to_vec(), None, 404),
-        ("POST", "/coupons/%E2%82%AC/claim".into(), user_h.to_vec(), None, 404),
-        ("POST", "/coupons/424242/claim".into(), user_h.to_vec(), None, 404),
-        ("POST", claim.clone(), vec![("Authorization", u.as_str()), ("Idempotency-Key", long_key.as_str())], None, 422),
+        (
+            "PUT",
+            "/admin/coupons/abc".into(),
+            admin_h.to_vec(),
+            Some(r#"{"status":"ACTIVE"}"#.into()),
+            404,
+        ),
+        (
+            "PUT",
+            "/admin/coupons/-1".into(),
+            admin_h.to_vec(),
+            Some(r#"{"status":"ACTIVE"}"#.into()),
+            404,
+        ),
+        (
+            "PUT",
+            "/admin/coupons/1;DROP".into(),
+            admin_h.to_vec(),
+            Some(r#"{"status":"ACTIVE"}"#.into()),
+            404,
+        ),
+        (
+            "PUT",
+            "/admin/coupons/99999999999999999999".into(),
+            admin_h.to_vec(),
+            Some(r#"{"status":"ACTIVE"}"#.into()),
+            404,
+        ),
+        (
+            "PUT",
+            "/admin/coupons/0".into(),
+            admin_h.to_vec(),
+            Some(r#"{"status":"ACTIVE"}"#.into()),
+            404,
+        ),
+        (
+            "DELETE",
+            "/admin/coupons/1%3BDROP".into(),
+            admin_h.to_vec(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/coupons/abc/claim".into(),
+            user_h.to_vec(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/coupons/1%3BDROP%20TABLE%20claims/claim".into(),
+            user_h.to_vec(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/coupons/%E2%82%AC/claim".into(),
+            user_h.to_vec(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/coupons/424242/claim".into(),
+            user_h.to_vec(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            claim.clone(),
+            vec![
+                ("Authorization", u.as_str()),
+                ("Idempotency-Key", long_key.as_str()),
+            ],
+            None,
+            422,
+        ),
         ("POST", claim.clone(), vec![], None, 401),
         ("GET", "/admin/coupons".into(), admin_h.to_vec(), None, 405),
-        ("GET", "/users/me/history/../../admin".into(), vec![], None, 404),
+        (
+            "GET",
+            "/users/me/history/../../admin".into(),
+            vec![],
+            None,
+            404,
+        ),
     ];
     assert!(cases.len() >= 60, "{} cases", cases.len());
     let before = snapshot(&db);
     for (method, path, headers, body, status) in &cases {
         let r = svc.call(method, path, headers, body.as_deref());
-        let case = format!("{method} {path} {:?}", body.as_deref().map(|b| b.chars().take(80).collect::<String>()));
+        let case = format!(
+            "{method} {path} {:?}",
+            body.as_deref()
+                .map(|b| b.chars().take(80).collect::<String>())
+        );
         assert_eq!(r.status, *status, "{case}: {}", r.body);
-        assert!(r.body["code"].is_string() && r.body["detail"].is_string(), "{case}: {}", r.body);
+        assert!(
+            r.body["code"].is_string() && r.body["detail"].is_string(),
+            "{case}: {}",
+            r.body
+        );
         assert_eq!(snapshot(&db), before, "{case} changed the database");
     }
     // A header of 64 KiB: refused or cut off, never a 5xx, and the service goes on.
-    let head = format!("GET /coupons HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", long(64 * 1024));
+    let head = format!(
+        "GET /coupons HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        long(64 * 1024)
+    );
     let mut stream = std::net::TcpStream::connect(&svc.addr).unwrap();
     use std::io::{Read, Write};
     let _ = stream.write_all(head.as_bytes());
@@ -1191,8 +1425,55 @@ fn hostile_and_malformed_requests_get_a_4xx_and_change_nothing() {
     assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
     // Injection strings are stored literally where they are valid input.
     let sneaky = r#"{"email":"o'brien+x@example.com","password":"'; DROP TABLE users; --"}"#;
-    assert_eq!(svc.call("POST", "/register", &[JSON], Some(sneaky)).status, 201);
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM users WHERE email = 'o''brien+x@example.com'"), 1);
+    assert_eq!(
+        svc.call("POST", "/register", &[JSON], Some(sneaky)).status,
+        201
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM users WHERE email = 'o''brien+x@example.com'"),
+        1
+    );
     let r = svc.call("POST", "/login", &[JSON], Some(sneaky));
     assert_eq!(r.status, 200);
+}
+
+#[test]
+fn claims_in_flight_at_sigterm_are_answered_and_kept() {
+    let db = TestDb::new();
+    // Four workers: most of the claims wait in the queue, not in a worker, at the signal.
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("WORKERS", "4"),
+    ]);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let coupon = create_coupon(&svc, &admin, "LASTCALL", 100);
+    let users: Vec<String> = (0..12)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    // Hold the coupon's row lock so that every claim is still in flight at the signal.
+    let mut holder = db.conn();
+    holder.query_drop("START TRANSACTION").unwrap();
+    holder
+        .exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon,))
+        .unwrap();
+    let path = format!("/coupons/{coupon}/claim");
+    let statuses: Vec<u16> = thread::scope(|s| {
+        let handles: Vec<_> = users
+            .iter()
+            .map(|t| s.spawn(|| svc.call("POST", &path, &[("token", t)], None).status))
+            .collect();
+        thread::sleep(std::time::Duration::from_millis(300));
+        std::process::Command::new("kill")
+            .args(["-TERM", &svc.child.id().to_string()])
+            .status()
+            .unwrap();
+        thread::sleep(std::time::Duration::from_millis(300));
+        holder.query_drop("ROLLBACK").unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    assert!(svc.stop().success());
+    assert_eq!(db.stock(coupon), (88, 12, 100));
 }

@@ -2,6 +2,7 @@
 //! private MariaDB started for this binary, or on `TEST_DATABASE_URL` where set.
 
 mod embedded;
+mod faults;
 mod http;
 mod library;
 mod support;

@@ -279,11 +279,16 @@ pub fn request(
 
 /// Sends raw bytes and parses the answer.
 pub fn send(addr: &str, head: &[u8], body: &[u8]) -> Resp {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    try_send(addr, head, body).unwrap_or_else(|| panic!("no answer from {addr}"))
+}
+
+/// Like [`send`], but `None` when the connection fails or closes without an answer.
+pub fn try_send(addr: &str, head: &[u8], body: &[u8]) -> Option<Resp> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    stream.write_all(head).unwrap();
+        .ok()?;
+    stream.write_all(head).ok()?;
     // The server may answer (413) and close before taking the whole body.
     let _ = stream.write_all(body);
     let mut answer = Vec::new();
@@ -291,28 +296,29 @@ pub fn send(addr: &str, head: &[u8], body: &[u8]) -> Resp {
     parse(&answer)
 }
 
-fn parse(answer: &[u8]) -> Resp {
+/// A bodiless request, or `None` when there is no answer.
+pub fn try_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<Resp> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    raw.push_str("Content-Length: 0\r\n\r\n");
+    try_send(addr, raw.as_bytes(), b"")
+}
+
+fn parse(answer: &[u8]) -> Option<Resp> {
     let text = String::from_utf8_lossy(answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no answer: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n")?;
     let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()));
-    Resp {
+    Some(Resp {
         status,
         headers,
         body,
-    }
+    })
 }

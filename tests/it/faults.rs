@@ -1,0 +1,287 @@
+//! Faults injected for real, in the middle of a parallel claim load: the database stopped and
+//! restarted, the service killed with SIGKILL, a deadlock. Afterwards every claim in the database
+//! is one that some answer reported (at first, or on the idempotent retry), and
+//! remaining + claims == stock.
+
+use crate::support::{try_request, Service, TestDb, JSON, SECRET};
+use coupons::embedded::EmbeddedServer;
+use mysql::prelude::Queryable;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+/// One claim request: its key, its token, and its answer (status and claim id), if any.
+struct Attempt {
+    key: String,
+    token: usize,
+    status: Option<u16>,
+    claim: Option<u64>,
+}
+
+fn claim(addr: &str, coupon: u64, token: &str, key: &str) -> (Option<u16>, Option<u64>) {
+    let path = format!("/coupons/{coupon}/claim");
+    match try_request(
+        addr,
+        "POST",
+        &path,
+        &[("token", token), ("Idempotency-Key", key)],
+    ) {
+        Some(r) => (Some(r.status), r.body["claim"]["id"].as_u64()),
+        None => (None, None),
+    }
+}
+
+/// Claims from one thread per token, each request with a fresh key, until `stop`.
+fn load(addr: &RwLock<String>, coupon: u64, tokens: &[String], stop: &AtomicBool) -> Vec<Attempt> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(t, token)| {
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for n in 0.. {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let key = format!("t{t}-n{n}");
+                        let current = addr.read().unwrap().clone();
+                        let (status, claim) = claim(&current, coupon, token, &key);
+                        if status.is_none() {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        mine.push(Attempt {
+                            key,
+                            token: t,
+                            status,
+                            claim,
+                        });
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// Retries every attempt that got no answer or a 5xx with its own key until it gets a real
+/// one, then checks that the claims in the database are exactly those the answers report.
+#[track_caller]
+fn settle(addr: &str, db: &TestDbLike, coupon: u64, tokens: &[String], attempts: &mut [Attempt]) {
+    for a in attempts.iter_mut() {
+        let mut tries = 0;
+        while a.status.is_none_or(|s| s >= 500) {
+            tries += 1;
+            assert!(
+                tries < 100,
+                "attempt {} never settled: {:?}",
+                a.key,
+                a.status
+            );
+            let (status, claim) = claim(addr, coupon, &tokens[a.token], &a.key);
+            (a.status, a.claim) = (status, claim);
+            if a.status.is_none_or(|s| s >= 500) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        assert_eq!(a.status, Some(201), "attempt {}", a.key);
+    }
+    let answered: BTreeSet<u64> = attempts.iter().filter_map(|a| a.claim).collect();
+    assert_eq!(
+        answered.len(),
+        attempts.len(),
+        "two answers reported one claim"
+    );
+    let mut conn = db.conn();
+    let rows: Vec<u64> = conn
+        .exec(
+            "SELECT id FROM claims WHERE coupon_id = ? ORDER BY id",
+            (coupon,),
+        )
+        .unwrap();
+    let in_db: BTreeSet<u64> = rows.into_iter().collect();
+    assert_eq!(in_db, answered, "claims in the database != claims answered");
+    let (available, total): (i64, i64) = conn
+        .exec_first(
+            "SELECT available_count, total_count FROM coupons WHERE id = ?",
+            (coupon,),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        available + in_db.len() as i64,
+        total,
+        "remaining + claims != stock"
+    );
+}
+
+/// A database to check, whether a TestDb or the private server of a fault test.
+struct TestDbLike {
+    url: String,
+}
+
+impl TestDbLike {
+    fn conn(&self) -> mysql::Conn {
+        mysql::Conn::new(mysql::Opts::from_url(&self.url).unwrap()).unwrap()
+    }
+}
+
+fn setup(svc: &Service, url: &str) -> (u64, Vec<String>) {
+    let admin = svc.register("admin@example.com");
+    let mut conn = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
+    conn.query_drop("UPDATE users SET role = 'ADMIN' WHERE email = 'admin@example.com'")
+        .unwrap();
+    let auth = format!("Bearer {admin}");
+    let r = svc.call(
+        "POST",
+        "/admin/coupons",
+        &[JSON, ("Authorization", &auth)],
+        Some(r#"{"code":"FAULT","available_count":1000000}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let tokens = (0..8)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    (r.body["id"].as_u64().unwrap(), tokens)
+}
+
+#[test]
+fn the_database_stopped_and_restarted_under_load_loses_and_doubles_nothing() {
+    let dir = std::env::temp_dir().join(format!("coupons-it-restart-db-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = EmbeddedServer::start(&dir).unwrap();
+    let url = server.url("coupons");
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("DB_POOL_WAIT_MS", "300"),
+    ]);
+    let (coupon, tokens) = setup(&svc, &url);
+    let addr = RwLock::new(svc.addr.clone());
+    let stop = AtomicBool::new(false);
+    let mut attempts = std::thread::scope(|s| {
+        let worker = s.spawn(|| load(&addr, coupon, &tokens, &stop));
+        std::thread::sleep(Duration::from_millis(800));
+        server.stop().unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let server = EmbeddedServer::start(&dir).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        let attempts = worker.join().unwrap();
+        (attempts, server)
+    });
+    let failed = attempts.0.iter().filter(|a| a.status != Some(201)).count();
+    assert!(failed > 0, "the outage was not seen by any request");
+    assert!(attempts.0.iter().filter(|a| a.status == Some(201)).count() > 10);
+    settle(
+        &svc.addr,
+        &TestDbLike { url: url.clone() },
+        coupon,
+        &tokens,
+        &mut attempts.0,
+    );
+    drop(svc);
+    drop(attempts.1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_service_killed_under_load_loses_and_doubles_nothing() {
+    let db = TestDb::new();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+    ];
+    let svc = Service::spawn(&env);
+    let (coupon, tokens) = setup(&svc, &db.url);
+    let addr = RwLock::new(svc.addr.clone());
+    let stop = AtomicBool::new(false);
+    let (mut attempts, svc) = std::thread::scope(|s| {
+        let worker = s.spawn(|| load(&addr, coupon, &tokens, &stop));
+        std::thread::sleep(Duration::from_millis(800));
+        let mut svc = svc;
+        std::process::Command::new("kill")
+            .args(["-KILL", &svc.child.id().to_string()])
+            .status()
+            .unwrap();
+        svc.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let svc = Service::spawn(&env);
+        *addr.write().unwrap() = svc.addr.clone();
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::SeqCst);
+        (worker.join().unwrap(), svc)
+    });
+    assert!(
+        attempts.iter().any(|a| a.status.is_none()),
+        "the kill was not seen by any request"
+    );
+    settle(
+        &svc.addr,
+        &TestDbLike {
+            url: db.url.clone(),
+        },
+        coupon,
+        &tokens,
+        &mut attempts,
+    );
+}
+
+#[test]
+fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
+    use coupons::auth::{Auth, Secret};
+    use coupons::{claim, coupon, CouponCode, Email, Password, Status, Stock};
+    let db = TestDb::new();
+    let auth = Auth::new(&Secret::parse(SECRET).unwrap(), 60, 4).unwrap();
+    let user = auth
+        .register(
+            &db.pool,
+            &Email::parse("d@example.com").unwrap(),
+            &Password::parse("password123").unwrap(),
+        )
+        .unwrap();
+    let c = coupon::create(
+        &db.pool,
+        &coupon::NewCoupon {
+            code: CouponCode::parse("DEAD").unwrap(),
+            available_count: Stock::parse(5).unwrap(),
+            status: Status::Active,
+        },
+    )
+    .unwrap();
+    // The other transaction takes the user's row, the claim takes the coupon's row and then
+    // needs the user's row (its foreign key check), and the other then asks for the coupon's.
+    let mut other = db.conn();
+    other.query_drop("START TRANSACTION").unwrap();
+    other
+        .exec_drop("UPDATE users SET role = role WHERE id = ?", (user.id.0,))
+        .unwrap();
+    let outcome = std::thread::scope(|s| {
+        let claimer = s.spawn(|| claim::claim(&db.pool, user.id, c.id));
+        std::thread::sleep(Duration::from_millis(300));
+        let r = other.exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (c.id.0,));
+        let code = match &r {
+            Err(mysql::Error::MySqlError(e)) => Some(e.code),
+            _ => None,
+        };
+        other.query_drop("ROLLBACK").unwrap();
+        (claimer.join().unwrap(), code)
+    });
+    let (result, other_error) = outcome;
+    let claimed = result.expect("the claim ends in success, retried if it was the victim");
+    // InnoDB chose one victim: either the other transaction (1213 here) or the claim (retried).
+    assert!(
+        other_error.is_none() || other_error == Some(1213),
+        "{other_error:?}"
+    );
+    assert_eq!(db.stock(c.id.0), (4, 1, 5));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 1);
+    assert_eq!(claimed.available_count, 4);
+}

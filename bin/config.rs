@@ -2,7 +2,7 @@
 //! that names the variable.
 
 use coupons::auth::Secret;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -28,6 +28,14 @@ pub struct Config {
     pub db_pool_size: u32,
     /// `DB_POOL_WAIT_MS`: how long a request waits for a free connection before a 503.
     pub db_pool_wait: Duration,
+    /// `LOGIN_FAILS_PER_EMAIL_PER_MIN`: failed logins for one email before 429s (0: no limit).
+    pub login_fails_per_email: u32,
+    /// `LOGIN_FAILS_PER_IP_PER_MIN`: failed logins from one client address before 429s.
+    pub login_fails_per_ip: u32,
+    /// `REGISTRATIONS_PER_IP_PER_MIN`: registrations from one client address before 429s.
+    pub registrations_per_ip: u32,
+    /// `TRUSTED_PROXIES`: comma-separated proxy addresses whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Config {
@@ -56,6 +64,19 @@ impl Config {
                 1..=1000,
             )?,
             db_pool_wait: Duration::from_millis(number("DB_POOL_WAIT_MS", 2000, 1..=60_000)?),
+            login_fails_per_email: number("LOGIN_FAILS_PER_EMAIL_PER_MIN", 5, 0..=1_000_000)?,
+            login_fails_per_ip: number("LOGIN_FAILS_PER_IP_PER_MIN", 60, 0..=1_000_000)?,
+            registrations_per_ip: number("REGISTRATIONS_PER_IP_PER_MIN", 600, 0..=1_000_000)?,
+            trusted_proxies: var("TRUSTED_PROXIES")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse()
+                        .map_err(|_| format!("TRUSTED_PROXIES: {p:?} is not an IP address"))
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }

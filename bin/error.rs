@@ -21,6 +21,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// The bcrypt queue is full (503, with `Retry-After`).
     Overloaded,
+    /// A brute-force limit was reached (429, with `Retry-After` in seconds).
+    TooManyRequests(u64),
     /// A handler panicked (500).
     Panic,
     /// The service is stopping and did not get to this request (503, with `Retry-After`).
@@ -102,6 +104,11 @@ impl ApiError {
                 "overloaded".into(),
                 "too many logins at once, try again shortly".into(),
             ),
+            A::TooManyRequests(secs) => (
+                429,
+                "too_many_requests".into(),
+                format!("too many attempts; try again in {secs} s"),
+            ),
             A::ShuttingDown => (
                 503,
                 "shutting_down".into(),
@@ -118,6 +125,7 @@ impl ApiError {
         );
         match self {
             A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
+            A::TooManyRequests(secs) => reply.headers.push(("Retry-After", secs.to_string())),
             A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded | A::ShuttingDown => {
                 reply.headers.push(("Retry-After", "1".to_owned()))
             }

@@ -27,6 +27,8 @@ pub struct App {
     pub auth: Auth,
     /// False until the schema is applied (a service started before its database).
     pub ready: Arc<AtomicBool>,
+    /// Brute-force limits on logins and registrations.
+    pub limits: crate::limits::Limits,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers.

@@ -5,6 +5,7 @@ mod benchdb;
 mod config;
 mod error;
 mod http;
+mod limits;
 mod loadtest;
 mod routes;
 mod stats;
@@ -33,7 +34,9 @@ Usage:
   coupons --help                this text
 
 Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
-TOKEN_TTL_SECS, BCRYPT_COST, WORKERS, DB_POOL_SIZE.
+TOKEN_TTL_SECS, BCRYPT_COST, WORKERS, DB_POOL_SIZE, DB_POOL_WAIT_MS,
+LOGIN_FAILS_PER_EMAIL_PER_MIN, LOGIN_FAILS_PER_IP_PER_MIN, REGISTRATIONS_PER_IP_PER_MIN,
+TRUSTED_PROXIES.
 With DATABASE_URL unset, a private MariaDB is started in COUPONS_DATA_DIR (default var/mysql).
 ";
 
@@ -228,6 +231,12 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
         pool: database.pool.clone(),
         auth,
         ready: database.ready.clone(),
+        limits: limits::Limits {
+            login_fails_per_email: limits::Limit::new(config.login_fails_per_email),
+            login_fails_per_ip: limits::Limit::new(config.login_fails_per_ip),
+            registrations_per_ip: limits::Limit::new(config.registrations_per_ip),
+            trusted_proxies: config.trusted_proxies.clone(),
+        },
     };
     http::serve(app, listener, config.workers, shutdown)?;
     println!("coupons: stopped");

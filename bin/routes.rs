@@ -71,17 +71,55 @@ fn credentials(rq: &mut Request, url: &str) -> Result<Credentials> {
     }
 }
 
+/// The client's address, for the brute-force limits.
+fn client(app: &App, rq: &Request) -> String {
+    let forwarded = rq
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("X-Forwarded-For"));
+    app.limits.client(
+        rq.remote_addr().map(|a| a.ip()),
+        forwarded.map(|h| h.value.as_str()),
+    )
+}
+
 fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+    let ip = client(app, rq);
+    app.limits
+        .registrations_per_ip
+        .check(&ip)
+        .map_err(ApiError::TooManyRequests)?;
     let c = credentials(rq, url)?;
     let email = Email::parse(&c.email)?;
     let password = Password::parse(&c.password)?;
+    app.limits.registrations_per_ip.take(&ip);
     let user = app.auth.register(&app.pool, &email, &password)?;
     Ok(Reply::json(201, &user))
 }
 
 fn login(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+    let ip = client(app, rq);
     let c = credentials(rq, url)?;
-    let t = app.auth.login(&app.pool, &c.email, &c.password)?;
+    let email = c.email.trim().to_lowercase();
+    // Refused before any bcrypt work: guessing costs the guesser, not the service.
+    let limits = &app.limits;
+    limits
+        .login_fails_per_ip
+        .check(&ip)
+        .map_err(ApiError::TooManyRequests)?;
+    limits
+        .login_fails_per_email
+        .check(&email)
+        .map_err(ApiError::TooManyRequests)?;
+    let t = app
+        .auth
+        .login(&app.pool, &c.email, &c.password)
+        .inspect_err(|e| {
+            if matches!(e, Error::BadCredentials) {
+                limits.login_fails_per_ip.take(&ip);
+                limits.login_fails_per_email.take(&email);
+            }
+        })?;
     Ok(Reply::json(
         200,
         &json!({

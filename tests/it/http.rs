@@ -1477,3 +1477,84 @@ fn claims_in_flight_at_sigterm_are_answered_and_kept() {
     assert!(svc.stop().success());
     assert_eq!(db.stock(coupon), (88, 12, 100));
 }
+
+#[test]
+fn brute_force_limits_answer_429_and_let_a_burst_of_new_users_through() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    // A few hundred distinct users from one address within a minute: none refused.
+    for i in 0..300 {
+        let body = format!(r#"{{"email":"office{i}@example.com","password":"password123"}}"#);
+        let r = svc.call("POST", "/register", &[JSON], Some(&body));
+        assert_eq!(r.status, 201, "registration {i}: {}", r.body);
+    }
+    let login = |email: &str, password: &str| {
+        let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
+        svc.call("POST", "/login", &[JSON], Some(&body))
+    };
+    // Password guessing on one account: five failures, then 429 even for the right password.
+    for _ in 0..5 {
+        assert_eq!(login("office1@example.com", "guess-guess").status, 401);
+    }
+    let r = login("office1@example.com", "password123");
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (429, Some("too_many_requests"))
+    );
+    let wait: u64 = r.headers["retry-after"].parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Other accounts from the same office still log in.
+    assert_eq!(login("office2@example.com", "password123").status, 200);
+
+    // Per address, and X-Forwarded-For only from a trusted proxy.
+    let db2 = TestDb::new();
+    let limited = |trusted: &str| {
+        Service::spawn(&[
+            ("DATABASE_URL", &db2.url),
+            ("JWT_SECRET", SECRET),
+            ("BCRYPT_COST", "4"),
+            ("REGISTRATIONS_PER_IP_PER_MIN", "3"),
+            ("LOGIN_FAILS_PER_IP_PER_MIN", "4"),
+            ("TRUSTED_PROXIES", trusted),
+        ])
+    };
+    let svc = limited("");
+    let register = |svc: &Service, i: usize, xff: &str| {
+        let body = format!(r#"{{"email":"n{i}@example.com","password":"password123"}}"#);
+        svc.call(
+            "POST",
+            "/register",
+            &[JSON, ("X-Forwarded-For", xff)],
+            Some(&body),
+        )
+        .status
+    };
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| register(&svc, i, &format!("198.51.100.{i}")))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![201, 201, 201, 429],
+        "an untrusted X-Forwarded-For must not help"
+    );
+    for i in 0..4 {
+        let body = format!(r#"{{"email":"spray{i}@example.com","password":"password123"}}"#);
+        assert_eq!(svc.call("POST", "/login", &[JSON], Some(&body)).status, 401);
+    }
+    let body = r#"{"email":"n0@example.com","password":"password123"}"#;
+    assert_eq!(svc.call("POST", "/login", &[JSON], Some(body)).status, 429);
+    drop(svc);
+    let svc = limited("127.0.0.1");
+    let statuses: Vec<u16> = (10..14)
+        .map(|i| register(&svc, i, &format!("198.51.100.{i}")))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![201, 201, 201, 201],
+        "behind a trusted proxy each client has its own limit"
+    );
+    let statuses: Vec<u16> = (20..24)
+        .map(|i| register(&svc, i, "198.51.100.99"))
+        .collect();
+    assert_eq!(statuses, vec![201, 201, 201, 429]);
+}

@@ -36,6 +36,8 @@ pub struct Config {
     pub registrations_per_ip: u32,
     /// `TRUSTED_PROXIES`: comma-separated proxy addresses whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// `MAX_CONNECTIONS`: open client connections served at once; unset, from the fd limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Config {
@@ -77,6 +79,10 @@ impl Config {
                         .map_err(|_| format!("TRUSTED_PROXIES: {p:?} is not an IP address"))
                 })
                 .collect::<Result<_, _>>()?,
+            max_connections: match var("MAX_CONNECTIONS") {
+                Some(_) => Some(number("MAX_CONNECTIONS", 10_000, 1..=1_000_000)?),
+                None => None,
+            },
         })
     }
 }

@@ -48,6 +48,36 @@ impl Reply {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit (Debian's soft default is 1,024,
+/// fewer than a thousand clients) and returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    #[repr(C)]
+    struct Rlimit {
+        cur: u64,
+        max: u64,
+    }
+    extern "C" {
+        fn getrlimit(resource: i32, rlim: *mut Rlimit) -> i32;
+        fn setrlimit(resource: i32, rlim: *const Rlimit) -> i32;
+    }
+    const RLIMIT_NOFILE: i32 = 7;
+    let mut lim = Rlimit { cur: 0, max: 0 };
+    // SAFETY: plain libc calls on a properly laid out `struct rlimit` (two u64 on Linux).
+    unsafe {
+        if getrlimit(RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        let raised = Rlimit {
+            cur: lim.max,
+            max: lim.max,
+        };
+        if lim.cur < lim.max && setrlimit(RLIMIT_NOFILE, &raised) == 0 {
+            lim.cur = lim.max;
+        }
+    }
+    lim.cur
+}
+
 /// Binds with TCP_NODELAY set on the listener (accepted sockets inherit it): tiny_http never
 /// sets it, and without it small responses wait on delayed ACKs.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -209,6 +209,14 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
     };
     let auth =
         Auth::new(&secret, config.token_ttl_secs, config.bcrypt_cost).map_err(|e| e.to_string())?;
+    // Each connection holds a thread and a descriptor: cap them below the descriptor limit,
+    // keeping room for the database connections and files.
+    let fds = http::raise_fd_limit();
+    let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256);
+    let cap = config
+        .max_connections
+        .unwrap_or(room.clamp(64, 10_000) as usize);
+    tiny_http::set_max_connections(cap);
     let listener =
         http::bind(config.bind_addr).map_err(|e| format!("BIND_ADDR {}: {e}", config.bind_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

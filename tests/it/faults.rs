@@ -285,3 +285,134 @@ fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
     assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 1);
     assert_eq!(claimed.available_count, 4);
 }
+
+/// p99 of a normal client's claims, in ms, while `during` runs.
+fn normal_client_p99(svc: &Service, coupon: u64, token: &str, secs: f64) -> (f64, usize) {
+    let path = format!("/coupons/{coupon}/claim");
+    let started = std::time::Instant::now();
+    let mut lat = Vec::new();
+    while started.elapsed().as_secs_f64() < secs {
+        let t = std::time::Instant::now();
+        let r = svc.call("POST", &path, &[("token", token)], None);
+        assert_eq!(
+            r.status, 201,
+            "the normal client was not served: {}",
+            r.body
+        );
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    (lat[(lat.len() * 99 / 100).min(lat.len() - 1)], lat.len())
+}
+
+#[test]
+fn slow_and_idle_clients_do_not_starve_a_normal_client() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let (coupon, tokens) = setup(&svc, &db.url);
+    let (quiet, n) = normal_client_p99(&svc, coupon, &tokens[0], 1.0);
+    eprintln!("slow clients: quiet: p99 {quiet:.2} ms over {n} claims");
+
+    // 1,000 idle keep-alive connections.
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(&svc.addr).unwrap())
+        .collect();
+    let (p99, n) = normal_client_p99(&svc, coupon, &tokens[0], 2.0);
+    eprintln!("slow clients: 1000 idle connections: p99 {p99:.2} ms over {n} claims");
+    drop(idle);
+
+    // Slowloris: 100 clients sending a header byte every 100 ms, and 100 sending a body slowly.
+    let stop = AtomicBool::new(false);
+    let (p99, n) = std::thread::scope(|s| {
+        for i in 0..200 {
+            let (addr, stop) = (&svc.addr, &stop);
+            s.spawn(move || {
+                let Ok(mut c) = TcpStream::connect(addr) else { return };
+                let head = if i % 2 == 0 {
+                    "GET /coupons HTTP/1.1\r\nHost: x\r\nX-Slow: ".to_owned()
+                } else {
+                    "POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{".to_owned()
+                };
+                let _ = c.write_all(head.as_bytes());
+                while !stop.load(Ordering::SeqCst) {
+                    if c.write_all(b"a").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        let result = normal_client_p99(&svc, coupon, &tokens[0], 2.0);
+        stop.store(true, Ordering::SeqCst);
+        result
+    });
+    eprintln!("slow clients: 100 slowloris + 100 slow bodies: p99 {p99:.2} ms over {n} claims");
+
+    // A request head that takes longer than 10 s is cut off (408), not held for ever.
+    let mut c = TcpStream::connect(&svc.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    let _ = c.write_all(b"GET /coupons HTTP/1.1\r\n");
+    let mut answer = Vec::new();
+    loop {
+        use std::io::Read;
+        if c.write_all(b"X-Drip: 1\r\n").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        c.set_nonblocking(true).unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+        c.set_nonblocking(false).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slow head was never cut off"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let cut = started.elapsed();
+    assert!(cut >= Duration::from_secs(9), "cut off too early: {cut:?}");
+    assert!(
+        String::from_utf8_lossy(&answer).is_empty()
+            || String::from_utf8_lossy(&answer).contains(" 408 ")
+    );
+    assert_eq!(
+        db.stock(coupon).1 as usize,
+        db.scalar("SELECT COUNT(*) FROM claims") as usize
+    );
+}
+
+#[test]
+fn over_the_connection_cap_new_connections_are_closed_and_served_again_after() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let db = TestDb::new();
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("MAX_CONNECTIONS", "20"),
+    ]);
+    let held: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&svc.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(&svc.addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let closed = matches!(extra.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed, "a connection over the cap was kept");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
+}

@@ -77,7 +77,7 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self, budget: &mut HeadBudget) -> IoResult<AsciiString> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -88,6 +88,7 @@ impl ClientConnection {
                 Some(b) => b?,
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
+            budget.spend()?;
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
@@ -104,10 +105,13 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        let mut budget = HeadBudget::default();
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self
+                    .read_next_line(&mut budget)
+                    .map_err(ReadError::ReadIoError)?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,7 +122,9 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self
+                        .read_next_line(&mut budget)
+                        .map_err(ReadError::ReadIoError)?;
 
                     if line.is_empty() {
                         break;
@@ -305,5 +311,39 @@ mod test {
 
         assert!(super::parse_request_line("GET /hello").is_err());
         assert!(super::parse_request_line("qsd qsd qsd").is_err());
+    }
+}
+
+/// coupons patch: the original read request heads of any size at any pace, so a client could
+/// grow memory without bound or hold a thread for ever with one header byte a second. A head
+/// may have at most 64 KiB and must arrive within 10 s of its first byte.
+struct HeadBudget {
+    bytes_left: usize,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Default for HeadBudget {
+    fn default() -> HeadBudget {
+        HeadBudget {
+            bytes_left: 64 * 1024,
+            deadline: None,
+        }
+    }
+}
+
+impl HeadBudget {
+    fn spend(&mut self) -> IoResult<()> {
+        let now = std::time::Instant::now();
+        let deadline = *self
+            .deadline
+            .get_or_insert(now + std::time::Duration::from_secs(10));
+        if now > deadline {
+            return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"));
+        }
+        if self.bytes_left == 0 {
+            return Err(IoError::new(ErrorKind::InvalidData, "request head too large"));
+        }
+        self.bytes_left -= 1;
+        Ok(())
     }
 }

@@ -111,6 +111,15 @@ use std::time::Duration;
 /// coupons patch: how long a connection may wait on a read or a write before it is closed.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// coupons patch: the most connections served at once; past it a new connection is closed at
+/// once, so that a flood of connections can exhaust neither threads nor file descriptors.
+static MAX_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(10_000);
+
+/// coupons patch: sets the most connections served at once (default 10,000).
+pub fn set_max_connections(n: usize) {
+    MAX_CONNECTIONS.store(n.max(1), Relaxed);
+}
+
 use client::ClientConnection;
 use connection::Connection;
 use util::MessagesQueue;
@@ -293,12 +302,17 @@ impl Server {
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // coupons patch: over the cap, close at once (dropping the socket).
+                        if open.load(Relaxed) >= MAX_CONNECTIONS.load(Relaxed) {
+                            continue;
+                        }
                         // coupons patch: a client that stops sending or reading must not pin
                         // a thread for ever.
                         if let Connection::Tcp(ref tcp) = sock {
@@ -336,7 +350,17 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        open.fetch_add(1, Relaxed);
+                        let open = open.clone();
                         tasks_pool.spawn(Box::new(move || {
+                            // coupons patch: counted until the connection's task ends.
+                            struct Close(Arc<std::sync::atomic::AtomicUsize>);
+                            impl Drop for Close {
+                                fn drop(&mut self) {
+                                    self.0.fetch_sub(1, Relaxed);
+                                }
+                            }
+                            let _close = Close(open.clone());
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {

@@ -1,6 +1,7 @@
-//! A private MariaDB (or MySQL) server for one data directory, started from the system's
-//! server binary. It listens only on a Unix socket inside that directory (no TCP port), so it
-//! collides with nothing else on the machine.
+//! A private MariaDB (or MySQL) server for one directory, started from the system's server
+//! binary. It listens only on a Unix socket inside that directory (no TCP port), so it
+//! collides with nothing else on the machine. The directory holds `data/` (the server's data),
+//! `tmp/` (its temporary files), `mysql.sock`, `server.err` (its log) and `server.pid`.
 //!
 //! The server runs under a tiny `sh` watchdog whose standard input is a pipe from this process:
 //! when this process stops, however it stops (even `kill -9`), the pipe closes and the watchdog
@@ -111,13 +112,18 @@ impl EmbeddedServer {
             });
         }
         let (server, flavor) = find_server()?;
-        if !dir.join("mysql").is_dir() {
+        let (data, tmp) = (dir.join("data"), dir.join("tmp"));
+        // A server of its own for temporary files: a starting server deletes every `#sql*`
+        // file in its tmpdir, which broke other servers' initialisation in a shared /tmp.
+        fs::create_dir_all(&tmp).map_err(|e| launch("creating", e))?;
+        if !data.is_dir() {
             initialize_into(&server, flavor, &dir)?;
         }
         let log = dir.join("server.err");
         let mut args = vec![
             "--no-defaults".to_owned(),
-            format!("--datadir={}", dir.display()),
+            format!("--datadir={}", data.display()),
+            format!("--tmpdir={}", tmp.display()),
             format!("--socket={}", socket.display()),
             "--skip-networking".to_owned(),
             format!("--pid-file={}", dir.join("server.pid").display()),
@@ -275,32 +281,23 @@ fn find_server() -> Result<(PathBuf, Flavor), Error> {
     ))
 }
 
-/// Initialises in a staging directory beside `dir`, then moves the result in with the system
-/// tables (`mysql/`) last, so an interrupted or failed initialisation never leaves a directory
-/// that looks initialised.
+/// Initialises `dir/data` in a staging directory and renames it into place, so an interrupted
+/// or failed initialisation never leaves a data directory that looks ready.
 fn initialize_into(server: &Path, flavor: Flavor, dir: &Path) -> Result<(), Error> {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = dir.with_file_name(format!(".{name}.init-{}", std::process::id()));
+    let staging = dir.join(format!(".data-init-{}", std::process::id()));
     let io = |e: std::io::Error| Error::Launch(format!("initialising {}: {e}", dir.display()));
     let _ = fs::remove_dir_all(&staging);
-    fs::create_dir_all(&staging).map_err(io)?;
-    let result = initialize(server, flavor, &staging).and_then(|()| {
-        for entry in fs::read_dir(&staging).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            if entry.file_name() != "mysql" {
-                fs::rename(entry.path(), dir.join(entry.file_name())).map_err(io)?;
-            }
-        }
-        fs::rename(staging.join("mysql"), dir.join("mysql")).map_err(io)
-    });
+    // MySQL's --initialize wants to create the directory itself.
+    if flavor == Flavor::MariaDb {
+        fs::create_dir_all(&staging).map_err(io)?;
+    }
+    let result = initialize(server, flavor, &staging, &dir.join("tmp"))
+        .and_then(|()| fs::rename(&staging, dir.join("data")).map_err(io));
     let _ = fs::remove_dir_all(&staging);
     result
 }
 
-fn initialize(server: &Path, flavor: Flavor, dir: &Path) -> Result<(), Error> {
+fn initialize(server: &Path, flavor: Flavor, dir: &Path, tmp: &Path) -> Result<(), Error> {
     let mut cmd = match flavor {
         Flavor::MariaDb => {
             let installer = find("mariadb-install-db")
@@ -323,6 +320,7 @@ fn initialize(server: &Path, flavor: Flavor, dir: &Path) -> Result<(), Error> {
             c
         }
     };
+    cmd.arg(format!("--tmpdir={}", tmp.display()));
     cmd.args(root_user_arg());
     let out = cmd
         .output()

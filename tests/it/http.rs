@@ -840,6 +840,18 @@ fn idempotent_claims_over_http() {
     let mut stream = std::net::TcpStream::connect(&svc.addr).unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     drop(stream);
+    // The server goes on with the request; once its claim is in, the retry must find it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while db.scalar(&format!(
+        "SELECT COUNT(*) FROM claims WHERE coupon_id = {coupon}"
+    )) < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut-off request was never processed"
+        );
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
     let retry = svc.call(
         "POST",
         &path,

@@ -67,6 +67,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 code: CouponCode::parse(&format!("BENCH{tag}-{i}"))?,
                 available_count: Stock::parse(Stock::MAX)?,
                 status: Status::Active,
+                rules: coupon::Rules::default(),
             };
             Ok(coupon::create(&pool, &new)?.id)
         })

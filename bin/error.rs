@@ -63,6 +63,10 @@ impl ApiError {
                 Error::KeyReused => (422, "idempotency_key_reused".into(), e.to_string()),
                 Error::SoldOut => (409, "sold_out".into(), e.to_string()),
                 Error::Inactive => (409, "inactive".into(), e.to_string()),
+                Error::NotStarted => (409, "not_started".into(), e.to_string()),
+                Error::Expired => (409, "expired".into(), e.to_string()),
+                Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
+                Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
                 Error::Busy => (503, "busy".into(), e.to_string()),
                 Error::Unavailable(_) => {
                     eprintln!("coupons: {what}: {e}");

@@ -4,9 +4,12 @@
 use crate::error::ApiError;
 use crate::http::{json_body, path, query, token, App, Reply};
 use coupons::auth::{self, Principal};
-use coupons::coupon::{self, CouponChange, NewCoupon};
+use coupons::coupon::{self, CouponChange, NewCoupon, Rules, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
-use coupons::{claim, db, CouponCode, CouponId, Email, Error, Password, Status, Stock};
+use coupons::{
+    claim, db, CouponCode, CouponId, Email, Error, Label, Password, PerUserLimit, Status, Stock,
+    Timestamp,
+};
 use serde::Deserialize;
 use serde_json::json;
 use tiny_http::{Method, Request};
@@ -28,7 +31,7 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
     match (segments.as_slice(), &method) {
         (["register"], Post) => register(app, rq, &url),
         (["login"], Post) => login(app, rq, &url),
-        (["coupons"], Get) => Ok(Reply::json(200, &coupon::list_active(&app.pool)?)),
+        (["coupons"], Get) => list(app, rq),
         (["coupons", id, "claim"], Post) => claim(app, rq, id),
         (["users", "me", "history"], Get) => history(app, rq),
         (["admin", "coupons"], Post) => create(app, rq, &url),
@@ -81,6 +84,25 @@ fn client(app: &App, rq: &Request) -> String {
         rq.remote_addr().map(|a| a.ip()),
         forwarded.map(|h| h.value.as_str()),
     )
+}
+
+/// Claimable coupons; with a valid token, each also says whether the caller has reached its
+/// per-user limit (a missing or invalid token just lists, as for anyone).
+fn list(app: &App, rq: &Request) -> Result<Reply> {
+    let coupons = coupon::list_active(&app.pool)?;
+    let Ok(who) = app.auth.authenticate(token(rq)) else {
+        return Ok(Reply::json(200, &coupons));
+    };
+    let reached = coupon::limits_reached(&app.pool, who.user_id, &coupons)?;
+    let items: Vec<serde_json::Value> = coupons
+        .iter()
+        .map(|c| {
+            let mut v = json!(c);
+            v["limit_reached"] = json!(reached.contains(&c.id));
+            v
+        })
+        .collect();
+    Ok(Reply::json(200, &items))
 }
 
 fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
@@ -199,6 +221,47 @@ struct CouponBody {
     code: Option<String>,
     available_count: Option<i64>,
     status: Option<String>,
+    // For these, `null` (Some(None)) removes the rule in an update; absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    per_user_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    starts_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    ends_at: Option<Option<String>>,
+}
+
+/// A field that is present, possibly `null`: `Some(value or None)`; absent fields stay `None`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+impl CouponBody {
+    /// The rules as sent, each parsed; `None` where absent, `Some(None)` where `null`.
+    fn rules(&self) -> Result<RulesChange> {
+        fn each<T, U>(
+            v: &Option<Option<T>>,
+            f: impl Fn(&T) -> std::result::Result<U, Error>,
+        ) -> Result<Option<Option<U>>> {
+            Ok(v.as_ref()
+                .map(|o| o.as_ref().map(&f).transpose())
+                .transpose()?)
+        }
+        Ok(RulesChange {
+            name: each(&self.name, |n| Label::parse("name", n, 200))?,
+            description: each(&self.description, |d| Label::parse("description", d, 2000))?,
+            per_user_limit: each(&self.per_user_limit, |l| PerUserLimit::parse(*l))?,
+            starts_at: each(&self.starts_at, |t| Timestamp::parse("starts_at", t))?,
+            ends_at: each(&self.ends_at, |t| Timestamp::parse("ends_at", t))?,
+        })
+    }
 }
 
 /// From the JSON body, or from the seed's `?code=...&available_count=...&status=...`.
@@ -238,6 +301,16 @@ fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
             .status
             .as_deref()
             .map_or(Ok(Status::Active), Status::parse)?,
+        rules: {
+            let r = b.rules()?;
+            Rules {
+                name: r.name.flatten(),
+                description: r.description.flatten(),
+                per_user_limit: r.per_user_limit.flatten(),
+                starts_at: r.starts_at.flatten(),
+                ends_at: r.ends_at.flatten(),
+            }
+        },
     };
     let answer = match key {
         Some(key) => coupon::create_once(&app.pool, who.user_id, &new, &key),
@@ -257,6 +330,7 @@ fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
         code: b.code.as_deref().map(CouponCode::parse).transpose()?,
         available_count: b.available_count.map(Stock::parse).transpose()?,
         status: b.status.as_deref().map(Status::parse).transpose()?,
+        rules: b.rules()?,
     };
     Ok(Reply::json(200, &coupon::update(&app.pool, id, &change)?))
 }

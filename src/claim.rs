@@ -4,7 +4,7 @@ use crate::coupon::lock_live;
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
-use crate::{ClaimId, CouponId, Error, Status, Timestamp, UserId};
+use crate::{ClaimId, CouponId, Error, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::Transaction;
 use serde::Serialize;
@@ -18,6 +18,8 @@ pub struct Claim {
     pub coupon_id: CouponId,
     /// The coupon's code.
     pub code: String,
+    /// The coupon's name when it was claimed, if it had one.
+    pub name: Option<String>,
     /// When the claim committed (service clock, UTC).
     pub claimed_at: Timestamp,
 }
@@ -38,8 +40,10 @@ pub struct HistoryEntry {
     pub claim_id: ClaimId,
     /// The coupon claimed.
     pub coupon_id: CouponId,
-    /// The coupon's code.
+    /// The coupon's code when it was claimed.
     pub code: String,
+    /// The coupon's name when it was claimed, if it had one.
+    pub name: Option<String>,
     /// When the claim committed (UTC).
     pub claimed_at: Timestamp,
 }
@@ -103,21 +107,36 @@ fn claim_keyed(
 
 /// The claim itself: everything that decides whether it succeeds.
 fn take_one(tx: &mut Transaction<'_>, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
+    // From here to the commit, this coupon's row is ours: every check below stays true.
     let c = lock_live(tx, coupon)?.ok_or(Error::CouponNotFound)?;
-    if c.status != Status::Active {
-        return Err(Error::Inactive);
+    let claimed_at = Timestamp::now();
+    if let Some(refusal) = c.refusal_at(claimed_at) {
+        return Err(refusal);
     }
     if c.available_count == 0 {
         return Err(Error::SoldOut);
+    }
+    if let Some(limit) = c.per_user_limit {
+        // One statement: count this claim unless the user already holds `limit`. No row is
+        // changed (0 affected) exactly when the limit is reached.
+        tx.exec_drop(
+            "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed) VALUES (?, ?, 1)
+             ON DUPLICATE KEY UPDATE claimed = IF(claimed < ?, claimed + 1, claimed)",
+            (user.0, coupon.0, limit),
+        )
+        .map_err(Error::from)
+        .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
+        if tx.affected_rows() == 0 {
+            return Err(Error::LimitReached);
+        }
     }
     tx.exec_drop(
         "UPDATE coupons SET available_count = available_count - 1 WHERE id = ?",
         (coupon.0,),
     )?;
-    let claimed_at = Timestamp::now();
     tx.exec_drop(
-        "INSERT INTO claims (user_id, coupon_id, claimed_at) VALUES (?, ?, ?)",
-        (user.0, coupon.0, claimed_at),
+        "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES (?, ?, ?, ?, ?)",
+        (user.0, coupon.0, claimed_at, &c.code, &c.name),
     )
     .map_err(Error::from)
     .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
@@ -126,6 +145,7 @@ fn take_one(tx: &mut Transaction<'_>, user: UserId, coupon: CouponId) -> Result<
             id: ClaimId(tx.last_insert_id().unwrap_or(0)),
             coupon_id: coupon,
             code: c.code,
+            name: c.name,
             claimed_at,
         },
         available_count: c.available_count - 1,
@@ -136,18 +156,19 @@ fn take_one(tx: &mut Transaction<'_>, user: UserId, coupon: CouponId) -> Result<
 fn replay(tx: &mut Transaction<'_>, first: Recorded) -> Result<Answer<Claimed>, Error> {
     let result = match (first.outcome.as_str(), first.result_id) {
         ("claimed", Some(id)) => {
-            let row: Option<(u64, String, Timestamp)> = tx.exec_first(
-                "SELECT cl.coupon_id, co.code, cl.claimed_at
+            let row: Option<(u64, String, Option<String>, Timestamp)> = tx.exec_first(
+                "SELECT cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name), cl.claimed_at
                  FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id = ?",
                 (id,),
             )?;
-            let (coupon_id, code, claimed_at) =
+            let (coupon_id, code, name, claimed_at) =
                 row.ok_or(Error::Internal("recorded claim is missing".into()))?;
             Ok(Claimed {
                 claim: Claim {
                     id: ClaimId(id),
                     coupon_id: CouponId(coupon_id),
                     code,
+                    name,
                     claimed_at,
                 },
                 available_count: first.result_count.unwrap_or(0).max(0) as u64,
@@ -169,18 +190,19 @@ pub fn history(pool: &Pool, user: UserId) -> Result<Vec<HistoryEntry>, Error> {
         if exists.is_none() {
             return Err(Error::Token(TokenProblem::UnknownUser));
         }
-        let rows: Vec<(u64, u64, String, Timestamp)> = conn.exec(
-            "SELECT cl.id, cl.coupon_id, co.code, cl.claimed_at
+        let rows: Vec<(u64, u64, String, Option<String>, Timestamp)> = conn.exec(
+            "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name), cl.claimed_at
              FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
              WHERE cl.user_id = ? ORDER BY cl.id DESC",
             (user.0,),
         )?;
         Ok(rows
             .into_iter()
-            .map(|(id, coupon_id, code, claimed_at)| HistoryEntry {
+            .map(|(id, coupon_id, code, name, claimed_at)| HistoryEntry {
                 claim_id: ClaimId(id),
                 coupon_id: CouponId(coupon_id),
                 code,
+                name,
                 claimed_at,
             })
             .collect())

@@ -3,7 +3,7 @@
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey};
-use crate::{CouponCode, CouponId, Error, Status, Stock, Timestamp, UserId};
+use crate::{CouponCode, CouponId, Error, Label, PerUserLimit, Status, Stock, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use serde::{Serialize, Serializer};
 
@@ -21,6 +21,69 @@ pub struct Coupon {
     /// ACTIVE or INACTIVE.
     #[serde(serialize_with = "status_str")]
     pub status: Status,
+    /// A name for people, if given.
+    pub name: Option<String>,
+    /// A description for people, if given.
+    pub description: Option<String>,
+    /// Most claims one user may hold; `None`: no limit.
+    pub per_user_limit: Option<u32>,
+    /// Claimable from (inclusive); `None`: always was.
+    pub starts_at: Option<Timestamp>,
+    /// Claimable until (exclusive); `None`: no end.
+    pub ends_at: Option<Timestamp>,
+}
+
+impl Coupon {
+    /// Why it cannot be claimed at `now`, if it cannot (the stock and the user aside).
+    pub fn refusal_at(&self, now: Timestamp) -> Option<Error> {
+        if self.status != Status::Active {
+            Some(Error::Inactive)
+        } else if self.starts_at.is_some_and(|s| now < s) {
+            Some(Error::NotStarted)
+        } else if self.ends_at.is_some_and(|e| now >= e) {
+            Some(Error::Expired)
+        } else {
+            None
+        }
+    }
+}
+
+/// The optional rules of a coupon: its name and description, a per-user limit, a validity
+/// window. The default is none of them, as the original service had.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// A name for people, up to 200 characters.
+    pub name: Option<Label>,
+    /// A description for people, up to 2,000 characters.
+    pub description: Option<Label>,
+    /// Most claims one user may hold.
+    pub per_user_limit: Option<PerUserLimit>,
+    /// Claimable from (inclusive).
+    pub starts_at: Option<Timestamp>,
+    /// Claimable until (exclusive); must be after `starts_at`.
+    pub ends_at: Option<Timestamp>,
+}
+
+/// A change to a coupon's rules: `None` leaves a rule as it is, `Some(None)` removes it.
+#[derive(Debug, Clone, Default)]
+pub struct RulesChange {
+    /// A new name, or none.
+    pub name: Option<Option<Label>>,
+    /// A new description, or none.
+    pub description: Option<Option<Label>>,
+    /// A new per-user limit, or none.
+    pub per_user_limit: Option<Option<PerUserLimit>>,
+    /// A new start, or none.
+    pub starts_at: Option<Option<Timestamp>>,
+    /// A new end, or none.
+    pub ends_at: Option<Option<Timestamp>>,
+}
+
+fn check_window(starts_at: Option<Timestamp>, ends_at: Option<Timestamp>) -> Result<(), Error> {
+    match (starts_at, ends_at) {
+        (Some(s), Some(e)) if s >= e => Err(Error::invalid("ends_at", "must be after starts_at")),
+        _ => Ok(()),
+    }
 }
 
 fn status_str<S: Serializer>(st: &Status, s: S) -> Result<S::Ok, S::Error> {
@@ -36,29 +99,51 @@ pub struct NewCoupon {
     pub available_count: Stock,
     /// Whether it can be claimed.
     pub status: Status,
+    /// Name, description, per-user limit, validity window.
+    pub rules: Rules,
 }
 
 /// A change to a coupon; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct CouponChange {
-    /// A new code.
+    /// A new code; refused with [`Error::CodeLocked`] once the coupon has claims.
     pub code: Option<CouponCode>,
     /// Sets the remaining stock; `total_count` moves by the same amount.
     pub available_count: Option<Stock>,
     /// A new status.
     pub status: Option<Status>,
+    /// Changes to the rules.
+    pub rules: RulesChange,
 }
 
-type CouponRow = (u64, String, i64, i64, String);
-const COLUMNS: &str = "id, code, available_count, total_count, status";
+type CouponRow = (
+    u64,
+    String,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<u32>,
+    Option<Timestamp>,
+    Option<Timestamp>,
+);
+const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at";
 
-fn from_row((id, code, available, total, status): CouponRow) -> Coupon {
+fn from_row(row: CouponRow) -> Coupon {
+    let (id, code, available, total, status, name, description, per_user_limit, starts_at, ends_at) =
+        row;
     Coupon {
         id: CouponId(id),
         code,
         available_count: available.max(0) as u64,
         total_count: total.max(0) as u64,
         status: Status::parse(&status).unwrap_or(Status::Inactive),
+        name,
+        description,
+        per_user_limit,
+        starts_at,
+        ends_at,
     }
 }
 
@@ -68,23 +153,48 @@ pub fn create(pool: &Pool, new: &NewCoupon) -> Result<Coupon, Error> {
 }
 
 fn insert(conn: &mut impl Queryable, new: &NewCoupon) -> Result<Coupon, Error> {
+    let r = &new.rules;
+    check_window(r.starts_at, r.ends_at)?;
     let now = Timestamp::now();
     let stock = new.available_count.get();
+    let label = |l: &Option<Label>| l.as_ref().map(|l| l.as_str().to_owned());
+    let c = Coupon {
+        id: CouponId(0),
+        code: new.code.as_str().to_owned(),
+        available_count: stock.into(),
+        total_count: stock.into(),
+        status: new.status,
+        name: label(&r.name),
+        description: label(&r.description),
+        per_user_limit: r.per_user_limit.map(PerUserLimit::get),
+        starts_at: r.starts_at,
+        ends_at: r.ends_at,
+    };
     let id = conn
         .exec_iter(
-            "INSERT INTO coupons (code, available_count, total_count, status, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-            (new.code.as_str(), stock, stock, new.status.as_str(), now, now),
+            "INSERT INTO coupons (code, available_count, total_count, status, name, description,
+                 per_user_limit, starts_at, ends_at, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                &c.code,
+                stock,
+                stock,
+                c.status.as_str(),
+                &c.name,
+                &c.description,
+                c.per_user_limit,
+                c.starts_at,
+                c.ends_at,
+                now,
+                now,
+            ),
         )
         .map(|r| r.last_insert_id().unwrap_or(0))
         .map_err(Error::from)
         .on_duplicate(Error::CodeTaken)?;
     Ok(Coupon {
         id: CouponId(id),
-        code: new.code.as_str().to_owned(),
-        available_count: stock.into(),
-        total_count: stock.into(),
-        status: new.status,
+        ..c
     })
 }
 
@@ -97,10 +207,11 @@ pub fn create_once(
     key: &IdempotencyKey,
 ) -> Answer<Coupon> {
     let request = format!(
-        "create {} {} {}",
+        "create {} {} {} {:?}",
         new.code.as_str(),
         new.available_count.get(),
-        new.status.as_str()
+        new.status.as_str(),
+        new.rules
     );
     let done = transaction(pool, |tx| {
         if let Some(first) = idempotency::reserve(tx, admin, key, &request)? {
@@ -132,28 +243,52 @@ pub fn create_once(
 pub fn update(pool: &Pool, id: CouponId, change: &CouponChange) -> Result<Coupon, Error> {
     transaction(pool, |tx| {
         let old = lock_live(tx, id)?.ok_or(Error::CouponNotFound)?;
+        let code = change.code.as_ref().map(|c| c.as_str().to_owned());
+        if code.as_ref().is_some_and(|c| *c != old.code) && has_claims(tx, id)? {
+            return Err(Error::CodeLocked);
+        }
         let available = change
             .available_count
             .map_or(old.available_count, |s| s.get().into());
+        let r = &change.rules;
+        let label = |l: &Option<Label>| l.as_ref().map(|l| l.as_str().to_owned());
         let new = Coupon {
             id,
-            code: change
-                .code
-                .as_ref()
-                .map_or(old.code.clone(), |c| c.as_str().to_owned()),
+            code: code.unwrap_or(old.code.clone()),
             available_count: available,
             // Claims so far stay counted: total = claims + remaining.
             total_count: old.total_count - old.available_count + available,
             status: change.status.unwrap_or(old.status),
+            name: r.name.as_ref().map_or(old.name.clone(), label),
+            description: r
+                .description
+                .as_ref()
+                .map_or(old.description.clone(), label),
+            per_user_limit: r
+                .per_user_limit
+                .map_or(old.per_user_limit, |l| l.map(PerUserLimit::get)),
+            starts_at: r.starts_at.unwrap_or(old.starts_at),
+            ends_at: r.ends_at.unwrap_or(old.ends_at),
         };
+        check_window(new.starts_at, new.ends_at)?;
+        if new.per_user_limit.is_some() && old.per_user_limit.is_none() {
+            recount_per_user(tx, id)?;
+        }
         tx.exec_drop(
-            "UPDATE coupons SET code = ?, available_count = ?, total_count = ?, status = ?, updated_at = ?
+            "UPDATE coupons SET code = ?, available_count = ?, total_count = ?, status = ?,
+                 name = ?, description = ?, per_user_limit = ?, starts_at = ?, ends_at = ?,
+                 updated_at = ?
              WHERE id = ?",
             (
                 &new.code,
                 new.available_count,
                 new.total_count,
                 new.status.as_str(),
+                &new.name,
+                &new.description,
+                new.per_user_limit,
+                new.starts_at,
+                new.ends_at,
                 Timestamp::now(),
                 id.0,
             ),
@@ -198,14 +333,68 @@ fn read(conn: &mut impl Queryable, id: CouponId, live_only: bool) -> Result<Opti
     Ok(row.map(from_row))
 }
 
-/// Active, not deleted coupons, oldest first (sold-out ones included, with 0 available).
+/// Claimable coupons (active, not deleted, inside their window), oldest first; sold-out ones
+/// included, with 0 available.
 pub fn list_active(pool: &Pool) -> Result<Vec<Coupon>, Error> {
+    let now = Timestamp::now();
     with_conn(pool, |conn| {
-        let rows: Vec<CouponRow> = conn.query(format!(
-            "SELECT {COLUMNS} FROM coupons WHERE status = 'ACTIVE' AND deleted_at IS NULL ORDER BY id"
-        ))?;
+        let rows: Vec<CouponRow> = conn.exec(
+            format!(
+                "SELECT {COLUMNS} FROM coupons WHERE status = 'ACTIVE' AND deleted_at IS NULL
+                 AND (starts_at IS NULL OR starts_at <= ?) AND (ends_at IS NULL OR ends_at > ?)
+                 ORDER BY id"
+            ),
+            (now, now),
+        )?;
         Ok(rows.into_iter().map(from_row).collect())
     })
+}
+
+/// Of `coupons`, those whose per-user limit `user` has reached.
+pub fn limits_reached(
+    pool: &Pool,
+    user: UserId,
+    coupons: &[Coupon],
+) -> Result<Vec<CouponId>, Error> {
+    if !coupons.iter().any(|c| c.per_user_limit.is_some()) {
+        return Ok(Vec::new());
+    }
+    with_conn(pool, |conn| {
+        let rows: Vec<(u64, i64)> = conn.exec(
+            "SELECT coupon_id, claimed FROM user_coupon_claims WHERE user_id = ?",
+            (user.0,),
+        )?;
+        Ok(coupons
+            .iter()
+            .filter(|c| {
+                let held = rows.iter().find(|(id, _)| *id == c.id.0).map_or(0, |r| r.1);
+                c.per_user_limit.is_some_and(|l| held >= i64::from(l))
+            })
+            .map(|c| c.id)
+            .collect())
+    })
+}
+
+/// Rebuilds the per-user counters of a coupon from its claims. Claims made while it had no
+/// limit were not counted; a limit set now must count them. Runs under the coupon's row lock,
+/// so no claim comes between.
+fn recount_per_user(tx: &mut impl Queryable, id: CouponId) -> Result<(), Error> {
+    tx.exec_drop(
+        "DELETE FROM user_coupon_claims WHERE coupon_id = ?",
+        (id.0,),
+    )?;
+    tx.exec_drop(
+        "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed)
+         SELECT user_id, coupon_id, COUNT(*) FROM claims WHERE coupon_id = ? GROUP BY user_id, coupon_id",
+        (id.0,),
+    )?;
+    Ok(())
+}
+
+fn has_claims(tx: &mut impl Queryable, id: CouponId) -> Result<bool, Error> {
+    let any: Option<u8> =
+        tx.exec_first("SELECT 1 FROM claims WHERE coupon_id = ? LIMIT 1", (id.0,))?;
+    Ok(any.is_some())
 }
 
 /// Locks a live coupon's row until the transaction ends and reads it.

@@ -46,6 +46,14 @@ pub enum Error {
     SoldOut,
     /// The coupon exists but is not active (409 `inactive`).
     Inactive,
+    /// The coupon's validity window has not begun (409 `not_started`).
+    NotStarted,
+    /// The coupon's validity window is over (409 `expired`).
+    Expired,
+    /// The user holds as many claims of this coupon as its per-user limit (409 `limit_reached`).
+    LimitReached,
+    /// The coupon has claims, so its code can no longer change (409 `code_locked`).
+    CodeLocked,
     /// Deadlocks or lock-wait timeouts outlasted the retries (503 `busy`, with Retry-After).
     Busy,
     /// The database cannot be reached or refused the connection (503 `database_unavailable`,
@@ -84,6 +92,9 @@ impl Error {
             Error::Inactive => Some("inactive"),
             Error::CouponNotFound => Some("coupon_not_found"),
             Error::CodeTaken => Some("code_taken"),
+            Error::NotStarted => Some("not_started"),
+            Error::Expired => Some("expired"),
+            Error::LimitReached => Some("limit_reached"),
             _ => None,
         }
     }
@@ -95,6 +106,9 @@ impl Error {
             "inactive" => Error::Inactive,
             "coupon_not_found" => Error::CouponNotFound,
             "code_taken" => Error::CodeTaken,
+            "not_started" => Error::NotStarted,
+            "expired" => Error::Expired,
+            "limit_reached" => Error::LimitReached,
             other => Error::Internal(format!("unknown recorded outcome {other:?}")),
         }
     }
@@ -122,6 +136,12 @@ impl fmt::Display for Error {
             Error::KeyReused => f.write_str("this Idempotency-Key was used for another request"),
             Error::SoldOut => f.write_str("No coupons available"),
             Error::Inactive => f.write_str("coupon is not active"),
+            Error::NotStarted => f.write_str("coupon is not valid yet"),
+            Error::Expired => f.write_str("coupon has expired"),
+            Error::LimitReached => f.write_str("you hold as many of this coupon as one user may"),
+            Error::CodeLocked => {
+                f.write_str("the coupon has claims; its code can no longer change")
+            }
             Error::Busy => f.write_str("too much contention, try again"),
             Error::Unavailable(e) => write!(f, "database unavailable: {e}"),
             Error::Database(e) => write!(f, "database error: {e}"),

@@ -24,6 +24,7 @@
 //!         code: CouponCode::parse("WELCOME10")?,
 //!         available_count: Stock::parse(100)?,
 //!         status: Status::Active,
+//!         rules: coupon::Rules::default(),
 //!     })?;
 //!     let claimed = claim::claim(&pool, ada.id, welcome.id)?;
 //!     assert_eq!(claimed.available_count, 99);
@@ -46,5 +47,6 @@ mod types;
 
 pub use error::{Error, TokenProblem};
 pub use types::{
-    ClaimId, CouponCode, CouponId, Email, Password, Role, Status, Stock, Timestamp, UserId,
+    ClaimId, CouponCode, CouponId, Email, Label, Password, PerUserLimit, Role, Status, Stock,
+    Timestamp, UserId,
 };

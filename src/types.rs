@@ -118,6 +118,54 @@ impl Stock {
     }
 }
 
+/// A per-user claim limit: 1 to 1,000,000 claims of one coupon per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerUserLimit(u32);
+
+impl PerUserLimit {
+    /// Refuses anything outside 1 to 1,000,000.
+    pub fn parse(n: i64) -> Result<PerUserLimit, Error> {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(Error::invalid(
+                "per_user_limit",
+                "must be a whole number from 1 to 1000000",
+            ));
+        }
+        Ok(PerUserLimit(n as u32))
+    }
+
+    /// The number of claims.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Text for people (a coupon's name or description): no control characters, at most `max`
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label(String);
+
+impl Label {
+    /// Refuses control characters and text over `max` characters.
+    pub fn parse(field: &'static str, s: &str, max: usize) -> Result<Label, Error> {
+        if s.chars().count() > max {
+            return Err(Error::invalid(
+                field,
+                format!("must be at most {max} characters"),
+            ));
+        }
+        if s.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(Error::invalid(field, "must not contain control characters"));
+        }
+        Ok(Label(s.to_owned()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Whether a coupon can be claimed at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -237,11 +285,103 @@ impl Timestamp {
         }
     }
 
+    /// This instant, `d` later.
+    pub fn plus(self, d: std::time::Duration) -> Timestamp {
+        Timestamp {
+            micros: self.micros + d.as_micros() as i64,
+        }
+    }
+
     /// This instant, `d` earlier.
     pub fn minus(self, d: std::time::Duration) -> Timestamp {
         Timestamp {
             micros: self.micros - d.as_micros() as i64,
         }
+    }
+
+    /// Parses RFC 3339 (`2026-12-01T00:00:00Z`, `2026-12-01T09:30:00.5+01:00`) into UTC.
+    pub fn parse(field: &'static str, s: &str) -> Result<Timestamp, Error> {
+        Timestamp::parse_rfc3339(s.trim()).ok_or_else(|| {
+            Error::invalid(
+                field,
+                "must be an RFC 3339 time such as 2026-12-01T00:00:00Z",
+            )
+        })
+    }
+
+    fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+        let b = s.as_bytes();
+        let num = |r: std::ops::Range<usize>| -> Option<u32> {
+            let t = s.get(r)?;
+            t.bytes()
+                .all(|c| c.is_ascii_digit())
+                .then(|| t.parse().ok())?
+        };
+        if b.len() < 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || !matches!(b[10], b'T' | b't' | b' ')
+            || b[13] != b':'
+            || b[16] != b':'
+        {
+            return None;
+        }
+        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let mut i = 19;
+        let mut micros = 0u32;
+        if b[i] == b'.' {
+            let start = i + 1;
+            i = start;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let frac = s.get(start..i)?;
+            if frac.is_empty() {
+                return None;
+            }
+            let six: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+            micros = six.parse().ok()?;
+        }
+        let offset_secs: i64 = match s.get(i..)? {
+            "Z" | "z" => 0,
+            tz if tz.len() == 6
+                && (tz.starts_with('+') || tz.starts_with('-'))
+                && &tz[3..4] == ":" =>
+            {
+                let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+                if oh > 23 || om > 59 {
+                    return None;
+                }
+                let secs = i64::from(oh * 3600 + om * 60);
+                if tz.starts_with('-') {
+                    -secs
+                } else {
+                    secs
+                }
+            }
+            _ => return None,
+        };
+        let days_in_month = match mo {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+            2 => 28,
+            _ => return None,
+        };
+        if !(1970..=9999).contains(&y)
+            || d == 0
+            || d > days_in_month
+            || h > 23
+            || mi > 59
+            || sec > 59
+        {
+            return None;
+        }
+        let local = Timestamp::from_parts(i64::from(y), mo, d, h, mi, sec, micros);
+        Some(Timestamp {
+            micros: local.micros - offset_secs * 1_000_000,
+        })
     }
 
     /// Seconds since the Unix epoch.
@@ -352,6 +492,37 @@ mod tests {
             micros: 951_782_400_123_456,
         };
         assert_eq!(leap.to_string(), "2000-02-29T00:00:00.123456Z");
+    }
+
+    #[test]
+    fn rfc3339_times_parse_to_utc() {
+        let t = |s: &str| Timestamp::parse("t", s).map(|t| t.to_string());
+        assert_eq!(
+            t("2026-12-01T00:00:00Z").unwrap(),
+            "2026-12-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            t("2026-12-01T09:30:00.5+01:00").unwrap(),
+            "2026-12-01T08:30:00.500000Z"
+        );
+        assert_eq!(
+            t("2024-02-29T23:59:59.123456789-02:30").unwrap(),
+            "2024-03-01T02:29:59.123456Z"
+        );
+        for bad in [
+            "",
+            "2026-12-01",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-12-01T24:00:00Z",
+            "2026-12-01T00:00:00",
+            "2026-12-01T00:00:00+0100",
+            "2026-12-01T00:00:00.Z",
+            "x026-12-01T00:00:00Z",
+        ] {
+            assert!(t(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -253,6 +253,7 @@ fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
             code: CouponCode::parse("DEAD").unwrap(),
             available_count: Stock::parse(5).unwrap(),
             status: Status::Active,
+            rules: coupon::Rules::default(),
         },
     )
     .unwrap();

@@ -336,7 +336,8 @@ fn every_route_and_error_status() {
     let r = check(s, "POST", "/admin/coupons", &admin, body, 201, "");
     assert_eq!(
         r.body,
-        serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE"})
+        serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE",
+            "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null})
     );
     let w10 = r.body["id"].as_u64().unwrap();
     check(
@@ -527,6 +528,15 @@ fn every_route_and_error_status() {
         &upath,
         &admin,
         Some(r#"{"code":"qs"}"#),
+        409,
+        "code_locked",
+    );
+    check(
+        s,
+        "PUT",
+        &format!("/admin/coupons/{qs}"),
+        &admin,
+        Some(r#"{"code":"w10"}"#),
         409,
         "code_taken",
     );
@@ -1569,4 +1579,151 @@ fn brute_force_limits_answer_429_and_let_a_burst_of_new_users_through() {
         .map(|i| register(&svc, i, "198.51.100.99"))
         .collect();
     assert_eq!(statuses, vec![201, 201, 201, 429]);
+}
+
+#[test]
+fn coupon_rules_over_http() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let h = bearer(&admin);
+    let admin_h = [JSON, (h.0, h.1.as_str())];
+    let body = r#"{"code":"RULED","available_count":10,"name":"Winter sale","description":"10% off",
+        "per_user_limit":1,"starts_at":"2020-01-01T00:00:00Z","ends_at":"2999-01-01T00:00:00+01:00"}"#;
+    let r = check(
+        &svc,
+        "POST",
+        "/admin/coupons",
+        &admin_h,
+        Some(body),
+        201,
+        "",
+    );
+    assert_eq!(r.body["name"], "Winter sale");
+    assert_eq!(r.body["per_user_limit"], 1);
+    assert_eq!(r.body["ends_at"], "2998-12-31T23:00:00.000000Z");
+    let id = r.body["id"].as_u64().unwrap();
+    let future = r#"{"code":"SOON","available_count":1,"starts_at":"2999-01-01T00:00:00Z"}"#;
+    let soon = check(
+        &svc,
+        "POST",
+        "/admin/coupons",
+        &admin_h,
+        Some(future),
+        201,
+        "",
+    )
+    .body["id"]
+        .as_u64()
+        .unwrap();
+    for (bad, code) in [
+        (
+            r#"{"code":"B1","available_count":1,"per_user_limit":0}"#,
+            "invalid_per_user_limit",
+        ),
+        (
+            r#"{"code":"B2","available_count":1,"starts_at":"tomorrow"}"#,
+            "invalid_starts_at",
+        ),
+        (
+            r#"{"code":"B3","available_count":1,"starts_at":"2030-01-01T00:00:00Z","ends_at":"2029-01-01T00:00:00Z"}"#,
+            "invalid_ends_at",
+        ),
+        (
+            r#"{"code":"B4","available_count":1,"name":"bad\u0007name"}"#,
+            "invalid_name",
+        ),
+    ] {
+        check(
+            &svc,
+            "POST",
+            "/admin/coupons",
+            &admin_h,
+            Some(bad),
+            422,
+            code,
+        );
+    }
+
+    let user = svc.register("user@example.com");
+    let u = [("token", user.as_str())];
+    let r = check(
+        &svc,
+        "POST",
+        &format!("/coupons/{id}/claim"),
+        &u,
+        None,
+        201,
+        "",
+    );
+    assert_eq!(r.body["claim"]["name"], "Winter sale");
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{id}/claim"),
+        &u,
+        None,
+        409,
+        "limit_reached",
+    );
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{soon}/claim"),
+        &u,
+        None,
+        409,
+        "not_started",
+    );
+    // The listing hides the coupon not started yet, and tells the caller about its limit.
+    let r = check(&svc, "GET", "/coupons", &u, None, 200, "");
+    let items = r.body.as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["limit_reached"], true);
+    let anon = check(&svc, "GET", "/coupons", &[], None, 200, "");
+    assert!(anon.body[0].get("limit_reached").is_none());
+    // `null` removes a rule; absent leaves it.
+    let r = check(
+        &svc,
+        "PUT",
+        &format!("/admin/coupons/{id}"),
+        &admin_h,
+        Some(r#"{"per_user_limit":null}"#),
+        200,
+        "",
+    );
+    assert_eq!(
+        (r.body["per_user_limit"].is_null(), r.body["name"].as_str()),
+        (true, Some("Winter sale"))
+    );
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{id}/claim"),
+        &u,
+        None,
+        201,
+        "",
+    );
+    assert_eq!(db.stock(id), (8, 2, 10));
+    // A limit set again counts the claims made without one: 2 held, limit 2, none more.
+    check(
+        &svc,
+        "PUT",
+        &format!("/admin/coupons/{id}"),
+        &admin_h,
+        Some(r#"{"per_user_limit":2}"#),
+        200,
+        "",
+    );
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{id}/claim"),
+        &u,
+        None,
+        409,
+        "limit_reached",
+    );
+    assert_eq!(db.stock(id), (8, 2, 10));
 }

@@ -16,6 +16,7 @@ fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
             code: CouponCode::parse(code).unwrap(),
             available_count: Stock::parse(stock).unwrap(),
             status: Status::Active,
+            rules: coupon::Rules::default(),
         },
     )
     .unwrap()
@@ -349,6 +350,7 @@ fn coupon_lifecycle() {
         code: CouponCode::parse("SUMMER-26").unwrap(),
         available_count: Stock::parse(1).unwrap(),
         status: Status::Active,
+        rules: coupon::Rules::default(),
     };
     assert!(matches!(
         coupon::create(&db.pool, &dup),
@@ -377,8 +379,14 @@ fn coupon_lifecycle() {
         code: Some(CouponCode::parse("other").unwrap()),
         ..CouponChange::default()
     };
+    // `id` has a claim: its code is locked. A coupon with none meets the uniqueness rule.
     assert!(matches!(
         coupon::update(&db.pool, id, &rename),
+        Err(Error::CodeLocked)
+    ));
+    let fresh = new_coupon(&db, "FRESH", 1);
+    assert!(matches!(
+        coupon::update(&db.pool, fresh, &rename),
         Err(Error::CodeTaken)
     ));
     claim::claim(&db.pool, users[0], other).unwrap();
@@ -443,7 +451,7 @@ fn migrating_twice_changes_nothing() {
         db.scalar("SELECT COUNT(*) FROM schema_migrations"),
         crate::support::migrations()
     );
-    assert_eq!(before.len(), 5);
+    assert_eq!(before.len(), 6);
 }
 
 #[test]
@@ -562,4 +570,149 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
             "{bad:?}"
         );
     }
+}
+
+fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) -> CouponId {
+    coupon::create(
+        &db.pool,
+        &NewCoupon {
+            code: CouponCode::parse(code).unwrap(),
+            available_count: Stock::parse(stock).unwrap(),
+            status: Status::Active,
+            rules: coupon::Rules {
+                per_user_limit: Some(coupons::PerUserLimit::parse(limit).unwrap()),
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap()
+    .id
+}
+
+#[test]
+fn per_user_limits_hold_under_parallel_claims() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 20);
+    // One user, 50 parallel claims, limit 1: exactly one.
+    let one = limited_coupon(&db, "ONEEACH", 100, 1);
+    let outcomes: Vec<bool> = threads(12).install(|| {
+        (0..50)
+            .into_par_iter()
+            .map(|_| match claim::claim(&db.pool, users[0], one) {
+                Ok(_) => true,
+                Err(Error::LimitReached) => false,
+                Err(e) => panic!("unexpected {e}"),
+            })
+            .collect()
+    });
+    assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1);
+    assert_eq!(db.stock(one.0), (99, 1, 100));
+
+    // Twenty users at once, ten claims each, limit 3: three each, and stock 50 caps the rest.
+    let three = limited_coupon(&db, "THREEEACH", 50, 3);
+    let won: Vec<(usize, bool)> = threads(12).install(|| {
+        (0..200)
+            .into_par_iter()
+            .map(|i| match claim::claim(&db.pool, users[i % 20], three) {
+                Ok(_) => (i % 20, true),
+                Err(Error::LimitReached | Error::SoldOut) => (i % 20, false),
+                Err(e) => panic!("unexpected {e}"),
+            })
+            .collect()
+    });
+    let total = won.iter().filter(|w| w.1).count();
+    assert_eq!(total, 50, "stock 50 < 20 users x 3");
+    for u in 0..20 {
+        let n = won.iter().filter(|w| w.0 == u && w.1).count();
+        assert!(n <= 3, "user {u} got {n}");
+    }
+    assert_eq!(db.stock(three.0), (0, 50, 50));
+    // The counter rows agree with the claim rows, user by user.
+    let mismatched: Vec<(u64, i64, i64)> = db
+        .conn()
+        .query(
+            "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id) n
+             FROM user_coupon_claims u HAVING u.claimed <> n",
+        )
+        .unwrap();
+    assert!(mismatched.is_empty(), "{mismatched:?}");
+}
+
+#[test]
+fn validity_windows_and_names_as_they_were() {
+    use coupons::{Label, Timestamp};
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let hour = std::time::Duration::from_secs(3600);
+    let now = Timestamp::now();
+    let future = now.minus(std::time::Duration::ZERO).plus(hour);
+    let make = |code: &str, starts: Option<Timestamp>, ends: Option<Timestamp>| {
+        coupon::create(
+            &db.pool,
+            &NewCoupon {
+                code: CouponCode::parse(code).unwrap(),
+                available_count: Stock::parse(5).unwrap(),
+                status: Status::Active,
+                rules: coupon::Rules {
+                    name: Some(Label::parse("name", &format!("{code} deal"), 200).unwrap()),
+                    starts_at: starts,
+                    ends_at: ends,
+                    ..Default::default()
+                },
+            },
+        )
+    };
+    let later = make("LATER", Some(future), None).unwrap().id;
+    let over = make("OVER", Some(now.minus(hour * 2)), Some(now.minus(hour)))
+        .unwrap()
+        .id;
+    let open = make("OPEN", Some(now.minus(hour)), Some(future))
+        .unwrap()
+        .id;
+    assert!(matches!(
+        make("BACKWARDS", Some(future), Some(now)),
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], later),
+        Err(Error::NotStarted)
+    ));
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], over),
+        Err(Error::Expired)
+    ));
+    claim::claim(&db.pool, users[0], open).unwrap();
+    let listed: Vec<CouponId> = coupon::list_active(&db.pool)
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed, vec![open]);
+    // A window that ends before it starts is refused on update too; removing the end works.
+    let change = CouponChange {
+        rules: coupon::RulesChange {
+            ends_at: Some(Some(now.minus(hour * 3))),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(matches!(
+        coupon::update(&db.pool, open, &change),
+        Err(Error::Invalid { .. })
+    ));
+    let rename = CouponChange {
+        rules: coupon::RulesChange {
+            name: Some(Some(Label::parse("name", "Renamed", 200).unwrap())),
+            ends_at: Some(None),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let c = coupon::update(&db.pool, open, &rename).unwrap();
+    assert_eq!((c.name.as_deref(), c.ends_at), (Some("Renamed"), None));
+    // The history shows the name as it was at claim time.
+    let h = claim::history(&db.pool, users[0]).unwrap();
+    assert_eq!(h[0].name.as_deref(), Some("OPEN deal"));
+    assert_eq!(db.stock(open.0), (4, 1, 5));
 }

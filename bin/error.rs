@@ -60,6 +60,8 @@ impl ApiError {
                 Error::NotAdmin => (403, "admin_required".into(), e.to_string()),
                 Error::CouponNotFound => (404, "coupon_not_found".into(), e.to_string()),
                 Error::UserNotFound => (404, "user_not_found".into(), e.to_string()),
+                Error::ClaimNotFound => (404, "claim_not_found".into(), e.to_string()),
+                Error::AlreadyVoided => (409, "already_voided".into(), e.to_string()),
                 Error::KeyReused => (422, "idempotency_key_reused".into(), e.to_string()),
                 Error::SoldOut => (409, "sold_out".into(), e.to_string()),
                 Error::Inactive => (409, "inactive".into(), e.to_string()),

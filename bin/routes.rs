@@ -4,11 +4,11 @@
 use crate::error::ApiError;
 use crate::http::{json_body, path, query, token, App, Reply};
 use coupons::auth::{self, Principal};
-use coupons::coupon::{self, CouponChange, NewCoupon, Rules, RulesChange};
+use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
-    claim, db, CouponCode, CouponId, Email, Error, Label, Password, PerUserLimit, Status, Stock,
-    Timestamp,
+    claim, db, ClaimId, CouponCode, CouponId, Email, Error, Label, Page, Password, PerUserLimit,
+    Status, Stock, Timestamp,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -31,23 +31,33 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
     match (segments.as_slice(), &method) {
         (["register"], Post) => register(app, rq, &url),
         (["login"], Post) => login(app, rq, &url),
-        (["coupons"], Get) => list(app, rq),
+        (["coupons"], Get) => list(app, rq, &url),
         (["coupons", id, "claim"], Post) => claim(app, rq, id),
-        (["users", "me", "history"], Get) => history(app, rq),
+        (["users", "me", "history"], Get) => history(app, rq, &url),
         (["admin", "coupons"], Post) => create(app, rq, &url),
+        (["admin", "coupons"], Get) => admin_list(app, rq, &url),
+        (["admin", "coupons", id], Get) => admin_get(app, rq, id),
         (["admin", "coupons", id], Put) => update(app, rq, &url, id),
         (["admin", "coupons", id], Delete) => delete(app, rq, id),
+        (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
+        (["admin", "claims", id, "void"], Post) => void(app, rq, id),
         (["healthz"], Get) => {
             db::ping(&app.pool)?;
             Ok(Reply::json(200, &json!({"status": "ok"})))
         }
-        (["register"] | ["login"] | ["coupons", _, "claim"] | ["admin", "coupons"], _) => {
-            Err(ApiError::MethodNotAllowed("POST"))
-        }
-        (["coupons"] | ["users", "me", "history"] | ["healthz"], _) => {
-            Err(ApiError::MethodNotAllowed("GET"))
-        }
-        (["admin", "coupons", _], _) => Err(ApiError::MethodNotAllowed("PUT, DELETE")),
+        (
+            ["register"] | ["login"] | ["coupons", _, "claim"] | ["admin", "claims", _, "void"],
+            _,
+        ) => Err(ApiError::MethodNotAllowed("POST")),
+        (
+            ["coupons"]
+            | ["users", "me", "history"]
+            | ["healthz"]
+            | ["admin", "coupons", _, "claims"],
+            _,
+        ) => Err(ApiError::MethodNotAllowed("GET")),
+        (["admin", "coupons"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),
+        (["admin", "coupons", _], _) => Err(ApiError::MethodNotAllowed("GET, PUT, DELETE")),
         _ => Err(ApiError::RouteNotFound),
     }
 }
@@ -86,12 +96,52 @@ fn client(app: &App, rq: &Request) -> String {
     )
 }
 
+/// The page a list request asks for (`?limit=&after=`).
+fn page(url: &str) -> Result<Page> {
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    Ok(Page::parse(get("limit"), get("after"))?)
+}
+
+/// A page of a list: the array is the body, and a full page links to the next one
+/// (`Link: <...&after=ID>; rel="next"`, keeping the other query parameters).
+fn paged<T: serde::Serialize>(url: &str, page: Page, items: &[T], id: impl Fn(&T) -> u64) -> Reply {
+    let mut reply = Reply::json(200, &items);
+    if let Some(last) = items.last().filter(|_| items.len() == page.limit as usize) {
+        let mut params: Vec<String> = query(url)
+            .into_iter()
+            .filter(|(k, _)| k != "after" && k != "limit")
+            .map(|(k, v)| format!("{}={}", encode(&k), encode(&v)))
+            .collect();
+        params.push(format!("limit={}", page.limit));
+        params.push(format!("after={}", id(last)));
+        reply.headers.push((
+            "Link",
+            format!("<{}?{}>; rel=\"next\"", path(url), params.join("&")),
+        ));
+    }
+    reply
+}
+
+/// Percent-encodes a query parameter.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Claimable coupons; with a valid token, each also says whether the caller has reached its
 /// per-user limit (a missing or invalid token just lists, as for anyone).
-fn list(app: &App, rq: &Request) -> Result<Reply> {
-    let coupons = coupon::list_active(&app.pool)?;
+fn list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+    let page = page(url)?;
+    let coupons = coupon::list_active(&app.pool, page)?;
     let Ok(who) = app.auth.authenticate(token(rq)) else {
-        return Ok(Reply::json(200, &coupons));
+        return Ok(paged(url, page, &coupons, |c| c.id.0));
     };
     let reached = coupon::limits_reached(&app.pool, who.user_id, &coupons)?;
     let items: Vec<serde_json::Value> = coupons
@@ -102,7 +152,55 @@ fn list(app: &App, rq: &Request) -> Result<Reply> {
             v
         })
         .collect();
-    Ok(Reply::json(200, &items))
+    Ok(paged(url, page, &items, |v| v["id"].as_u64().unwrap_or(0)))
+}
+
+fn admin_list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let filter = AdminFilter {
+        status: get("status").as_deref().map(Status::parse).transpose()?,
+        code_prefix: get("q"),
+    };
+    let items = coupon::admin_list(&app.pool, &filter, page)?;
+    Ok(paged(url, page, &items, |c| c.coupon.id.0))
+}
+
+fn admin_get(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let id: CouponId = id.parse()?;
+    Ok(Reply::json(200, &coupon::admin_get(&app.pool, id)?))
+}
+
+fn admin_claims(app: &App, rq: &Request, url: &str, id: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let id: CouponId = id.parse()?;
+    let page = page(url)?;
+    let items = claim::coupon_claims(&app.pool, id, page)?;
+    Ok(paged(url, page, &items, |c| c.claim_id.0))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidBody {
+    reason: String,
+}
+
+fn void(app: &App, rq: &mut Request, id: &str) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let id: ClaimId = id.parse()?;
+    let body: VoidBody =
+        json_body(rq)?.ok_or_else(|| ApiError::InvalidBody("a reason is required".into()))?;
+    if body.reason.trim().is_empty() {
+        return Err(Error::invalid("reason", "must not be empty").into());
+    }
+    let reason = Label::parse("reason", &body.reason, 500)?;
+    Ok(Reply::json(
+        200,
+        &claim::void(&app.pool, who.user_id, id, &reason)?,
+    ))
 }
 
 fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
@@ -209,9 +307,11 @@ fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
     })
 }
 
-fn history(app: &App, rq: &Request) -> Result<Reply> {
+fn history(app: &App, rq: &Request, url: &str) -> Result<Reply> {
     let who = principal(app, rq)?;
-    Ok(Reply::json(200, &claim::history(&app.pool, who.user_id)?))
+    let page = page(url)?;
+    let items = claim::history(&app.pool, who.user_id, page)?;
+    Ok(paged(url, page, &items, |h| h.claim_id.0))
 }
 
 /// A coupon as sent by an admin; every field optional here, required ones checked below.

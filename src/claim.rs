@@ -4,7 +4,7 @@ use crate::coupon::lock_live;
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
-use crate::{ClaimId, CouponId, Error, Timestamp, UserId};
+use crate::{ClaimId, CouponId, Error, Label, Page, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::Transaction;
 use serde::Serialize;
@@ -46,6 +46,10 @@ pub struct HistoryEntry {
     pub name: Option<String>,
     /// When the claim committed (UTC).
     pub claimed_at: Timestamp,
+    /// When an admin voided it, if one did.
+    pub voided_at: Option<Timestamp>,
+    /// Why it was voided.
+    pub void_reason: Option<String>,
 }
 
 /// Claims one unit of `coupon` for `user`, in one transaction that holds the coupon row's lock
@@ -182,29 +186,154 @@ fn replay(tx: &mut Transaction<'_>, first: Recorded) -> Result<Answer<Claimed>, 
     })
 }
 
+/// A claim an admin voided: when, by whom, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Voided {
+    /// The claim.
+    pub claim_id: ClaimId,
+    /// Its coupon, which got the unit back.
+    pub coupon_id: CouponId,
+    /// When it was voided.
+    pub voided_at: Timestamp,
+    /// The admin who voided it.
+    pub voided_by: UserId,
+    /// Why.
+    pub reason: String,
+}
+
+/// Voids a claim: marks it (the row stays) and returns its unit to the coupon's stock, exactly
+/// once; a second void is [`Error::AlreadyVoided`]. The user's per-user count drops by one.
+/// Runs under the coupon's row lock, like claims, so parallel voids of one claim return one unit.
+pub fn void(pool: &Pool, admin: UserId, claim: ClaimId, reason: &Label) -> Result<Voided, Error> {
+    transaction(pool, |tx| {
+        let owner: Option<(u64, u64)> = tx.exec_first(
+            "SELECT coupon_id, user_id FROM claims WHERE id = ?",
+            (claim.0,),
+        )?;
+        let (coupon, user) = owner.ok_or(Error::ClaimNotFound)?;
+        // The coupon first, then the claim: the order claims take locks in.
+        tx.exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon,))?;
+        let voided: Option<Option<Timestamp>> = tx.exec_first(
+            "SELECT voided_at FROM claims WHERE id = ? FOR UPDATE",
+            (claim.0,),
+        )?;
+        if voided.flatten().is_some() {
+            return Err(Error::AlreadyVoided);
+        }
+        let now = Timestamp::now();
+        tx.exec_drop(
+            "UPDATE claims SET voided_at = ?, voided_by = ?, void_reason = ? WHERE id = ?",
+            (now, admin.0, reason.as_str(), claim.0),
+        )?;
+        tx.exec_drop(
+            "UPDATE coupons SET available_count = available_count + 1 WHERE id = ?",
+            (coupon,),
+        )?;
+        tx.exec_drop(
+            "UPDATE user_coupon_claims SET claimed = GREATEST(claimed - 1, 0)
+             WHERE user_id = ? AND coupon_id = ?",
+            (user, coupon),
+        )?;
+        Ok(Voided {
+            claim_id: claim,
+            coupon_id: CouponId(coupon),
+            voided_at: now,
+            voided_by: admin,
+            reason: reason.as_str().to_owned(),
+        })
+    })
+}
+
+/// A claim as admins see it, with who made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CouponClaim {
+    /// The claim.
+    pub claim_id: ClaimId,
+    /// Who claimed.
+    pub user_id: UserId,
+    /// Their email.
+    pub email: String,
+    /// When.
+    pub claimed_at: Timestamp,
+    /// When it was voided, if it was.
+    pub voided_at: Option<Timestamp>,
+    /// Why it was voided.
+    pub void_reason: Option<String>,
+}
+
+/// A coupon's claims, oldest first (voided ones included).
+pub fn coupon_claims(pool: &Pool, coupon: CouponId, page: Page) -> Result<Vec<CouponClaim>, Error> {
+    with_conn(pool, |conn| {
+        let exists: Option<u64> =
+            conn.exec_first("SELECT id FROM coupons WHERE id = ?", (coupon.0,))?;
+        exists.ok_or(Error::CouponNotFound)?;
+        type Row = (
+            u64,
+            u64,
+            String,
+            Timestamp,
+            Option<Timestamp>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = conn.exec(
+            "SELECT cl.id, cl.user_id, u.email, cl.claimed_at, cl.voided_at, cl.void_reason
+             FROM claims cl JOIN users u ON u.id = cl.user_id
+             WHERE cl.coupon_id = ? AND cl.id > ? ORDER BY cl.id LIMIT ?",
+            (coupon.0, page.after.unwrap_or(0), page.limit),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, user, email, claimed_at, voided_at, void_reason)| CouponClaim {
+                    claim_id: ClaimId(id),
+                    user_id: UserId(user),
+                    email,
+                    claimed_at,
+                    voided_at,
+                    void_reason,
+                },
+            )
+            .collect())
+    })
+}
+
 /// The user's claims, newest first, including claims of coupons deleted since.
-pub fn history(pool: &Pool, user: UserId) -> Result<Vec<HistoryEntry>, Error> {
+pub fn history(pool: &Pool, user: UserId, page: Page) -> Result<Vec<HistoryEntry>, Error> {
     with_conn(pool, |conn| {
         let exists: Option<u64> =
             conn.exec_first("SELECT id FROM users WHERE id = ?", (user.0,))?;
         if exists.is_none() {
             return Err(Error::Token(TokenProblem::UnknownUser));
         }
-        let rows: Vec<(u64, u64, String, Option<String>, Timestamp)> = conn.exec(
-            "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name), cl.claimed_at
+        type Row = (
+            u64,
+            u64,
+            String,
+            Option<String>,
+            Timestamp,
+            Option<Timestamp>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = conn.exec(
+            "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+                    cl.claimed_at, cl.voided_at, cl.void_reason
              FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
-             WHERE cl.user_id = ? ORDER BY cl.id DESC",
-            (user.0,),
+             WHERE cl.user_id = ? AND cl.id < ? ORDER BY cl.id DESC LIMIT ?",
+            (user.0, page.after.unwrap_or(u64::MAX), page.limit),
         )?;
         Ok(rows
             .into_iter()
-            .map(|(id, coupon_id, code, name, claimed_at)| HistoryEntry {
-                claim_id: ClaimId(id),
-                coupon_id: CouponId(coupon_id),
-                code,
-                name,
-                claimed_at,
-            })
+            .map(
+                |(id, coupon_id, code, name, claimed_at, voided_at, void_reason)| HistoryEntry {
+                    claim_id: ClaimId(id),
+                    coupon_id: CouponId(coupon_id),
+                    code,
+                    name,
+                    claimed_at,
+                    voided_at,
+                    void_reason,
+                },
+            )
             .collect())
     })
 }

@@ -3,7 +3,9 @@
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey};
-use crate::{CouponCode, CouponId, Error, Label, PerUserLimit, Status, Stock, Timestamp, UserId};
+use crate::{
+    CouponCode, CouponId, Error, Label, Page, PerUserLimit, Status, Stock, Timestamp, UserId,
+};
 use mysql::prelude::Queryable;
 use serde::{Serialize, Serializer};
 
@@ -335,18 +337,104 @@ fn read(conn: &mut impl Queryable, id: CouponId, live_only: bool) -> Result<Opti
 
 /// Claimable coupons (active, not deleted, inside their window), oldest first; sold-out ones
 /// included, with 0 available.
-pub fn list_active(pool: &Pool) -> Result<Vec<Coupon>, Error> {
+pub fn list_active(pool: &Pool, page: Page) -> Result<Vec<Coupon>, Error> {
     let now = Timestamp::now();
     with_conn(pool, |conn| {
         let rows: Vec<CouponRow> = conn.exec(
             format!(
                 "SELECT {COLUMNS} FROM coupons WHERE status = 'ACTIVE' AND deleted_at IS NULL
                  AND (starts_at IS NULL OR starts_at <= ?) AND (ends_at IS NULL OR ends_at > ?)
-                 ORDER BY id"
+                 AND id > ? ORDER BY id LIMIT ?"
             ),
-            (now, now),
+            (now, now, page.after.unwrap_or(0), page.limit),
         )?;
         Ok(rows.into_iter().map(from_row).collect())
+    })
+}
+
+/// A coupon as admins see it: also deleted ones, with how many claims it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminCoupon {
+    /// The coupon.
+    #[serde(flatten)]
+    pub coupon: Coupon,
+    /// Claims not voided: `total_count - available_count`.
+    pub claimed: u64,
+    /// When it was deleted, if it was.
+    pub deleted_at: Option<Timestamp>,
+}
+
+/// What `GET /admin/coupons` may filter on.
+#[derive(Debug, Clone, Default)]
+pub struct AdminFilter {
+    /// Only coupons with this status.
+    pub status: Option<Status>,
+    /// Only coupons whose code starts with this (case-insensitively).
+    pub code_prefix: Option<String>,
+}
+
+/// Every coupon, deleted and inactive ones too, oldest first.
+pub fn admin_list(
+    pool: &Pool,
+    filter: &AdminFilter,
+    page: Page,
+) -> Result<Vec<AdminCoupon>, Error> {
+    let prefix = filter.code_prefix.clone().unwrap_or_default();
+    let status = filter.status.map(Status::as_str);
+    with_conn(pool, |conn| {
+        let rows: Vec<mysql::Row> = conn.exec(
+            format!(
+                "SELECT {COLUMNS}, deleted_at FROM coupons
+                 WHERE (? IS NULL OR status = ?) AND LEFT(code, CHAR_LENGTH(?)) = ?
+                   AND id > ? ORDER BY id LIMIT ?"
+            ),
+            (
+                status,
+                status,
+                &prefix,
+                &prefix,
+                page.after.unwrap_or(0),
+                page.limit,
+            ),
+        )?;
+        rows.into_iter().map(admin_row).collect()
+    })
+}
+
+/// A row of `{COLUMNS}, deleted_at`.
+fn admin_row(row: mysql::Row) -> Result<AdminCoupon, Error> {
+    let bad = |e: mysql::FromRowError| Error::Internal(format!("coupon row: {e}"));
+    type AdminRow = (
+        u64,
+        String,
+        i64,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<u32>,
+        Option<Timestamp>,
+        Option<Timestamp>,
+        Option<Timestamp>,
+    );
+    let (id, code, av, tot, st, name, desc, limit, starts, ends, deleted_at): AdminRow =
+        mysql::from_row_opt(row).map_err(bad)?;
+    let coupon = from_row((id, code, av, tot, st, name, desc, limit, starts, ends));
+    Ok(AdminCoupon {
+        claimed: coupon.total_count - coupon.available_count,
+        coupon,
+        deleted_at,
+    })
+}
+
+/// One coupon as admins see it, deleted or not.
+pub fn admin_get(pool: &Pool, id: CouponId) -> Result<AdminCoupon, Error> {
+    with_conn(pool, |conn| {
+        let row: Option<mysql::Row> = conn.exec_first(
+            format!("SELECT {COLUMNS}, deleted_at FROM coupons WHERE id = ?"),
+            (id.0,),
+        )?;
+        admin_row(row.ok_or(Error::CouponNotFound)?)
     })
 }
 

@@ -40,6 +40,10 @@ pub enum Error {
     CouponNotFound,
     /// No user has this email (404 `user_not_found`; used by the admin commands).
     UserNotFound,
+    /// No claim has this id (404 `claim_not_found`).
+    ClaimNotFound,
+    /// The claim was voided already (409 `already_voided`).
+    AlreadyVoided,
     /// The idempotency key was used before for a different request (422 `idempotency_key_reused`).
     KeyReused,
     /// The coupon has no stock left (409 `sold_out`).
@@ -133,6 +137,8 @@ impl fmt::Display for Error {
             Error::NotAdmin => f.write_str("admin access required"),
             Error::CouponNotFound => f.write_str("coupon not found"),
             Error::UserNotFound => f.write_str("user not found"),
+            Error::ClaimNotFound => f.write_str("claim not found"),
+            Error::AlreadyVoided => f.write_str("the claim was voided already"),
             Error::KeyReused => f.write_str("this Idempotency-Key was used for another request"),
             Error::SoldOut => f.write_str("No coupons available"),
             Error::Inactive => f.write_str("coupon is not active"),

@@ -47,6 +47,6 @@ mod types;
 
 pub use error::{Error, TokenProblem};
 pub use types::{
-    ClaimId, CouponCode, CouponId, Email, Label, Password, PerUserLimit, Role, Status, Stock,
+    ClaimId, CouponCode, CouponId, Email, Label, Page, Password, PerUserLimit, Role, Status, Stock,
     Timestamp, UserId,
 };

@@ -166,6 +166,48 @@ impl Label {
     }
 }
 
+/// One page of a list, in id order: at most `limit` items after the cursor `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Items on the page, 1 to 1,000.
+    pub limit: u32,
+    /// The id the previous page ended at; `None` for the first page.
+    pub after: Option<u64>,
+}
+
+impl Page {
+    /// The default page size.
+    pub const DEFAULT: u32 = 100;
+
+    /// A page of `limit` items (default 100, at most 1,000) after the cursor `after` (a
+    /// previous page's last id, as the `Link` header gives it).
+    pub fn parse(limit: Option<&str>, after: Option<&str>) -> Result<Page, Error> {
+        let limit = match limit {
+            None => Page::DEFAULT,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| Error::invalid("limit", "must be a whole number from 1 to 1000"))?,
+        };
+        let after = after
+            .map(|a| {
+                a.parse::<u64>()
+                    .map_err(|_| Error::invalid("after", "is not a cursor from a Link header"))
+            })
+            .transpose()?;
+        Ok(Page { limit, after })
+    }
+
+    /// The first page of the default size.
+    pub fn first() -> Page {
+        Page {
+            limit: Page::DEFAULT,
+            after: None,
+        }
+    }
+}
+
 /// Whether a coupon can be claimed at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -265,7 +307,7 @@ id_type!(
 id_type!(
     /// A claim's id.
     ClaimId,
-    Error::CouponNotFound
+    Error::ClaimNotFound
 );
 
 /// A UTC instant with microsecond precision, stored as `DATETIME(6)` and shown as RFC 3339.

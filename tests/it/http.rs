@@ -630,7 +630,7 @@ fn every_route_and_error_status() {
         ("GET", "/register", "POST"),
         ("DELETE", "/coupons", "GET"),
         ("GET", "/coupons/1/claim", "POST"),
-        ("POST", "/admin/coupons/1", "PUT, DELETE"),
+        ("POST", "/admin/coupons/1", "GET, PUT, DELETE"),
         ("PATCH", "/users/me/history", "GET"),
     ] {
         let r = check(s, method, path, &[], None, 405, "method_not_allowed");
@@ -1407,7 +1407,13 @@ fn hostile_and_malformed_requests_get_a_4xx_and_change_nothing() {
             422,
         ),
         ("POST", claim.clone(), vec![], None, 401),
-        ("GET", "/admin/coupons".into(), admin_h.to_vec(), None, 405),
+        (
+            "PATCH",
+            "/admin/coupons".into(),
+            admin_h.to_vec(),
+            None,
+            405,
+        ),
         (
             "GET",
             "/users/me/history/../../admin".into(),
@@ -1726,4 +1732,199 @@ fn coupon_rules_over_http() {
         "limit_reached",
     );
     assert_eq!(db.stock(id), (8, 2, 10));
+}
+
+#[test]
+fn admin_views_paging_and_voids_over_http() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let h = bearer(&admin);
+    let admin_h = [JSON, (h.0, h.1.as_str())];
+    let ids: Vec<u64> = (0..5)
+        .map(|i| create_coupon(&svc, &admin, &format!("PAGE{i}"), 3))
+        .collect();
+    let other = create_coupon(&svc, &admin, "ZED", 1);
+    check(
+        &svc,
+        "DELETE",
+        &format!("/admin/coupons/{other}"),
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+
+    // Public listing, two at a time, following Link headers.
+    let mut seen = Vec::new();
+    let mut next = Some("/coupons?limit=2".to_owned());
+    while let Some(url) = next.take() {
+        let r = check(&svc, "GET", &url, &[], None, 200, "");
+        seen.extend(
+            r.body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_u64().unwrap()),
+        );
+        next = r.headers.get("link").map(|l| {
+            assert!(l.ends_with(r#">; rel="next""#), "{l}");
+            l[1..l.find('>').unwrap()].to_owned()
+        });
+    }
+    assert_eq!(seen, ids);
+    check(
+        &svc,
+        "GET",
+        "/coupons?limit=0",
+        &[],
+        None,
+        422,
+        "invalid_limit",
+    );
+    check(
+        &svc,
+        "GET",
+        "/coupons?limit=1001",
+        &[],
+        None,
+        422,
+        "invalid_limit",
+    );
+    check(
+        &svc,
+        "GET",
+        "/coupons?after=abc",
+        &[],
+        None,
+        422,
+        "invalid_after",
+    );
+
+    // Admin listing: deleted ones too, with filters and claimed counts.
+    let user = svc.register("user@example.com");
+    let u = [("token", user.as_str())];
+    let r = check(
+        &svc,
+        "POST",
+        &format!("/coupons/{}/claim", ids[0]),
+        &u,
+        None,
+        201,
+        "",
+    );
+    let claim_id = r.body["claim"]["id"].as_u64().unwrap();
+    let r = check(
+        &svc,
+        "GET",
+        "/admin/coupons?q=pAgE&limit=1000",
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+    assert_eq!(r.body.as_array().unwrap().len(), 5);
+    assert_eq!(r.body[0]["claimed"], 1);
+    let r = check(&svc, "GET", "/admin/coupons?q=ZED", &admin_h, None, 200, "");
+    assert!(r.body[0]["deleted_at"].is_string());
+    check(
+        &svc,
+        "GET",
+        "/admin/coupons?status=INACTIVE",
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+    check(
+        &svc,
+        "GET",
+        "/admin/coupons",
+        &u,
+        None,
+        403,
+        "admin_required",
+    );
+    let r = check(
+        &svc,
+        "GET",
+        &format!("/admin/coupons/{other}"),
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+    assert_eq!(r.body["code"], "ZED");
+    let r = check(
+        &svc,
+        "GET",
+        &format!("/admin/coupons/{}/claims", ids[0]),
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+    assert_eq!(r.body[0]["email"], "user@example.com");
+    check(
+        &svc,
+        "GET",
+        "/admin/coupons/424242/claims",
+        &admin_h,
+        None,
+        404,
+        "coupon_not_found",
+    );
+
+    // Voids: once, with a reason; shown in the user's history.
+    let path = format!("/admin/claims/{claim_id}/void");
+    check(
+        &svc,
+        "POST",
+        &path,
+        &admin_h,
+        Some(r#"{"reason":""}"#),
+        422,
+        "invalid_reason",
+    );
+    check(&svc, "POST", &path, &admin_h, None, 422, "invalid_body");
+    check(
+        &svc,
+        "POST",
+        &path,
+        &[JSON, ("token", user.as_str())],
+        Some(r#"{"reason":"x"}"#),
+        403,
+        "admin_required",
+    );
+    let r = check(
+        &svc,
+        "POST",
+        &path,
+        &admin_h,
+        Some(r#"{"reason":"duplicate order"}"#),
+        200,
+        "",
+    );
+    assert_eq!(r.body["reason"], "duplicate order");
+    check(
+        &svc,
+        "POST",
+        &path,
+        &admin_h,
+        Some(r#"{"reason":"again"}"#),
+        409,
+        "already_voided",
+    );
+    check(
+        &svc,
+        "POST",
+        "/admin/claims/424242/void",
+        &admin_h,
+        Some(r#"{"reason":"x"}"#),
+        404,
+        "claim_not_found",
+    );
+    let r = check(&svc, "GET", "/users/me/history", &u, None, 200, "");
+    assert_eq!(r.body[0]["void_reason"], "duplicate order");
+    assert_eq!(db.stock(ids[0]), (3, 0, 3));
 }

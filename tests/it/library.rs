@@ -132,7 +132,11 @@ fn parallel_claims_spread_over_many_coupons_and_users() {
     // Every claim belongs to one of the users, and histories add up to all claims.
     let in_histories: usize = users
         .iter()
-        .map(|u| claim::history(&db.pool, *u).unwrap().len())
+        .map(|u| {
+            claim::history(&db.pool, *u, coupons::Page::first())
+                .unwrap()
+                .len()
+        })
         .sum();
     assert_eq!(
         in_histories as i64,
@@ -368,7 +372,9 @@ fn coupon_lifecycle() {
         (c.available_count, c.total_count, c.status),
         (10, 11, Status::Inactive)
     );
-    assert!(coupon::list_active(&db.pool).unwrap().is_empty());
+    assert!(coupon::list_active(&db.pool, coupons::Page::first())
+        .unwrap()
+        .is_empty());
     assert!(matches!(
         claim::claim(&db.pool, users[0], id),
         Err(Error::Inactive)
@@ -413,7 +419,7 @@ fn coupon_lifecycle() {
         Err(Error::CouponNotFound)
     ));
     // The deleted coupon's claim stays in the history, and its code is free again.
-    let history = claim::history(&db.pool, users[0]).unwrap();
+    let history = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(
         (history[0].code.as_str(), history[1].code.as_str()),
@@ -683,7 +689,7 @@ fn validity_windows_and_names_as_they_were() {
         Err(Error::Expired)
     ));
     claim::claim(&db.pool, users[0], open).unwrap();
-    let listed: Vec<CouponId> = coupon::list_active(&db.pool)
+    let listed: Vec<CouponId> = coupon::list_active(&db.pool, coupons::Page::first())
         .unwrap()
         .iter()
         .map(|c| c.id)
@@ -712,7 +718,69 @@ fn validity_windows_and_names_as_they_were() {
     let c = coupon::update(&db.pool, open, &rename).unwrap();
     assert_eq!((c.name.as_deref(), c.ends_at), (Some("Renamed"), None));
     // The history shows the name as it was at claim time.
-    let h = claim::history(&db.pool, users[0]).unwrap();
+    let h = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
     assert_eq!(h[0].name.as_deref(), Some("OPEN deal"));
     assert_eq!(db.stock(open.0), (4, 1, 5));
+}
+
+#[test]
+fn parallel_voids_of_one_claim_return_one_unit() {
+    use coupons::Label;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 2);
+    let c = limited_coupon(&db, "VOIDME", 3, 1);
+    let claimed = claim::claim(&db.pool, users[0], c).unwrap();
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], c),
+        Err(Error::LimitReached)
+    ));
+    let reason = Label::parse("reason", "fraud check", 500).unwrap();
+    let results: Vec<bool> = threads(12).install(|| {
+        (0..30)
+            .into_par_iter()
+            .map(
+                |_| match claim::void(&db.pool, users[1], claimed.claim.id, &reason) {
+                    Ok(_) => true,
+                    Err(Error::AlreadyVoided) => false,
+                    Err(e) => panic!("unexpected {e}"),
+                },
+            )
+            .collect()
+    });
+    assert_eq!(results.iter().filter(|ok| **ok).count(), 1);
+    // One unit back, the claim row kept and marked, counted out of the invariant.
+    assert_eq!(db.stock(c.0), (3, 0, 3));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 1);
+    let h = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
+    assert_eq!(h[0].void_reason.as_deref(), Some("fraud check"));
+    assert!(h[0].voided_at.is_some());
+    // The user's count went down with it: they may claim again.
+    claim::claim(&db.pool, users[0], c).unwrap();
+    assert_eq!(db.stock(c.0), (2, 1, 3));
+    assert!(matches!(
+        claim::void(&db.pool, users[1], coupons::ClaimId(999_999), &reason),
+        Err(Error::ClaimNotFound)
+    ));
+}
+
+#[test]
+fn claims_and_voids_racing_keep_the_invariant() {
+    use coupons::Label;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 8);
+    let c = new_coupon(&db, "CHURN", 20);
+    let reason = Label::parse("reason", "test", 500).unwrap();
+    threads(8).install(|| {
+        (0..300)
+            .into_par_iter()
+            .for_each(|i| match claim::claim(&db.pool, users[i % 8], c) {
+                Ok(won) if i % 3 == 0 => {
+                    claim::void(&db.pool, users[0], won.claim.id, &reason).unwrap();
+                }
+                Ok(_) | Err(Error::SoldOut) => {}
+                Err(e) => panic!("unexpected {e}"),
+            })
+    });
+    let (available, live, total) = db.stock(c.0);
+    assert_eq!((available + live, total), (20, 20));
 }

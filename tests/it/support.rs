@@ -92,16 +92,17 @@ impl TestDb {
         self.conn().query_first(sql).unwrap().unwrap()
     }
 
-    /// Checks `available_count + claims == total_count` for every coupon, and returns
-    /// (available, claims, total) of the one asked for.
+    /// Checks `available_count + claims not voided == total_count` for every coupon, and
+    /// returns (available, claims not voided, total) of the one asked for.
     #[track_caller]
     pub fn stock(&self, coupon: u64) -> (i64, i64, i64) {
         let broken: Vec<(u64, i64, i64, i64)> = self
             .conn()
             .query(
-                "SELECT co.id, co.available_count, COUNT(cl.id), co.total_count
+                "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) AS SIGNED), co.total_count
                  FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
-                 GROUP BY co.id HAVING co.available_count + COUNT(cl.id) <> co.total_count",
+                 GROUP BY co.id
+                 HAVING co.available_count + COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) <> co.total_count",
             )
             .unwrap();
         assert!(
@@ -110,7 +111,7 @@ impl TestDb {
         );
         self.conn()
             .exec_first(
-                "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id), co.total_count
+                "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id AND voided_at IS NULL), co.total_count
                  FROM coupons co WHERE co.id = ?",
                 (coupon,),
             )

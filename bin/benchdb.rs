@@ -69,7 +69,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 status: Status::Active,
                 rules: coupon::Rules::default(),
             };
-            Ok(coupon::create(&pool, &new)?.id)
+            Ok(coupon::create(&pool, UserId(0), &new)?.id)
         })
         .collect::<Result<_, Error>>()
         .map_err(fail)?;

@@ -69,6 +69,7 @@ impl ApiError {
                 Error::Expired => (409, "expired".into(), e.to_string()),
                 Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
                 Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
+                Error::Stale => (412, "precondition_failed".into(), e.to_string()),
                 Error::Busy => (503, "busy".into(), e.to_string()),
                 Error::Unavailable(_) => {
                     eprintln!("coupons: {what}: {e}");

@@ -41,6 +41,7 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         (["admin", "coupons", id], Delete) => delete(app, rq, id),
         (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
         (["admin", "claims", id, "void"], Post) => void(app, rq, id),
+        (["admin", "audit"], Get) => audit_log(app, rq, &url),
         (["healthz"], Get) => {
             db::ping(&app.pool)?;
             Ok(Reply::json(200, &json!({"status": "ok"})))
@@ -53,7 +54,8 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
             ["coupons"]
             | ["users", "me", "history"]
             | ["healthz"]
-            | ["admin", "coupons", _, "claims"],
+            | ["admin", "coupons", _, "claims"]
+            | ["admin", "audit"],
             _,
         ) => Err(ApiError::MethodNotAllowed("GET")),
         (["admin", "coupons"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),
@@ -171,7 +173,47 @@ fn admin_list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
 fn admin_get(app: &App, rq: &Request, id: &str) -> Result<Reply> {
     admin(app, rq)?;
     let id: CouponId = id.parse()?;
-    Ok(Reply::json(200, &coupon::admin_get(&app.pool, id)?))
+    let c = coupon::admin_get(&app.pool, id)?;
+    let mut reply = Reply::json(200, &c);
+    reply.headers.push(("ETag", etag(c.coupon.version)));
+    Ok(reply)
+}
+
+/// A coupon with its `ETag`: its version, which counts admin changes (not claims), so an
+/// `If-Match` from a read still holds while claims come and go.
+fn tagged(c: &coupon::Coupon) -> Reply {
+    let mut reply = Reply::json(200, c);
+    reply.headers.push(("ETag", etag(c.version)));
+    reply
+}
+
+fn etag(version: u32) -> String {
+    format!("\"v{version}\"")
+}
+
+/// The version an `If-Match` header asks for: `None` without one or with `*`.
+fn if_match(rq: &Request) -> Result<Option<u32>> {
+    let Some(h) = rq.headers().iter().find(|h| h.field.equiv("If-Match")) else {
+        return Ok(None);
+    };
+    let value = h.value.as_str().trim();
+    if value == "*" {
+        return Ok(None);
+    }
+    // An ETag we never gave can only be stale.
+    let version = value
+        .strip_prefix("\"v")
+        .and_then(|v| v.strip_suffix('"'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(version))
+}
+
+fn audit_log(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let items = coupons::audit::list(&app.pool, page)?;
+    Ok(paged(url, page, &items, |e| e.id))
 }
 
 fn admin_claims(app: &App, rq: &Request, url: &str, id: &str) -> Result<Reply> {
@@ -415,7 +457,7 @@ fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
     let answer = match key {
         Some(key) => coupon::create_once(&app.pool, who.user_id, &new, &key),
         None => Answer {
-            result: coupon::create(&app.pool, &new),
+            result: coupon::create(&app.pool, who.user_id, &new),
             replayed: false,
         },
     };
@@ -423,7 +465,8 @@ fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
 }
 
 fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
-    admin(app, rq)?;
+    let who = admin(app, rq)?;
+    let if_version = if_match(rq)?;
     let id: CouponId = id.parse()?;
     let b = coupon_body(rq, url)?;
     let change = CouponChange {
@@ -431,13 +474,19 @@ fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
         available_count: b.available_count.map(Stock::parse).transpose()?,
         status: b.status.as_deref().map(Status::parse).transpose()?,
         rules: b.rules()?,
+        if_version,
     };
-    Ok(Reply::json(200, &coupon::update(&app.pool, id, &change)?))
+    Ok(tagged(&coupon::update(
+        &app.pool,
+        who.user_id,
+        id,
+        &change,
+    )?))
 }
 
 fn delete(app: &App, rq: &Request, id: &str) -> Result<Reply> {
-    admin(app, rq)?;
+    let who = admin(app, rq)?;
     let id: CouponId = id.parse()?;
-    coupon::delete(&app.pool, id)?;
+    coupon::delete(&app.pool, who.user_id, id)?;
     Ok(Reply::json(200, &json!({"detail": "Coupon deleted"})))
 }

@@ -1,5 +1,6 @@
 //! The claim: everything that decides whether a claim succeeds is in [`claim`].
 
+use crate::audit;
 use crate::coupon::lock_live;
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
@@ -233,6 +234,15 @@ pub fn void(pool: &Pool, admin: UserId, claim: ClaimId, reason: &Label) -> Resul
             "UPDATE user_coupon_claims SET claimed = GREATEST(claimed - 1, 0)
              WHERE user_id = ? AND coupon_id = ?",
             (user, coupon),
+        )?;
+        let detail = serde_json::json!({ "reason": reason.as_str(), "user_id": user });
+        audit::record(
+            tx,
+            admin,
+            "claim.void",
+            Some(CouponId(coupon)),
+            Some(claim),
+            &detail,
         )?;
         Ok(Voided {
             claim_id: claim,

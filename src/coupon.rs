@@ -1,5 +1,6 @@
 //! Coupons: create, change, delete, list. Stock only changes under the coupon row's lock.
 
+use crate::audit;
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey};
@@ -33,6 +34,8 @@ pub struct Coupon {
     pub starts_at: Option<Timestamp>,
     /// Claimable until (exclusive); `None`: no end.
     pub ends_at: Option<Timestamp>,
+    /// Counts admin changes (not claims); the HTTP layer's ETag.
+    pub version: u32,
 }
 
 impl Coupon {
@@ -116,6 +119,8 @@ pub struct CouponChange {
     pub status: Option<Status>,
     /// Changes to the rules.
     pub rules: RulesChange,
+    /// Apply only if the coupon is still at this version, else [`Error::Stale`] (If-Match).
+    pub if_version: Option<u32>,
 }
 
 type CouponRow = (
@@ -129,12 +134,24 @@ type CouponRow = (
     Option<u32>,
     Option<Timestamp>,
     Option<Timestamp>,
+    u32,
 );
-const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at";
+const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version";
 
 fn from_row(row: CouponRow) -> Coupon {
-    let (id, code, available, total, status, name, description, per_user_limit, starts_at, ends_at) =
-        row;
+    let (
+        id,
+        code,
+        available,
+        total,
+        status,
+        name,
+        description,
+        per_user_limit,
+        starts_at,
+        ends_at,
+        version,
+    ) = row;
     Coupon {
         id: CouponId(id),
         code,
@@ -146,15 +163,17 @@ fn from_row(row: CouponRow) -> Coupon {
         per_user_limit,
         starts_at,
         ends_at,
+        version,
     }
 }
 
-/// Creates a coupon whose total stock is its initial `available_count`.
-pub fn create(pool: &Pool, new: &NewCoupon) -> Result<Coupon, Error> {
-    with_conn(pool, |conn| insert(&mut **conn, new))
+/// Creates a coupon whose total stock is its initial `available_count`; `actor` is the admin
+/// the audit log names.
+pub fn create(pool: &Pool, actor: UserId, new: &NewCoupon) -> Result<Coupon, Error> {
+    transaction(pool, |tx| insert(tx, actor, new))
 }
 
-fn insert(conn: &mut impl Queryable, new: &NewCoupon) -> Result<Coupon, Error> {
+fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<Coupon, Error> {
     let r = &new.rules;
     check_window(r.starts_at, r.ends_at)?;
     let now = Timestamp::now();
@@ -171,6 +190,7 @@ fn insert(conn: &mut impl Queryable, new: &NewCoupon) -> Result<Coupon, Error> {
         per_user_limit: r.per_user_limit.map(PerUserLimit::get),
         starts_at: r.starts_at,
         ends_at: r.ends_at,
+        version: 1,
     };
     let id = conn
         .exec_iter(
@@ -194,10 +214,19 @@ fn insert(conn: &mut impl Queryable, new: &NewCoupon) -> Result<Coupon, Error> {
         .map(|r| r.last_insert_id().unwrap_or(0))
         .map_err(Error::from)
         .on_duplicate(Error::CodeTaken)?;
-    Ok(Coupon {
+    let c = Coupon {
         id: CouponId(id),
         ..c
-    })
+    };
+    audit::record(
+        conn,
+        actor,
+        "coupon.create",
+        Some(c.id),
+        None,
+        &serde_json::json!(c),
+    )?;
+    Ok(c)
 }
 
 /// [`create`] guarded by an idempotency key of the admin's: a retry with the same key gets the
@@ -227,7 +256,7 @@ pub fn create_once(
                 replayed: true,
             });
         }
-        let result = insert(tx, new);
+        let result = insert(tx, admin, new);
         let (outcome, id) = match &result {
             Ok(c) => ("created", Some(c.id.0)),
             Err(e) => match e.outcome() {
@@ -241,10 +270,19 @@ pub fn create_once(
     done.unwrap_or_else(|e| Answer::new(Err(e)))
 }
 
-/// Applies `change` under the coupon's row lock, so it never races with a claim.
-pub fn update(pool: &Pool, id: CouponId, change: &CouponChange) -> Result<Coupon, Error> {
+/// Applies `change` under the coupon's row lock, so it never races with a claim; `actor` is the
+/// admin the audit log names, with what changed.
+pub fn update(
+    pool: &Pool,
+    actor: UserId,
+    id: CouponId,
+    change: &CouponChange,
+) -> Result<Coupon, Error> {
     transaction(pool, |tx| {
         let old = lock_live(tx, id)?.ok_or(Error::CouponNotFound)?;
+        if change.if_version.is_some_and(|v| v != old.version) {
+            return Err(Error::Stale);
+        }
         let code = change.code.as_ref().map(|c| c.as_str().to_owned());
         if code.as_ref().is_some_and(|c| *c != old.code) && has_claims(tx, id)? {
             return Err(Error::CodeLocked);
@@ -271,6 +309,7 @@ pub fn update(pool: &Pool, id: CouponId, change: &CouponChange) -> Result<Coupon
                 .map_or(old.per_user_limit, |l| l.map(PerUserLimit::get)),
             starts_at: r.starts_at.unwrap_or(old.starts_at),
             ends_at: r.ends_at.unwrap_or(old.ends_at),
+            version: old.version + 1,
         };
         check_window(new.starts_at, new.ends_at)?;
         if new.per_user_limit.is_some() && old.per_user_limit.is_none() {
@@ -279,7 +318,7 @@ pub fn update(pool: &Pool, id: CouponId, change: &CouponChange) -> Result<Coupon
         tx.exec_drop(
             "UPDATE coupons SET code = ?, available_count = ?, total_count = ?, status = ?,
                  name = ?, description = ?, per_user_limit = ?, starts_at = ?, ends_at = ?,
-                 updated_at = ?
+                 version = version + 1, updated_at = ?
              WHERE id = ?",
             (
                 &new.code,
@@ -295,24 +334,53 @@ pub fn update(pool: &Pool, id: CouponId, change: &CouponChange) -> Result<Coupon
                 id.0,
             ),
         )?;
+        audit::record(
+            tx,
+            actor,
+            "coupon.update",
+            Some(id),
+            None,
+            &changes(&old, &new),
+        )?;
         Ok(new)
     })
     .on_duplicate(Error::CodeTaken)
 }
 
 /// Soft-deletes a coupon: it leaves listings and can no longer be claimed; its claims stay.
-pub fn delete(pool: &Pool, id: CouponId) -> Result<(), Error> {
+pub fn delete(pool: &Pool, actor: UserId, id: CouponId) -> Result<(), Error> {
     transaction(pool, |tx| {
         let now = Timestamp::now();
         tx.exec_drop(
             "UPDATE coupons SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
             (now, now, id.0),
         )?;
-        match tx.affected_rows() {
-            0 => Err(Error::CouponNotFound),
-            _ => Ok(()),
+        if tx.affected_rows() == 0 {
+            return Err(Error::CouponNotFound);
         }
+        audit::record(
+            tx,
+            actor,
+            "coupon.delete",
+            Some(id),
+            None,
+            &serde_json::json!({}),
+        )
     })
+}
+
+/// `{"field": [old, new]}` for each field that differs.
+fn changes(old: &Coupon, new: &Coupon) -> serde_json::Value {
+    let (a, b) = (serde_json::json!(old), serde_json::json!(new));
+    let mut out = serde_json::Map::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (k, v) in b {
+            if k != "version" && a.get(k) != Some(v) {
+                out.insert(k.clone(), serde_json::json!([a.get(k), v]));
+            }
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 /// The coupon, unless it does not exist or was deleted.
@@ -415,11 +483,14 @@ fn admin_row(row: mysql::Row) -> Result<AdminCoupon, Error> {
         Option<u32>,
         Option<Timestamp>,
         Option<Timestamp>,
+        u32,
         Option<Timestamp>,
     );
-    let (id, code, av, tot, st, name, desc, limit, starts, ends, deleted_at): AdminRow =
+    let (id, code, av, tot, st, name, desc, limit, starts, ends, version, deleted_at): AdminRow =
         mysql::from_row_opt(row).map_err(bad)?;
-    let coupon = from_row((id, code, av, tot, st, name, desc, limit, starts, ends));
+    let coupon = from_row((
+        id, code, av, tot, st, name, desc, limit, starts, ends, version,
+    ));
     Ok(AdminCoupon {
         claimed: coupon.total_count - coupon.available_count,
         coupon,

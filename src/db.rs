@@ -30,6 +30,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("../sql/002_idempotency.sql")),
     (3, include_str!("../sql/003_coupon_rules.sql")),
     (4, include_str!("../sql/004_voids.sql")),
+    (5, include_str!("../sql/005_audit.sql")),
 ];
 
 /// A pooled connection that remembers whether it failed and when it was last used.

@@ -58,6 +58,8 @@ pub enum Error {
     LimitReached,
     /// The coupon has claims, so its code can no longer change (409 `code_locked`).
     CodeLocked,
+    /// The coupon changed since the version the caller read (412 `precondition_failed`).
+    Stale,
     /// Deadlocks or lock-wait timeouts outlasted the retries (503 `busy`, with Retry-After).
     Busy,
     /// The database cannot be reached or refused the connection (503 `database_unavailable`,
@@ -148,6 +150,7 @@ impl fmt::Display for Error {
             Error::CodeLocked => {
                 f.write_str("the coupon has claims; its code can no longer change")
             }
+            Error::Stale => f.write_str("the coupon changed since you read it; read it again"),
             Error::Busy => f.write_str("too much contention, try again"),
             Error::Unavailable(e) => write!(f, "database unavailable: {e}"),
             Error::Database(e) => write!(f, "database error: {e}"),

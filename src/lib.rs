@@ -20,7 +20,7 @@
 //!     let auth = Auth::new(&Secret::generate()?, 7200, 12)?;
 //!     let ada = auth.register(&pool, &Email::parse("ada@example.com")?, &Password::parse("correct horse")?)?;
 //!
-//!     let welcome = coupon::create(&pool, &coupon::NewCoupon {
+//!     let welcome = coupon::create(&pool, ada.id, &coupon::NewCoupon {
 //!         code: CouponCode::parse("WELCOME10")?,
 //!         available_count: Stock::parse(100)?,
 //!         status: Status::Active,
@@ -36,6 +36,7 @@
 //! system's MariaDB binaries.
 
 #![deny(missing_docs)]
+pub mod audit;
 pub mod auth;
 pub mod claim;
 pub mod coupon;

@@ -249,6 +249,7 @@ fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
         .unwrap();
     let c = coupon::create(
         &db.pool,
+        coupons::UserId(0),
         &coupon::NewCoupon {
             code: CouponCode::parse("DEAD").unwrap(),
             available_count: Stock::parse(5).unwrap(),

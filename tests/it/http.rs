@@ -337,7 +337,7 @@ fn every_route_and_error_status() {
     assert_eq!(
         r.body,
         serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE",
-            "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null})
+            "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null, "version": 1})
     );
     let w10 = r.body["id"].as_u64().unwrap();
     check(
@@ -1927,4 +1927,121 @@ fn admin_views_paging_and_voids_over_http() {
     let r = check(&svc, "GET", "/users/me/history", &u, None, 200, "");
     assert_eq!(r.body[0]["void_reason"], "duplicate order");
     assert_eq!(db.stock(ids[0]), (3, 0, 3));
+}
+
+#[test]
+fn etags_stop_lost_updates_and_the_audit_log_records_changes() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let h = bearer(&admin);
+    let admin_h = [JSON, (h.0, h.1.as_str())];
+    let id = create_coupon(&svc, &admin, "TAGGED", 5);
+    let path = format!("/admin/coupons/{id}");
+    let read = check(&svc, "GET", &path, &admin_h, None, 200, "");
+    let etag = read.headers["etag"].clone();
+    // A claim does not change the ETag: stock moves, the admin's view of the coupon does not.
+    let user = svc.register("user@example.com");
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{id}/claim"),
+        &[("token", user.as_str())],
+        None,
+        201,
+        "",
+    );
+    assert_eq!(
+        check(&svc, "GET", &path, &admin_h, None, 200, "").headers["etag"],
+        etag
+    );
+    // Two admins read the same version; the first write wins, the second is told.
+    let first = [JSON, (h.0, h.1.as_str()), ("If-Match", etag.as_str())];
+    let r = check(
+        &svc,
+        "PUT",
+        &path,
+        &first,
+        Some(r#"{"name":"First"}"#),
+        200,
+        "",
+    );
+    assert_ne!(r.headers["etag"], etag);
+    check(
+        &svc,
+        "PUT",
+        &path,
+        &first,
+        Some(r#"{"name":"Second"}"#),
+        412,
+        "precondition_failed",
+    );
+    check(
+        &svc,
+        "PUT",
+        &path,
+        &[JSON, (h.0, h.1.as_str()), ("If-Match", "\"bogus\"")],
+        Some("{}"),
+        412,
+        "precondition_failed",
+    );
+    let r = check(
+        &svc,
+        "PUT",
+        &path,
+        &[JSON, (h.0, h.1.as_str()), ("If-Match", "*")],
+        Some(r#"{"available_count":9}"#),
+        200,
+        "",
+    );
+    assert_eq!(r.body["name"], "First");
+
+    let claim_id = db.scalar("SELECT id FROM claims");
+    check(
+        &svc,
+        "POST",
+        &format!("/admin/claims/{claim_id}/void"),
+        &admin_h,
+        Some(r#"{"reason":"test"}"#),
+        200,
+        "",
+    );
+    check(&svc, "DELETE", &path, &admin_h, None, 200, "");
+    let log = check(&svc, "GET", "/admin/audit", &admin_h, None, 200, "");
+    let actions: Vec<&str> = log
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "coupon.delete",
+            "claim.void",
+            "coupon.update",
+            "coupon.update",
+            "coupon.create"
+        ]
+    );
+    let update = &log.body[3];
+    assert_eq!(update["detail"]["name"], serde_json::json!([null, "First"]));
+    assert_eq!(log.body[1]["detail"]["reason"], "test");
+    let admin_id = db.scalar("SELECT id FROM users WHERE email = 'admin@example.com'");
+    assert!(log
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["actor_id"] == admin_id));
+    check(
+        &svc,
+        "GET",
+        "/admin/audit",
+        &[("token", user.as_str())],
+        None,
+        403,
+        "admin_required",
+    );
 }

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
     coupon::create(
         &db.pool,
+        UserId(0),
         &NewCoupon {
             code: CouponCode::parse(code).unwrap(),
             available_count: Stock::parse(stock).unwrap(),
@@ -158,7 +159,7 @@ fn stock_changes_race_safely_with_claims() {
                         available_count: Some(Stock::parse(5).unwrap()),
                         ..CouponChange::default()
                     };
-                    coupon::update(&db.pool, coupon, &change).unwrap();
+                    coupon::update(&db.pool, UserId(0), coupon, &change).unwrap();
                     return 0;
                 }
                 match claim::claim(&db.pool, users[i % 4], coupon) {
@@ -357,7 +358,7 @@ fn coupon_lifecycle() {
         rules: coupon::Rules::default(),
     };
     assert!(matches!(
-        coupon::create(&db.pool, &dup),
+        coupon::create(&db.pool, UserId(0), &dup),
         Err(Error::CodeTaken)
     ));
 
@@ -367,7 +368,7 @@ fn coupon_lifecycle() {
         status: Some(Status::Inactive),
         ..CouponChange::default()
     };
-    let c = coupon::update(&db.pool, id, &change).unwrap();
+    let c = coupon::update(&db.pool, UserId(0), id, &change).unwrap();
     assert_eq!(
         (c.available_count, c.total_count, c.status),
         (10, 11, Status::Inactive)
@@ -387,12 +388,12 @@ fn coupon_lifecycle() {
     };
     // `id` has a claim: its code is locked. A coupon with none meets the uniqueness rule.
     assert!(matches!(
-        coupon::update(&db.pool, id, &rename),
+        coupon::update(&db.pool, UserId(0), id, &rename),
         Err(Error::CodeLocked)
     ));
     let fresh = new_coupon(&db, "FRESH", 1);
     assert!(matches!(
-        coupon::update(&db.pool, fresh, &rename),
+        coupon::update(&db.pool, UserId(0), fresh, &rename),
         Err(Error::CodeTaken)
     ));
     claim::claim(&db.pool, users[0], other).unwrap();
@@ -401,9 +402,9 @@ fn coupon_lifecycle() {
         Err(Error::SoldOut)
     ));
 
-    coupon::delete(&db.pool, id).unwrap();
+    coupon::delete(&db.pool, UserId(0), id).unwrap();
     assert!(matches!(
-        coupon::delete(&db.pool, id),
+        coupon::delete(&db.pool, UserId(0), id),
         Err(Error::CouponNotFound)
     ));
     assert!(matches!(
@@ -415,7 +416,7 @@ fn coupon_lifecycle() {
         Err(Error::CouponNotFound)
     ));
     assert!(matches!(
-        coupon::update(&db.pool, id, &rename),
+        coupon::update(&db.pool, UserId(0), id, &rename),
         Err(Error::CouponNotFound)
     ));
     // The deleted coupon's claim stays in the history, and its code is free again.
@@ -457,7 +458,7 @@ fn migrating_twice_changes_nothing() {
         db.scalar("SELECT COUNT(*) FROM schema_migrations"),
         crate::support::migrations()
     );
-    assert_eq!(before.len(), 6);
+    assert_eq!(before.len(), 7);
 }
 
 #[test]
@@ -554,7 +555,7 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
         available_count: Some(Stock::parse(3).unwrap()),
         ..CouponChange::default()
     };
-    coupon::update(&db.pool, coupon, &change).unwrap();
+    coupon::update(&db.pool, UserId(0), coupon, &change).unwrap();
     // Same key: the same answer, even though stock came back.
     let again = claim::claim_once(&db.pool, users[0], coupon, &key("k1"));
     assert!(matches!(again.result, Err(Error::SoldOut)) && again.replayed);
@@ -581,6 +582,7 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
 fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) -> CouponId {
     coupon::create(
         &db.pool,
+        UserId(0),
         &NewCoupon {
             code: CouponCode::parse(code).unwrap(),
             available_count: Stock::parse(stock).unwrap(),
@@ -656,6 +658,7 @@ fn validity_windows_and_names_as_they_were() {
     let make = |code: &str, starts: Option<Timestamp>, ends: Option<Timestamp>| {
         coupon::create(
             &db.pool,
+            UserId(0),
             &NewCoupon {
                 code: CouponCode::parse(code).unwrap(),
                 available_count: Stock::parse(5).unwrap(),
@@ -704,7 +707,7 @@ fn validity_windows_and_names_as_they_were() {
         ..Default::default()
     };
     assert!(matches!(
-        coupon::update(&db.pool, open, &change),
+        coupon::update(&db.pool, UserId(0), open, &change),
         Err(Error::Invalid { .. })
     ));
     let rename = CouponChange {
@@ -715,7 +718,7 @@ fn validity_windows_and_names_as_they_were() {
         },
         ..Default::default()
     };
-    let c = coupon::update(&db.pool, open, &rename).unwrap();
+    let c = coupon::update(&db.pool, UserId(0), open, &rename).unwrap();
     assert_eq!((c.name.as_deref(), c.ends_at), (Some("Renamed"), None));
     // The history shows the name as it was at claim time.
     let h = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();

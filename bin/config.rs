@@ -38,6 +38,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// `MAX_CONNECTIONS`: open client connections served at once; unset, from the fd limit.
     pub max_connections: Option<usize>,
+    /// `ACCESS_LOG`: `on` (default) writes a line per request to stderr; `off` does not.
+    pub access_log: bool,
 }
 
 impl Config {
@@ -79,6 +81,15 @@ impl Config {
                         .map_err(|_| format!("TRUSTED_PROXIES: {p:?} is not an IP address"))
                 })
                 .collect::<Result<_, _>>()?,
+            access_log: match var("ACCESS_LOG").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(format!(
+                        "ACCESS_LOG={other:?} is not valid: expected on or off"
+                    ))
+                }
+            },
             max_connections: match var("MAX_CONNECTIONS") {
                 Some(_) => Some(number("MAX_CONNECTIONS", 10_000, 1..=1_000_000)?),
                 None => None,

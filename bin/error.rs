@@ -15,6 +15,8 @@ pub enum ApiError {
     TooLarge,
     /// A body that is not `application/json` (415).
     UnsupportedMediaType,
+    /// A chunked body: send a Content-Length (411).
+    LengthRequired,
     /// No such route (404).
     RouteNotFound,
     /// The route exists with other methods (405, with `Allow`).
@@ -40,50 +42,42 @@ impl ApiError {
     /// never described to the client.
     pub fn reply(&self, what: &str) -> Reply {
         use ApiError as A;
-        let (status, code, detail): (u16, String, String) = match self {
-            A::App(e) => match e {
-                Error::Invalid { field, reason } => {
-                    (422, format!("invalid_{field}"), format!("{field} {reason}"))
-                }
-                Error::EmailTaken => (409, "email_taken".into(), e.to_string()),
-                Error::CodeTaken => (409, "code_taken".into(), e.to_string()),
-                Error::BadCredentials => (401, "invalid_credentials".into(), e.to_string()),
-                Error::Token(p) => {
-                    let code = match p {
-                        TokenProblem::Missing => "missing_token",
-                        TokenProblem::Invalid => "invalid_token",
-                        TokenProblem::Expired => "token_expired",
-                        TokenProblem::UnknownUser => "unknown_user",
-                    };
-                    (401, code.into(), e.to_string())
-                }
-                Error::NotAdmin => (403, "admin_required".into(), e.to_string()),
-                Error::CouponNotFound => (404, "coupon_not_found".into(), e.to_string()),
-                Error::UserNotFound => (404, "user_not_found".into(), e.to_string()),
-                Error::ClaimNotFound => (404, "claim_not_found".into(), e.to_string()),
-                Error::AlreadyVoided => (409, "already_voided".into(), e.to_string()),
-                Error::KeyReused => (422, "idempotency_key_reused".into(), e.to_string()),
-                Error::SoldOut => (409, "sold_out".into(), e.to_string()),
-                Error::Inactive => (409, "inactive".into(), e.to_string()),
-                Error::NotStarted => (409, "not_started".into(), e.to_string()),
-                Error::Expired => (409, "expired".into(), e.to_string()),
-                Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
-                Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
-                Error::Stale => (412, "precondition_failed".into(), e.to_string()),
-                Error::Busy => (503, "busy".into(), e.to_string()),
-                Error::Unavailable(_) => {
-                    eprintln!("coupons: {what}: {e}");
-                    (
-                        503,
-                        "database_unavailable".into(),
-                        "database unavailable, try again shortly".into(),
-                    )
-                }
-                Error::Database(_) | Error::Internal(_) | Error::Launch(_) => {
-                    eprintln!("coupons: {what}: {e}");
-                    (500, "internal".into(), "internal server error".into())
-                }
-            },
+        let (status, code, detail) = self.parts();
+        match self {
+            A::App(
+                e @ (Error::Unavailable(_)
+                | Error::Database(_)
+                | Error::Internal(_)
+                | Error::Launch(_)),
+            ) => {
+                eprintln!("coupons: {what}: {e}")
+            }
+            A::Panic => eprintln!("coupons: {what}: handler panicked"),
+            _ => {}
+        }
+        let mut reply = Reply::json(
+            status,
+            &serde_json::json!({ "detail": detail, "code": code }),
+        );
+        match self {
+            A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
+            A::TooManyRequests(secs) => reply.headers.push(("Retry-After", secs.to_string())),
+            A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded | A::ShuttingDown => {
+                reply.headers.push(("Retry-After", "1".to_owned()))
+            }
+            A::App(Error::Token(_) | Error::BadCredentials) => reply
+                .headers
+                .push(("WWW-Authenticate", "Bearer".to_owned())),
+            _ => {}
+        }
+        reply
+    }
+
+    /// Status, stable code and message for people: the one mapping of errors to HTTP.
+    pub fn parts(&self) -> (u16, String, String) {
+        use ApiError as A;
+        match self {
+            A::App(e) => app_parts(e),
             A::MalformedJson(why) => (
                 400,
                 "malformed_json".into(),
@@ -101,6 +95,11 @@ impl ApiError {
                 "send the body as Content-Type: application/json".into(),
             ),
             A::RouteNotFound => (404, "not_found".into(), "no such route".into()),
+            A::LengthRequired => (
+                411,
+                "length_required".into(),
+                "send the body with a Content-Length".into(),
+            ),
             A::MethodNotAllowed(allow) => (
                 405,
                 "method_not_allowed".into(),
@@ -121,26 +120,50 @@ impl ApiError {
                 "shutting_down".into(),
                 "the service is stopping, try again".into(),
             ),
-            A::Panic => {
-                eprintln!("coupons: {what}: handler panicked");
-                (500, "internal".into(), "internal server error".into())
-            }
-        };
-        let mut reply = Reply::json(
-            status,
-            &serde_json::json!({ "detail": detail, "code": code }),
-        );
-        match self {
-            A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
-            A::TooManyRequests(secs) => reply.headers.push(("Retry-After", secs.to_string())),
-            A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded | A::ShuttingDown => {
-                reply.headers.push(("Retry-After", "1".to_owned()))
-            }
-            A::App(Error::Token(_) | Error::BadCredentials) => reply
-                .headers
-                .push(("WWW-Authenticate", "Bearer".to_owned())),
-            _ => {}
+            A::Panic => (500, "internal".into(), "internal server error".into()),
         }
-        reply
+    }
+}
+
+/// Status, stable code and message for a library error.
+pub fn app_parts(e: &Error) -> (u16, String, String) {
+    match e {
+        Error::Invalid { field, reason } => {
+            (422, format!("invalid_{field}"), format!("{field} {reason}"))
+        }
+        Error::EmailTaken => (409, "email_taken".into(), e.to_string()),
+        Error::CodeTaken => (409, "code_taken".into(), e.to_string()),
+        Error::BadCredentials => (401, "invalid_credentials".into(), e.to_string()),
+        Error::Token(p) => {
+            let code = match p {
+                TokenProblem::Missing => "missing_token",
+                TokenProblem::Invalid => "invalid_token",
+                TokenProblem::Expired => "token_expired",
+                TokenProblem::UnknownUser => "unknown_user",
+            };
+            (401, code.into(), e.to_string())
+        }
+        Error::NotAdmin => (403, "admin_required".into(), e.to_string()),
+        Error::CouponNotFound => (404, "coupon_not_found".into(), e.to_string()),
+        Error::UserNotFound => (404, "user_not_found".into(), e.to_string()),
+        Error::ClaimNotFound => (404, "claim_not_found".into(), e.to_string()),
+        Error::AlreadyVoided => (409, "already_voided".into(), e.to_string()),
+        Error::KeyReused => (422, "idempotency_key_reused".into(), e.to_string()),
+        Error::SoldOut => (409, "sold_out".into(), e.to_string()),
+        Error::Inactive => (409, "inactive".into(), e.to_string()),
+        Error::NotStarted => (409, "not_started".into(), e.to_string()),
+        Error::Expired => (409, "expired".into(), e.to_string()),
+        Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
+        Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
+        Error::Stale => (412, "precondition_failed".into(), e.to_string()),
+        Error::Busy => (503, "busy".into(), e.to_string()),
+        Error::Unavailable(_) => (
+            503,
+            "database_unavailable".into(),
+            "database unavailable, try again shortly".into(),
+        ),
+        Error::Database(_) | Error::Internal(_) | Error::Launch(_) => {
+            (500, "internal".into(), "internal server error".into())
+        }
     }
 }

@@ -29,6 +29,10 @@ pub struct App {
     pub ready: Arc<AtomicBool>,
     /// Brute-force limits on logins and registrations.
     pub limits: crate::limits::Limits,
+    /// Counters for `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// Whether to write one access-log line per request to stderr.
+    pub access_log: bool,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers.
@@ -223,9 +227,39 @@ fn lower_priority() {
 /// Routes one request and sends the answer. A panic in a handler becomes a 500 and the
 /// worker lives on.
 pub fn handle(app: &App, mut rq: Request) {
+    let started = Instant::now();
     let what = format!("{} {}", rq.method(), path(rq.url()));
-    let reply = guarded(&what, || routes::route(app, &mut rq));
+    let id = request_id(&rq);
+    let mut reply = guarded(&what, || routes::route(app, &mut rq));
+    let secs = started.elapsed().as_secs_f64();
+    let route = routes::route_name(rq.method(), rq.url());
+    app.metrics.request(route, reply.status, secs);
+    if app.access_log {
+        // Method and path only: tokens and the seed's query-string passwords never reach a log.
+        eprintln!("{id} {what} {} {:.1}ms", reply.status, secs * 1000.0);
+    }
+    reply.headers.push(("X-Request-Id", id));
     respond(rq, reply);
+}
+
+/// The client's `X-Request-Id` when it is a sane one (1 to 128 of `A-Za-z0-9._-`), else a new one.
+fn request_id(rq: &Request) -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let sent = rq.headers().iter().find(|h| h.field.equiv("X-Request-Id"));
+    if let Some(h) = sent {
+        let v = h.value.as_str();
+        let sane = (1..=128).contains(&v.len())
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if sane {
+            return v.to_owned();
+        }
+    }
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{boot:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Runs a handler; its error becomes its response, and a panic a 500 (the thread goes on).
@@ -316,6 +350,16 @@ pub fn token(rq: &Request) -> Option<&str> {
 pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, ApiError> {
     if rq.body_length().is_some_and(|n| n > BODY_LIMIT) {
         return Err(ApiError::TooLarge);
+    }
+    // A declared length lets the connection's thread read the body ahead (vendor/tiny_http);
+    // a chunked one would be read here, on a worker, at the client's pace.
+    if rq.body_length().is_none()
+        && rq
+            .headers()
+            .iter()
+            .any(|h| h.field.equiv("Transfer-Encoding"))
+    {
+        return Err(ApiError::LengthRequired);
     }
     let mut body = Vec::new();
     rq.as_reader()

@@ -19,7 +19,7 @@ struct Bucket {
 }
 
 /// Entries kept before full buckets are swept out.
-const SWEEP_AT: usize = 100_000;
+const SWEEP_AT: usize = 20_000;
 
 impl Limit {
     pub fn new(per_minute: u32) -> Limit {
@@ -35,46 +35,48 @@ impl Limit {
         b.at = now;
     }
 
-    /// `Err(seconds)` to wait when `key` has no event left; nothing is taken.
-    pub fn check(&self, key: &str) -> Result<(), u64> {
+    /// Takes one event for `key` now, or `Err(seconds)` to wait when none is left. Taking
+    /// before the work (not after) means parallel attempts cannot share the last event.
+    pub fn take(&self, key: &str) -> Result<(), u64> {
         if self.per_minute == 0 {
             return Ok(());
-        }
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(b) = buckets.get_mut(key) else {
-            return Ok(());
-        };
-        self.refill(b, now);
-        if b.tokens >= 1.0 {
-            Ok(())
-        } else {
-            Err(((1.0 - b.tokens) * 60.0 / f64::from(self.per_minute))
-                .ceil()
-                .max(1.0) as u64)
-        }
-    }
-
-    /// Counts one event for `key`.
-    pub fn take(&self, key: &str) {
-        if self.per_minute == 0 {
-            return;
         }
         let now = Instant::now();
         let cap = f64::from(self.per_minute);
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= SWEEP_AT {
+            // Full buckets carry no information: dropping them frees the memory of past keys.
             buckets.retain(|_, b| {
-                let full = b.tokens + now.duration_since(b.at).as_secs_f64() * cap / 60.0 >= cap;
-                !full
+                b.tokens + now.duration_since(b.at).as_secs_f64() * cap / 60.0 < cap
             });
+            if buckets.len() >= SWEEP_AT {
+                // Still full of live keys (a flood): forget the oldest half rather than grow.
+                let mut ages: Vec<Instant> = buckets.values().map(|b| b.at).collect();
+                ages.sort();
+                let cutoff = ages[ages.len() / 2];
+                buckets.retain(|_, b| b.at > cutoff);
+            }
         }
         let b = buckets.entry(key.to_owned()).or_insert(Bucket {
             tokens: cap,
             at: now,
         });
         self.refill(b, now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - b.tokens) * 60.0 / cap).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Gives back an event taken for work that turned out not to count (a good password).
+    pub fn refund(&self, key: &str) {
+        let cap = f64::from(self.per_minute);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get_mut(key) {
+            b.tokens = (b.tokens + 1.0).min(cap);
+        }
     }
 }
 
@@ -89,18 +91,32 @@ pub struct Limits {
 impl Limits {
     /// The client's address: the peer's, or, when the peer is a trusted proxy, the nearest
     /// address in `X-Forwarded-For` that is not one of ours.
-    pub fn client(&self, peer: Option<IpAddr>, forwarded_for: Option<&str>) -> String {
+    pub fn client(&self, peer: Option<IpAddr>, forwarded_for: &[&str]) -> String {
         let Some(peer) = peer else {
             return "unknown".into();
         };
         if !self.trusted_proxies.contains(&peer) {
-            return peer.to_string();
+            return bucket(peer);
         }
-        let hops = forwarded_for.unwrap_or("").split(',').rev();
+        // Every header line, in order: a proxy may add a line rather than extend the last.
+        let hops: Vec<&str> = forwarded_for.iter().flat_map(|l| l.split(',')).collect();
         let client = hops
+            .iter()
+            .rev()
             .filter_map(|h| h.trim().parse::<IpAddr>().ok())
             .find(|ip| !self.trusted_proxies.contains(ip));
-        client.unwrap_or(peer).to_string()
+        bucket(client.unwrap_or(peer))
+    }
+}
+
+/// The key of an address: IPv4 as it is, IPv6 by its /64 (one client usually holds a whole /64).
+fn bucket(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
     }
 }
 
@@ -112,17 +128,17 @@ mod tests {
     fn a_bucket_empties_and_says_how_long_to_wait() {
         let l = Limit::new(3);
         for _ in 0..3 {
-            assert!(l.check("a").is_ok());
-            l.take("a");
+            assert!(l.take("a").is_ok());
         }
-        let wait = l.check("a").unwrap_err();
+        let wait = l.take("a").unwrap_err();
         assert!((1..=20).contains(&wait), "{wait}");
-        assert!(l.check("b").is_ok());
+        l.refund("a");
+        assert!(l.take("a").is_ok());
+        assert!(l.take("b").is_ok());
         let off = Limit::new(0);
         for _ in 0..100 {
-            off.take("a");
+            assert!(off.take("a").is_ok());
         }
-        assert!(off.check("a").is_ok());
     }
 
     #[test]
@@ -136,14 +152,33 @@ mod tests {
         let proxy = Some("10.0.0.1".parse().unwrap());
         let stranger = Some("203.0.113.9".parse().unwrap());
         assert_eq!(
-            limits.client(proxy, Some("198.51.100.7, 10.0.0.1")),
+            limits.client(proxy, &["198.51.100.7, 10.0.0.1"]),
             "198.51.100.7"
         );
         assert_eq!(
-            limits.client(proxy, Some("1.2.3.4, 198.51.100.7")),
+            limits.client(proxy, &["1.2.3.4, 198.51.100.7"]),
             "198.51.100.7"
         );
-        assert_eq!(limits.client(proxy, None), "10.0.0.1");
-        assert_eq!(limits.client(stranger, Some("198.51.100.7")), "203.0.113.9");
+        // A forged first line does not win over the proxy's own, added as a second line.
+        assert_eq!(
+            limits.client(proxy, &["6.6.6.6", "198.51.100.7"]),
+            "198.51.100.7"
+        );
+        assert_eq!(limits.client(proxy, &[]), "10.0.0.1");
+        assert_eq!(limits.client(stranger, &["198.51.100.7"]), "203.0.113.9");
+        let v6 = Some("2001:db8:1:2:3:4:5:6".parse().unwrap());
+        assert_eq!(limits.client(v6, &[]), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn parallel_takes_cannot_share_the_last_event() {
+        let l = std::sync::Arc::new(Limit::new(5));
+        let granted: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..50)
+                .map(|_| s.spawn(|| l.take("x").is_ok() as usize))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(granted, 5);
     }
 }

@@ -225,6 +225,10 @@ impl Target {
             )
             // All its users register from one address, and the login scenario fails on purpose.
             .env("REGISTRATIONS_PER_IP_PER_MIN", "0")
+            .env(
+                "ACCESS_LOG",
+                std::env::var("ACCESS_LOG").unwrap_or_else(|_| "off".into()),
+            )
             .env("LOGIN_FAILS_PER_IP_PER_MIN", "0")
             .env("LOGIN_FAILS_PER_EMAIL_PER_MIN", "0")
             .stdout(Stdio::piped())

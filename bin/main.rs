@@ -7,6 +7,7 @@ mod error;
 mod http;
 mod limits;
 mod loadtest;
+mod metrics;
 mod routes;
 mod stats;
 mod suite;
@@ -36,7 +37,7 @@ Usage:
 Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
 TOKEN_TTL_SECS, BCRYPT_COST, WORKERS, DB_POOL_SIZE, DB_POOL_WAIT_MS,
 LOGIN_FAILS_PER_EMAIL_PER_MIN, LOGIN_FAILS_PER_IP_PER_MIN, REGISTRATIONS_PER_IP_PER_MIN,
-TRUSTED_PROXIES.
+TRUSTED_PROXIES, MAX_CONNECTIONS, ACCESS_LOG.
 With DATABASE_URL unset, a private MariaDB is started in COUPONS_DATA_DIR (default var/mysql).
 ";
 
@@ -212,7 +213,8 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
     // Each connection holds a thread and a descriptor: cap them below the descriptor limit,
     // keeping room for the database connections and files.
     let fds = http::raise_fd_limit();
-    let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256);
+    // Two descriptors a connection: tiny_http clones each socket into a read and a write half.
+    let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256) / 2;
     let cap = config
         .max_connections
         .unwrap_or(room.clamp(64, 10_000) as usize);
@@ -245,6 +247,8 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
             registrations_per_ip: limits::Limit::new(config.registrations_per_ip),
             trusted_proxies: config.trusted_proxies.clone(),
         },
+        metrics: metrics::Metrics::default(),
+        access_log: config.access_log,
     };
     http::serve(app, listener, config.workers, shutdown)?;
     println!("coupons: stopped");

@@ -16,6 +16,32 @@ use tiny_http::{Method, Request};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
+/// The route a request matched, as a metrics label: ids are `{id}`, anything else is
+/// `unmatched` (so a scan of random paths cannot grow the label set).
+pub fn route_name(method: &Method, url: &str) -> &'static str {
+    let p = path(url);
+    let segments: Vec<&str> = p.strip_prefix('/').unwrap_or(p).split('/').collect();
+    use Method::{Delete, Get, Post, Put};
+    match (segments.as_slice(), method) {
+        (["register"], Post) => "POST /register",
+        (["login"], Post) => "POST /login",
+        (["coupons"], Get) => "GET /coupons",
+        (["coupons", _, "claim"], Post) => "POST /coupons/{id}/claim",
+        (["users", "me", "history"], Get) => "GET /users/me/history",
+        (["admin", "coupons"], Post) => "POST /admin/coupons",
+        (["admin", "coupons"], Get) => "GET /admin/coupons",
+        (["admin", "coupons", _], Get) => "GET /admin/coupons/{id}",
+        (["admin", "coupons", _], Put) => "PUT /admin/coupons/{id}",
+        (["admin", "coupons", _], Delete) => "DELETE /admin/coupons/{id}",
+        (["admin", "coupons", _, "claims"], Get) => "GET /admin/coupons/{id}/claims",
+        (["admin", "claims", _, "void"], Post) => "POST /admin/claims/{id}/void",
+        (["admin", "audit"], Get) => "GET /admin/audit",
+        (["healthz"], Get) => "GET /healthz",
+        (["metrics"], Get) => "GET /metrics",
+        _ => "unmatched",
+    }
+}
+
 /// Dispatches on method and path; a known path with another method is a 405 naming the
 /// allowed ones, anything else a 404.
 pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
@@ -42,6 +68,11 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
         (["admin", "claims", id, "void"], Post) => void(app, rq, id),
         (["admin", "audit"], Get) => audit_log(app, rq, &url),
+        (["metrics"], Get) => Ok(Reply {
+            status: 200,
+            body: app.metrics.render(app.pool.stats()).into_bytes(),
+            headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
+        }),
         (["healthz"], Get) => {
             db::ping(&app.pool)?;
             Ok(Reply::json(200, &json!({"status": "ok"})))
@@ -55,7 +86,8 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
             | ["users", "me", "history"]
             | ["healthz"]
             | ["admin", "coupons", _, "claims"]
-            | ["admin", "audit"],
+            | ["admin", "audit"]
+            | ["metrics"],
             _,
         ) => Err(ApiError::MethodNotAllowed("GET")),
         (["admin", "coupons"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),
@@ -88,14 +120,14 @@ fn credentials(rq: &mut Request, url: &str) -> Result<Credentials> {
 
 /// The client's address, for the brute-force limits.
 fn client(app: &App, rq: &Request) -> String {
-    let forwarded = rq
+    let forwarded: Vec<&str> = rq
         .headers()
         .iter()
-        .find(|h| h.field.equiv("X-Forwarded-For"));
-    app.limits.client(
-        rq.remote_addr().map(|a| a.ip()),
-        forwarded.map(|h| h.value.as_str()),
-    )
+        .filter(|h| h.field.equiv("X-Forwarded-For"))
+        .map(|h| h.value.as_str())
+        .collect();
+    app.limits
+        .client(rq.remote_addr().map(|a| a.ip()), &forwarded)
 }
 
 /// The page a list request asks for (`?limit=&after=`).
@@ -247,14 +279,11 @@ fn void(app: &App, rq: &mut Request, id: &str) -> Result<Reply> {
 
 fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
     let ip = client(app, rq);
-    app.limits
-        .registrations_per_ip
-        .check(&ip)
-        .map_err(ApiError::TooManyRequests)?;
     let c = credentials(rq, url)?;
     let email = Email::parse(&c.email)?;
     let password = Password::parse(&c.password)?;
-    app.limits.registrations_per_ip.take(&ip);
+    let limit = &app.limits.registrations_per_ip;
+    limit.take(&ip).map_err(ApiError::TooManyRequests)?;
     let user = app.auth.register(&app.pool, &email, &password)?;
     Ok(Reply::json(201, &user))
 }
@@ -262,24 +291,28 @@ fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
 fn login(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
     let ip = client(app, rq);
     let c = credentials(rq, url)?;
-    let email = c.email.trim().to_lowercase();
-    // Refused before any bcrypt work: guessing costs the guesser, not the service.
+    // Taken before any bcrypt work and given back on success: guessing costs the guesser, and
+    // parallel guesses cannot share the last attempt. The email bucket only exists for a
+    // well-formed address (no bucket per 64 KiB of junk).
     let limits = &app.limits;
+    let email = Email::parse(&c.email).ok();
     limits
         .login_fails_per_ip
-        .check(&ip)
+        .take(&ip)
         .map_err(ApiError::TooManyRequests)?;
-    limits
-        .login_fails_per_email
-        .check(&email)
-        .map_err(ApiError::TooManyRequests)?;
+    if let Some(email) = &email {
+        if let Err(wait) = limits.login_fails_per_email.take(email.as_str()) {
+            limits.login_fails_per_ip.refund(&ip);
+            return Err(ApiError::TooManyRequests(wait));
+        }
+    }
     let t = app
         .auth
         .login(&app.pool, &c.email, &c.password)
-        .inspect_err(|e| {
-            if matches!(e, Error::BadCredentials) {
-                limits.login_fails_per_ip.take(&ip);
-                limits.login_fails_per_email.take(&email);
+        .inspect(|_| {
+            limits.login_fails_per_ip.refund(&ip);
+            if let Some(email) = &email {
+                limits.login_fails_per_email.refund(email.as_str());
             }
         })?;
     Ok(Reply::json(
@@ -337,6 +370,11 @@ fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
             replayed: false,
         },
     };
+    let outcome = match &answer.result {
+        Ok(_) => "claimed".to_owned(),
+        Err(e) => crate::error::app_parts(e).1,
+    };
+    app.metrics.claim(&outcome);
     answered(answer, |c| {
         Reply::json(
             201,

@@ -7,10 +7,52 @@ use mysql::{Conn, Opts, OptsBuilder, Transaction, TxOpts};
 use r2d2_mysql::MySqlConnectionManager;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The pool every library function takes. Cheap to clone; share it between threads.
-pub type Pool = r2d2::Pool<Manager>;
+#[derive(Clone)]
+pub struct Pool {
+    inner: r2d2::Pool<Manager>,
+    stats: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    waiting: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// What a pool has been doing, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections lent out now.
+    pub in_use: u32,
+    /// Connections open and idle now.
+    pub idle: u32,
+    /// Callers waiting for a connection now.
+    pub waiting: u64,
+    /// Database errors so far (unavailable or failed statements; refusals do not count).
+    pub errors: u64,
+    /// Transactions retried so far after a deadlock or lock-wait timeout.
+    pub retries: u64,
+}
+
+impl Pool {
+    /// The pool's numbers now.
+    pub fn stats(&self) -> PoolStats {
+        let state = self.inner.state();
+        PoolStats {
+            in_use: state.connections - state.idle_connections,
+            idle: state.idle_connections,
+            waiting: self.stats.waiting.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+            retries: self.stats.retries.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// The usual wait for a free connection before a caller gets [`Error::Unavailable`].
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -112,12 +154,16 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
     let manager = Manager {
         inner: MySqlConnectionManager::new(OptsBuilder::from_opts(opts)),
     };
-    Ok(r2d2::Pool::builder()
+    let inner = r2d2::Pool::builder()
         .max_size(size.max(1))
         .min_idle(Some(0))
         .connection_timeout(wait)
         .test_on_check_out(true)
-        .build_unchecked(manager))
+        .build_unchecked(manager);
+    Ok(Pool {
+        inner,
+        stats: Arc::default(),
+    })
 }
 
 /// Creates the URL's database if it does not exist (needs the CREATE privilege; an error here
@@ -188,10 +234,18 @@ pub(crate) fn with_conn<T>(
     pool: &Pool,
     f: impl FnOnce(&mut Connection) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let mut conn = pool.get()?;
-    let result = f(&mut conn);
-    if let Err(Error::Unavailable(_)) = &result {
-        conn.broken = true;
+    pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
+    let conn = pool.inner.get();
+    pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    let result = conn.map_err(Error::from).and_then(|mut conn| {
+        let result = f(&mut conn);
+        if let Err(Error::Unavailable(_)) = &result {
+            conn.broken = true;
+        }
+        result
+    });
+    if let Err(Error::Unavailable(_) | Error::Database(_)) = &result {
+        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
     }
     result
 }
@@ -216,7 +270,10 @@ pub(crate) fn transaction<T>(
             Ok(value)
         });
         match result {
-            Err(e) if e.is_conflict() => std::thread::sleep(backoff(attempt)),
+            Err(e) if e.is_conflict() => {
+                pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(backoff(attempt))
+            }
             other => return other,
         }
     }

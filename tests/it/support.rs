@@ -168,6 +168,12 @@ impl Service {
     pub fn spawn(env: &[(&str, &str)]) -> Service {
         let mut child = coupons_command(env)
             .env("BIND_ADDR", "127.0.0.1:0")
+            .env(
+                "ACCESS_LOG",
+                env.iter()
+                    .find(|(k, _)| *k == "ACCESS_LOG")
+                    .map_or("off", |(_, v)| *v),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -244,6 +250,7 @@ pub fn coupons_command(env: &[(&str, &str)]) -> Command {
         "BCRYPT_COST",
         "WORKERS",
         "DB_POOL_SIZE",
+        "ACCESS_LOG",
     ] {
         cmd.env_remove(var);
     }

@@ -32,6 +32,9 @@ pub struct ClientConnection {
     // set to true if we know that the previous request is the last one
     no_more_requests: bool,
 
+    // coupons patch: whether the last request's body was read through (see `next`).
+    body_signal: Option<std::sync::mpsc::Receiver<IoResult<()>>>,
+
     // true if the connection goes through SSL
     secure: bool,
 }
@@ -64,6 +67,7 @@ impl ClientConnection {
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,
+            body_signal: None,
             secure,
         }
     }
@@ -189,6 +193,14 @@ impl Iterator for ClientConnection {
             return None;
         }
 
+        // coupons patch: if the previous request's body was not read to its end, what follows
+        // on the connection is the rest of that body, not a request: close.
+        if let Some(signal) = self.body_signal.take() {
+            if !matches!(signal.recv(), Ok(Ok(()))) {
+                return None;
+            }
+        }
+
         loop {
             let rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
@@ -264,6 +276,14 @@ impl Iterator for ClientConnection {
                 None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
                 _ => (),
             };
+
+            // coupons patch: a chunked body is never drained, so the connection ends with
+            // this request rather than read body bytes as the next one.
+            if rq.headers().iter().any(|h| h.field.equiv("Transfer-Encoding")) {
+                self.no_more_requests = true;
+            }
+            let mut rq = rq;
+            self.body_signal = rq.body_signal.take();
 
             // returning the request
             return Some(rq);

@@ -109,7 +109,7 @@ use std::thread;
 use std::time::Duration;
 
 /// coupons patch: how long a connection may wait on a read or a write before it is closed.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// coupons patch: the most connections served at once; past it a new connection is closed at
 /// once, so that a flood of connections can exhaust neither threads nor file descriptors.

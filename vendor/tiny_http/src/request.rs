@@ -74,6 +74,8 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+    // coupons patch: taken by the connection, which closes when the body was not read through.
+    pub(crate) body_signal: Option<std::sync::mpsc::Receiver<std::io::Result<()>>>,
 }
 
 struct NotifyOnDrop<R> {
@@ -183,6 +185,9 @@ where
         }
     };
 
+    // coupons patch: tells the connection whether the body was read to its end.
+    let mut body_signal = None;
+
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
     let reader = if connection_upgrade {
@@ -191,7 +196,7 @@ where
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
+        } else if content_length <= BODY_READ_AHEAD && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
 
             let mut buffer = vec![0; content_length];
@@ -212,7 +217,8 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
+            let (data_reader, signal) = EqualReader::new(source_data, content_length);
+            body_signal = Some(signal);
             Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
@@ -238,8 +244,13 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        body_signal,
     })
 }
+
+/// coupons patch: bodies up to this size are read whole by the connection's own thread before
+/// the request is handed on (the original: 1,024 bytes), so a slow body never holds a worker.
+const BODY_READ_AHEAD: usize = 64 * 1024;
 
 impl Request {
     /// Returns true if the request was made through HTTPS.

@@ -64,40 +64,20 @@ where
     R: Read,
 {
     fn drop(&mut self) {
-        // coupons patch: the original allocated `vec![0; remaining]`, so one request declaring a
-        // huge Content-Length aborted the process. Drain through a small buffer, and at most
-        // MAX_DRAIN bytes: past that the connection is out of step and gets closed.
-        const MAX_DRAIN: usize = 1 << 20;
-        if self.size > MAX_DRAIN {
-            self.last_read_signal
-                .send(Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "unread request body too large to drain",
-                )))
-                .ok();
-            return;
-        }
-        let mut remaining_to_read = self.size;
-        let mut buf = [0u8; 4096];
-
-        while remaining_to_read > 0 {
-            let want = remaining_to_read.min(buf.len());
-            let buf = &mut buf[..want];
-
-            match self.reader.read(buf) {
-                Err(e) => {
-                    self.last_read_signal.send(Err(e)).ok();
-                    break;
-                }
-                Ok(0) => {
-                    self.last_read_signal.send(Ok(())).ok();
-                    break;
-                }
-                Ok(other) => {
-                    remaining_to_read -= other;
-                }
-            }
-        }
+        // coupons patch: the original drained the unread rest of the body here, on the thread
+        // that dropped the request (an application worker), allocating `vec![0; remaining]`:
+        // a huge Content-Length aborted the process, and a slow one pinned the worker. Now an
+        // unread rest is never read: the connection is told to close instead (see client.rs),
+        // so the rest can never be taken for the next request either.
+        let result = if self.size == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request body not read to the end",
+            ))
+        };
+        self.last_read_signal.send(result).ok();
     }
 }
 

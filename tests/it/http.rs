@@ -2045,3 +2045,97 @@ fn etags_stop_lost_updates_and_the_audit_log_records_changes() {
         "admin_required",
     );
 }
+
+#[test]
+fn metrics_request_ids_and_the_access_log() {
+    use std::io::BufRead;
+    let db = TestDb::new();
+    let mut child = crate::support::coupons_command(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("ACCESS_LOG", "on"),
+        ("BIND_ADDR", "127.0.0.1:0"),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = out.next().unwrap().unwrap();
+        if let Some(a) = line.strip_prefix("coupons: listening on http://") {
+            break a.to_owned();
+        }
+    };
+    let log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let call = |m: &str, p: &str, h: &[(&str, &str)], b: Option<&str>| {
+        crate::support::request(&addr, m, p, h, b)
+    };
+
+    let r = call(
+        "GET",
+        "/healthz",
+        &[("X-Request-Id", "trace-abc.123")],
+        None,
+    );
+    assert_eq!(r.headers["x-request-id"], "trace-abc.123");
+    let r = call(
+        "GET",
+        "/healthz",
+        &[("X-Request-Id", "bad id with spaces")],
+        None,
+    );
+    assert_ne!(r.headers["x-request-id"], "bad id with spaces");
+    assert!(!r.headers["x-request-id"].is_empty());
+    // The seed's query-string login: the password must not reach the log.
+    call(
+        "POST",
+        "/register?email=log%40example.com&password=sup3r-secret-pw",
+        &[],
+        None,
+    );
+    let r = call(
+        "POST",
+        "/login?email=log%40example.com&password=sup3r-secret-pw",
+        &[],
+        None,
+    );
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    call("POST", "/coupons/1/claim", &[("token", &token)], None);
+    call("POST", "/coupons/abc/claim", &[("token", &token)], None);
+
+    let r = call("GET", "/metrics", &[], None);
+    let text = r.body.as_str().unwrap().to_owned();
+    for needle in [
+        "coupons_http_requests_total{route=\"GET /healthz\",status=\"200\"} 2",
+        "coupons_http_requests_total{route=\"POST /coupons/{id}/claim\",status=\"404\"} 2",
+        "coupons_http_request_duration_seconds_bucket{route=\"GET /healthz\",le=\"+Inf\"} 2",
+        "coupons_claims_total{outcome=\"coupon_not_found\"} 1",
+        "# TYPE coupons_db_connections_in_use gauge",
+        "coupons_db_connections_waiting 0",
+        "coupons_db_retries_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let lines: Vec<String> = log.lines().map_while(Result::ok).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("trace-abc.123 GET /healthz 200 ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(" POST /login 200 ")),
+        "{lines:?}"
+    );
+    let all = lines.join("\n");
+    assert!(
+        !all.contains("sup3r-secret-pw") && !all.contains(&token),
+        "a secret reached the log"
+    );
+}

@@ -277,8 +277,12 @@ fn respond(rq: Request, reply: Reply) {
     let mut response = Response::from_data(reply.body)
         .with_status_code(reply.status)
         .with_chunked_threshold(usize::MAX);
-    let headers =
-        std::iter::once(("Content-Type", "application/json".to_owned())).chain(reply.headers);
+    let typed = reply
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("Content-Type"));
+    let default_type = (!typed).then(|| ("Content-Type", "application/json".to_owned()));
+    let headers = default_type.into_iter().chain(reply.headers);
     for (name, value) in headers {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             response.add_header(h);

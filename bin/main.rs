@@ -8,6 +8,7 @@ mod http;
 mod limits;
 mod loadtest;
 mod metrics;
+mod openapi;
 mod routes;
 mod stats;
 mod suite;

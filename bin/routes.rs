@@ -16,30 +16,57 @@ use tiny_http::{Method, Request};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// The route a request matched, as a metrics label: ids are `{id}`, anything else is
-/// `unmatched` (so a scan of random paths cannot grow the label set).
+/// Every route: method, path (`{id}` stands for a number) and its metrics label. The router
+/// below and the OpenAPI document (bin/openapi.rs) are checked against this list in tests.
+pub const ROUTES: &[(&str, &str, &str)] = &[
+    ("POST", "/register", "POST /register"),
+    ("POST", "/login", "POST /login"),
+    ("GET", "/coupons", "GET /coupons"),
+    ("POST", "/coupons/{id}/claim", "POST /coupons/{id}/claim"),
+    ("GET", "/users/me/history", "GET /users/me/history"),
+    ("POST", "/admin/coupons", "POST /admin/coupons"),
+    ("GET", "/admin/coupons", "GET /admin/coupons"),
+    ("GET", "/admin/coupons/{id}", "GET /admin/coupons/{id}"),
+    ("PUT", "/admin/coupons/{id}", "PUT /admin/coupons/{id}"),
+    (
+        "DELETE",
+        "/admin/coupons/{id}",
+        "DELETE /admin/coupons/{id}",
+    ),
+    (
+        "GET",
+        "/admin/coupons/{id}/claims",
+        "GET /admin/coupons/{id}/claims",
+    ),
+    (
+        "POST",
+        "/admin/claims/{id}/void",
+        "POST /admin/claims/{id}/void",
+    ),
+    ("GET", "/admin/audit", "GET /admin/audit"),
+    ("GET", "/healthz", "GET /healthz"),
+    ("GET", "/metrics", "GET /metrics"),
+    ("GET", "/openapi.json", "GET /openapi.json"),
+    ("GET", "/docs", "GET /docs"),
+];
+
+/// The route a request matched, as a metrics label; anything else is `unmatched`, so a scan of
+/// random paths cannot grow the label set.
 pub fn route_name(method: &Method, url: &str) -> &'static str {
     let p = path(url);
     let segments: Vec<&str> = p.strip_prefix('/').unwrap_or(p).split('/').collect();
-    use Method::{Delete, Get, Post, Put};
-    match (segments.as_slice(), method) {
-        (["register"], Post) => "POST /register",
-        (["login"], Post) => "POST /login",
-        (["coupons"], Get) => "GET /coupons",
-        (["coupons", _, "claim"], Post) => "POST /coupons/{id}/claim",
-        (["users", "me", "history"], Get) => "GET /users/me/history",
-        (["admin", "coupons"], Post) => "POST /admin/coupons",
-        (["admin", "coupons"], Get) => "GET /admin/coupons",
-        (["admin", "coupons", _], Get) => "GET /admin/coupons/{id}",
-        (["admin", "coupons", _], Put) => "PUT /admin/coupons/{id}",
-        (["admin", "coupons", _], Delete) => "DELETE /admin/coupons/{id}",
-        (["admin", "coupons", _, "claims"], Get) => "GET /admin/coupons/{id}/claims",
-        (["admin", "claims", _, "void"], Post) => "POST /admin/claims/{id}/void",
-        (["admin", "audit"], Get) => "GET /admin/audit",
-        (["healthz"], Get) => "GET /healthz",
-        (["metrics"], Get) => "GET /metrics",
-        _ => "unmatched",
-    }
+    ROUTES
+        .iter()
+        .find(|(m, template, _)| {
+            let parts: Vec<&str> = template[1..].split('/').collect();
+            *m == method.as_str()
+                && parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(&segments)
+                    .all(|(t, s)| *t == "{id}" || t == s)
+        })
+        .map_or("unmatched", |(_, _, label)| label)
 }
 
 /// Dispatches on method and path; a known path with another method is a 405 naming the
@@ -68,6 +95,12 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
         (["admin", "claims", id, "void"], Post) => void(app, rq, id),
         (["admin", "audit"], Get) => audit_log(app, rq, &url),
+        (["openapi.json"], Get) => Ok(Reply::json(200, &crate::openapi::document())),
+        (["docs"], Get) => Ok(Reply {
+            status: 200,
+            body: crate::openapi::DOCS_HTML.as_bytes().to_vec(),
+            headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
+        }),
         (["metrics"], Get) => Ok(Reply {
             status: 200,
             body: app.metrics.render(app.pool.stats()).into_bytes(),
@@ -87,7 +120,9 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
             | ["healthz"]
             | ["admin", "coupons", _, "claims"]
             | ["admin", "audit"]
-            | ["metrics"],
+            | ["metrics"]
+            | ["openapi.json"]
+            | ["docs"],
             _,
         ) => Err(ApiError::MethodNotAllowed("GET")),
         (["admin", "coupons"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),

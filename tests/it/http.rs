@@ -2139,3 +2139,46 @@ fn metrics_request_ids_and_the_access_log() {
         "a secret reached the log"
     );
 }
+
+#[test]
+fn the_openapi_document_matches_the_routes() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let doc = check(&svc, "GET", "/openapi.json", &[], None, 200, "").body;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 14);
+    for (template, methods) in paths {
+        let path = template.replace("{id}", "1");
+        let mut documented: Vec<String> = methods
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        documented.sort();
+        // A method the document does not list is a 405 naming exactly the documented ones.
+        let r = svc.call("PATCH", &path, &[], None);
+        assert_eq!(r.status, 405, "{template}");
+        let mut allowed: Vec<String> = r.headers["allow"].split(", ").map(String::from).collect();
+        allowed.sort();
+        assert_eq!(allowed, documented, "{template}");
+        // And every documented operation is routed (never the router's 404).
+        for method in &documented {
+            let r = svc.call(method, &path, &[], None);
+            assert_ne!(
+                r.body["code"], "not_found",
+                "{method} {template} is documented but not routed"
+            );
+        }
+    }
+    let page = svc.call("GET", "/docs", &[], None);
+    assert_eq!(page.status, 200);
+    assert!(page.headers["content-type"].starts_with("text/html"));
+    let html = page.body.as_str().unwrap();
+    assert!(
+        html.contains("fetch('/openapi.json')")
+            && !html.contains("http://")
+            && !html.contains("https://")
+    );
+}

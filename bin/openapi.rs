@@ -1,0 +1,417 @@
+//! The OpenAPI 3.1 document of every route (`GET /openapi.json`) and a page that renders it for
+//! people (`GET /docs`), self-contained: no script or style from elsewhere.
+
+use serde_json::{json, Map, Value};
+
+/// Who may call an operation.
+#[derive(Clone, Copy, PartialEq)]
+enum Who {
+    Anyone,
+    User,
+    Admin,
+}
+
+/// One operation: method, path, summary, caller, request body schema, success, error statuses.
+struct Op {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    who: Who,
+    body: Option<&'static str>,
+    ok: (u16, &'static str),
+    errors: &'static [u16],
+}
+
+const OPS: &[Op] = &[
+    Op {
+        method: "POST",
+        path: "/register",
+        summary: "Register a user (JSON body, or ?email=&password=)",
+        who: Who::Anyone,
+        body: Some("Credentials"),
+        ok: (201, "User"),
+        errors: &[400, 409, 411, 413, 415, 422, 429],
+    },
+    Op {
+        method: "POST",
+        path: "/login",
+        summary: "Log in and get a token",
+        who: Who::Anyone,
+        body: Some("Credentials"),
+        ok: (200, "Token"),
+        errors: &[400, 401, 411, 413, 415, 422, 429],
+    },
+    Op {
+        method: "GET",
+        path: "/coupons",
+        summary: "Claimable coupons (paged); with a token, each says limit_reached",
+        who: Who::Anyone,
+        body: None,
+        ok: (200, "CouponList"),
+        errors: &[422],
+    },
+    Op {
+        method: "POST",
+        path: "/coupons/{id}/claim",
+        summary: "Claim one unit (Idempotency-Key optional)",
+        who: Who::User,
+        body: None,
+        ok: (201, "ClaimResult"),
+        errors: &[401, 404, 409, 422],
+    },
+    Op {
+        method: "GET",
+        path: "/users/me/history",
+        summary: "The caller's claims, newest first (paged)",
+        who: Who::User,
+        body: None,
+        ok: (200, "History"),
+        errors: &[401, 422],
+    },
+    Op {
+        method: "POST",
+        path: "/admin/coupons",
+        summary: "Create a coupon (Idempotency-Key optional)",
+        who: Who::Admin,
+        body: Some("NewCoupon"),
+        ok: (201, "Coupon"),
+        errors: &[400, 401, 403, 409, 411, 413, 415, 422],
+    },
+    Op {
+        method: "GET",
+        path: "/admin/coupons",
+        summary: "Every coupon, deleted too, with claimed counts (paged; ?status=&q=)",
+        who: Who::Admin,
+        body: None,
+        ok: (200, "AdminCouponList"),
+        errors: &[401, 403, 422],
+    },
+    Op {
+        method: "GET",
+        path: "/admin/coupons/{id}",
+        summary: "One coupon, with its ETag",
+        who: Who::Admin,
+        body: None,
+        ok: (200, "AdminCoupon"),
+        errors: &[401, 403, 404],
+    },
+    Op {
+        method: "PUT",
+        path: "/admin/coupons/{id}",
+        summary: "Change a coupon (If-Match optional; null removes a rule)",
+        who: Who::Admin,
+        body: Some("CouponChange"),
+        ok: (200, "Coupon"),
+        errors: &[400, 401, 403, 404, 409, 411, 412, 413, 415, 422],
+    },
+    Op {
+        method: "DELETE",
+        path: "/admin/coupons/{id}",
+        summary: "Soft-delete a coupon; its claims stay",
+        who: Who::Admin,
+        body: None,
+        ok: (200, "Detail"),
+        errors: &[401, 403, 404],
+    },
+    Op {
+        method: "GET",
+        path: "/admin/coupons/{id}/claims",
+        summary: "A coupon's claims, with who claimed (paged)",
+        who: Who::Admin,
+        body: None,
+        ok: (200, "CouponClaims"),
+        errors: &[401, 403, 404, 422],
+    },
+    Op {
+        method: "POST",
+        path: "/admin/claims/{id}/void",
+        summary: "Void a claim: one unit back, exactly once",
+        who: Who::Admin,
+        body: Some("VoidRequest"),
+        ok: (200, "Voided"),
+        errors: &[400, 401, 403, 404, 409, 411, 413, 415, 422],
+    },
+    Op {
+        method: "GET",
+        path: "/admin/audit",
+        summary: "The audit log, newest first (paged)",
+        who: Who::Admin,
+        body: None,
+        ok: (200, "Audit"),
+        errors: &[401, 403, 422],
+    },
+    Op {
+        method: "GET",
+        path: "/healthz",
+        summary: "Whether the database answers",
+        who: Who::Anyone,
+        body: None,
+        ok: (200, "Health"),
+        errors: &[],
+    },
+    Op {
+        method: "GET",
+        path: "/metrics",
+        summary: "Prometheus metrics (text)",
+        who: Who::Anyone,
+        body: None,
+        ok: (200, ""),
+        errors: &[],
+    },
+    Op {
+        method: "GET",
+        path: "/openapi.json",
+        summary: "This document",
+        who: Who::Anyone,
+        body: None,
+        ok: (200, ""),
+        errors: &[],
+    },
+    Op {
+        method: "GET",
+        path: "/docs",
+        summary: "This document, rendered for people (HTML)",
+        who: Who::Anyone,
+        body: None,
+        ok: (200, ""),
+        errors: &[],
+    },
+];
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Malformed JSON (malformed_json)",
+        401 => "No, bad, expired or foreign token; unknown user (missing_token, invalid_token, token_expired, unknown_user, invalid_credentials)",
+        403 => "Not an admin (admin_required)",
+        404 => "No such coupon or claim, or an id that is not a number",
+        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_locked, email_taken, already_voided",
+        411 => "Chunked body; send a Content-Length (length_required)",
+        412 => "If-Match names an older version (precondition_failed)",
+        413 => "Body over 64 KiB (payload_too_large)",
+        415 => "Body is not application/json (unsupported_media_type)",
+        422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused)",
+        429 => "Too many attempts; see Retry-After (too_many_requests)",
+        _ => "",
+    }
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn schemas() -> Value {
+    let ts = json!({"type": "string", "format": "date-time"});
+    let nts = json!({"type": ["string", "null"], "format": "date-time"});
+    let nstr = json!({"type": ["string", "null"]});
+    let coupon = json!({"type": "object", "properties": {
+        "id": {"type": "integer"}, "code": {"type": "string"},
+        "available_count": {"type": "integer"}, "total_count": {"type": "integer"},
+        "status": {"enum": ["ACTIVE", "INACTIVE"]}, "name": nstr, "description": nstr,
+        "per_user_limit": {"type": ["integer", "null"]}, "starts_at": nts, "ends_at": nts,
+        "version": {"type": "integer"}, "limit_reached": {"type": "boolean"}}});
+    let rules = json!({
+        "name": nstr, "description": nstr, "per_user_limit": {"type": ["integer", "null"], "minimum": 1},
+        "starts_at": nts, "ends_at": nts});
+    let mut new_coupon = json!({"type": "object", "required": ["code", "available_count"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "available_count": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+        "status": {"enum": ["ACTIVE", "INACTIVE"]}}});
+    let mut change = new_coupon.clone();
+    change.as_object_mut().map(|o| o.remove("required"));
+    for s in [&mut new_coupon, &mut change] {
+        if let (Some(props), Some(extra)) = (s["properties"].as_object_mut(), rules.as_object()) {
+            props.extend(extra.clone());
+        }
+    }
+    let claim = json!({"type": "object", "properties": {"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
+        "code": {"type": "string"}, "name": nstr, "claimed_at": ts}});
+    let history_entry = json!({"type": "object", "properties": {"claim_id": {"type": "integer"}, "coupon_id": {"type": "integer"},
+        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "voided_at": nts, "void_reason": nstr}});
+    let admin_coupon = json!({"allOf": [schema_ref("Coupon"), {"type": "object", "properties": {
+        "claimed": {"type": "integer"}, "deleted_at": nts}}]});
+    let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
+    json!({
+        "Error": {"type": "object", "required": ["detail", "code"], "properties": {
+            "detail": {"type": "string"}, "code": {"type": "string"}}},
+        "Credentials": {"type": "object", "required": ["email", "password"], "properties": {
+            "email": {"type": "string", "format": "email"},
+            "password": {"type": "string", "minLength": 8, "description": "8 to 72 bytes"}}},
+        "User": {"type": "object", "properties": {"id": {"type": "integer"}, "email": {"type": "string"},
+            "role": {"enum": ["USER", "ADMIN"]}}},
+        "Token": {"type": "object", "properties": {"token": {"type": "string"}, "access_token": {"type": "string"},
+            "token_type": {"const": "bearer"}, "expires_in": {"type": "integer"}}},
+        "Coupon": coupon,
+        "CouponList": list("Coupon"),
+        "NewCoupon": new_coupon,
+        "CouponChange": change,
+        "AdminCoupon": admin_coupon,
+        "AdminCouponList": list("AdminCoupon"),
+        "Claim": claim,
+        "ClaimResult": {"type": "object", "properties": {"message": {"type": "string"},
+            "claim": schema_ref("Claim"), "available_count": {"type": "integer"}}},
+        "HistoryEntry": history_entry,
+        "History": list("HistoryEntry"),
+        "CouponClaim": {"type": "object", "properties": {"claim_id": {"type": "integer"}, "user_id": {"type": "integer"},
+            "email": {"type": "string"}, "claimed_at": ts, "voided_at": nts, "void_reason": nstr}},
+        "CouponClaims": list("CouponClaim"),
+        "VoidRequest": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "maxLength": 500}}},
+        "Voided": {"type": "object", "properties": {"claim_id": {"type": "integer"}, "coupon_id": {"type": "integer"},
+            "voided_at": ts, "voided_by": {"type": "integer"}, "reason": {"type": "string"}}},
+        "AuditEntry": {"type": "object", "properties": {"id": {"type": "integer"}, "actor_id": {"type": "integer"},
+            "action": {"type": "string"}, "coupon_id": {"type": ["integer", "null"]}, "claim_id": {"type": ["integer", "null"]},
+            "detail": {}, "created_at": ts}},
+        "Audit": list("AuditEntry"),
+        "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
+        "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
+    })
+}
+
+/// The OpenAPI 3.1 document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for op in OPS {
+        let mut responses = Map::new();
+        let ok = if op.ok.1.is_empty() {
+            json!({"description": "OK"})
+        } else {
+            json!({"description": "OK", "content": {"application/json": {"schema": schema_ref(op.ok.1)}}})
+        };
+        responses.insert(op.ok.0.to_string(), ok);
+        let mut errors: Vec<u16> = op.errors.to_vec();
+        errors.push(503);
+        for status in errors {
+            let description = if status == 503 {
+                "Database unavailable, busy, overloaded or shutting down; see Retry-After"
+            } else {
+                reason(status)
+            };
+            responses.insert(
+                status.to_string(),
+                json!({"description": description, "content": {"application/json": {"schema": schema_ref("Error")}}}),
+            );
+        }
+        let mut operation = json!({"summary": op.summary, "responses": responses});
+        let mut parameters = Vec::new();
+        if op.path.contains("{id}") {
+            parameters.push(json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1}}));
+        }
+        if op.summary.contains("paged") {
+            parameters.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}));
+            parameters.push(json!({"name": "after", "in": "query", "description": "The cursor from a Link: rel=\"next\" header", "schema": {"type": "string"}}));
+        }
+        if op.summary.contains("Idempotency-Key") {
+            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 255}}));
+        }
+        if op.summary.contains("If-Match") {
+            parameters
+                .push(json!({"name": "If-Match", "in": "header", "schema": {"type": "string"}}));
+        }
+        if !parameters.is_empty() {
+            operation["parameters"] = json!(parameters);
+        }
+        if let Some(body) = op.body {
+            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}});
+        }
+        if op.who != Who::Anyone {
+            operation["security"] = json!([{"bearer": []}, {"token": []}]);
+        }
+        if op.who == Who::Admin {
+            operation["description"] =
+                json!("Admins only: the role is checked in the database on every request.");
+        }
+        let entry = paths.entry(op.path.to_owned()).or_insert_with(|| json!({}));
+        entry[op.method.to_ascii_lowercase()] = operation;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "coupons", "version": env!("CARGO_PKG_VERSION"),
+            "description": "A concurrency-safe coupon service. Every error is {detail, code}."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "token": {"type": "apiKey", "in": "header", "name": "token"}
+            }
+        }
+    })
+}
+
+/// A page that renders the document: a section per operation, with its parameters, body and
+/// responses. Everything is inline.
+pub const DOCS_HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>coupons API</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+h1{margin-bottom:.2rem} .op{border:1px solid #ddd;border-radius:6px;margin:1rem 0;padding:.6rem 1rem}
+.m{font-weight:bold;display:inline-block;min-width:4.5rem} .GET{color:#1a7f37}.POST{color:#0550ae}
+.PUT{color:#9a6700}.DELETE{color:#cf222e} code,pre{background:#f6f8fa;border-radius:4px;padding:.1rem .3rem}
+pre{padding:.5rem;overflow:auto;font-size:.85rem} .r{margin:.1rem 0}
+</style></head><body>
+<h1>coupons API</h1><p id="desc">Loading /openapi.json …</p><div id="ops"></div>
+<script>
+fetch('/openapi.json').then(r => r.json()).then(doc => {
+  document.getElementById('desc').textContent = doc.info.description + ' (OpenAPI ' + doc.openapi + ')';
+  const ops = document.getElementById('ops');
+  const resolve = s => s && s.$ref ? doc.components.schemas[s.$ref.split('/').pop()] : s;
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      const div = document.createElement('div'); div.className = 'op';
+      const m = method.toUpperCase();
+      div.innerHTML = '<div><span class="m ' + m + '">' + m + '</span><code class="path"></code></div><p class="summary"></p>';
+      div.querySelector('.path').textContent = path;
+      div.querySelector('.summary').textContent = op.summary + (op.security ? ' (token required)' : '');
+      if (op.parameters) {
+        const p = document.createElement('p');
+        p.textContent = 'Parameters: ' + op.parameters.map(x => x.name + ' (' + x.in + ')').join(', ');
+        div.appendChild(p);
+      }
+      if (op.requestBody) {
+        const pre = document.createElement('pre');
+        pre.textContent = 'Body: ' + JSON.stringify(resolve(op.requestBody.content['application/json'].schema), null, 2);
+        div.appendChild(pre);
+      }
+      for (const [status, r] of Object.entries(op.responses)) {
+        const line = document.createElement('div'); line.className = 'r';
+        line.textContent = status + ' ' + r.description;
+        div.appendChild(line);
+      }
+      ops.appendChild(div);
+    }
+  }
+  document.body.setAttribute('data-rendered', String(ops.children.length));
+});
+</script></body></html>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_and_the_router_name_the_same_routes() {
+        let doc = document();
+        let mut in_doc: Vec<(String, String)> = Vec::new();
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            for method in methods.as_object().unwrap().keys() {
+                in_doc.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        let mut routed: Vec<(String, String)> = crate::routes::ROUTES
+            .iter()
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
+            .collect();
+        in_doc.sort();
+        routed.sort();
+        assert_eq!(in_doc, routed);
+        // Every schema referred to exists.
+        let text = doc.to_string();
+        for name in text.split("#/components/schemas/").skip(1) {
+            let name = name.split('"').next().unwrap();
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "missing schema {name}"
+            );
+        }
+    }
+}

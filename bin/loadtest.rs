@@ -533,11 +533,27 @@ fn check_invariant(
     if matches!(o.scenario, Scenario::List | Scenario::Login) {
         return Ok(checks);
     }
-    let (status, body) = Client::new(addr)
-        .call("GET", "/coupons", None, None)
-        .map_err(|e| e.to_string())?;
-    let listed: Vec<Value> =
-        serde_json::from_slice(&body).map_err(|_| format!("GET /coupons: {status}"))?;
+    // Every page of the listing: a run's coupons may not fit on one.
+    let mut listed: Vec<Value> = Vec::new();
+    let mut client = Client::new(addr);
+    loop {
+        let after = listed.last().and_then(|c| c["id"].as_u64()).unwrap_or(0);
+        let (status, body) = client
+            .call(
+                "GET",
+                &format!("/coupons?limit=1000&after={after}"),
+                None,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        let page: Vec<Value> =
+            serde_json::from_slice(&body).map_err(|_| format!("GET /coupons: {status}"))?;
+        let full = page.len() == 1000;
+        listed.extend(page);
+        if !full {
+            break;
+        }
+    }
     let mut balanced = true;
     for id in coupons {
         let c = listed.iter().find(|c| c["id"].as_u64() == Some(*id));

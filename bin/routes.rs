@@ -54,18 +54,21 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
 /// random paths cannot grow the label set.
 pub fn route_name(method: &Method, url: &str) -> &'static str {
     let p = path(url);
-    let segments: Vec<&str> = p.strip_prefix('/').unwrap_or(p).split('/').collect();
+    let p = p.strip_prefix('/').unwrap_or(p);
+    // Compared segment by segment, without allocating: this runs on every request.
+    let matches = |template: &str| {
+        let (mut t, mut s) = (template[1..].split('/'), p.split('/'));
+        loop {
+            match (t.next(), s.next()) {
+                (None, None) => return true,
+                (Some(a), Some(b)) if a == "{id}" || a == b => {}
+                _ => return false,
+            }
+        }
+    };
     ROUTES
         .iter()
-        .find(|(m, template, _)| {
-            let parts: Vec<&str> = template[1..].split('/').collect();
-            *m == method.as_str()
-                && parts.len() == segments.len()
-                && parts
-                    .iter()
-                    .zip(&segments)
-                    .all(|(t, s)| *t == "{id}" || t == s)
-        })
+        .find(|(m, template, _)| *m == method.as_str() && matches(template))
         .map_or("unmatched", |(_, _, label)| label)
 }
 

@@ -19,9 +19,11 @@ pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    /// Refuses empty, over-long, or keys with characters outside space to `~`.
+    /// Refuses empty, over-long, or keys with characters outside space to `~`, and keys that
+    /// end in a space (the column's collation would take "k" and "k " for one key).
     pub fn parse(s: &str) -> Result<IdempotencyKey, Error> {
-        if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        let printable = s.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        if s.is_empty() || s.len() > 255 || !printable || s.ends_with(' ') {
             return Err(Error::invalid(
                 "idempotency_key",
                 "must be 1 to 255 printable ASCII characters",

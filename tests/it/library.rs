@@ -571,7 +571,7 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     let purged = coupons::idempotency::purge(&db.pool, coupons::idempotency::KEEP_FOR).unwrap();
     assert_eq!(purged, 1);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys"), 1);
-    for bad in ["", &"k".repeat(256), "tab\there", "é"] {
+    for bad in ["", &"k".repeat(256), "tab\there", "é", "trailing "] {
         assert!(
             coupons::idempotency::IdempotencyKey::parse(bad).is_err(),
             "{bad:?}"

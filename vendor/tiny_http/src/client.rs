@@ -353,17 +353,20 @@ impl Default for HeadBudget {
 
 impl HeadBudget {
     fn spend(&mut self) -> IoResult<()> {
-        let now = std::time::Instant::now();
-        let deadline = *self
-            .deadline
-            .get_or_insert(now + std::time::Duration::from_secs(10));
-        if now > deadline {
-            return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"));
-        }
         if self.bytes_left == 0 {
             return Err(IoError::new(ErrorKind::InvalidData, "request head too large"));
         }
         self.bytes_left -= 1;
+        // The clock is read on the first byte and every 64th: cheap, and close enough.
+        if self.deadline.is_none() || self.bytes_left % 64 == 0 {
+            let now = std::time::Instant::now();
+            let deadline = *self
+                .deadline
+                .get_or_insert(now + std::time::Duration::from_secs(10));
+            if now > deadline {
+                return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"));
+            }
+        }
         Ok(())
     }
 }

@@ -48,7 +48,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let fail = |e: Error| e.to_string();
     let opts = db::opts_from_url(&url).map_err(fail)?;
     db::create_database(&opts).map_err(fail)?;
-    let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT).map_err(fail)?;
+    let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT)
+        .map_err(fail)?
+        .with_claim_batching(crate::config::claim_batch()?);
     db::migrate(&pool).map_err(fail)?;
 
     let auth = Auth::new(&Secret::generate().map_err(fail)?, 60, 4).map_err(fail)?;

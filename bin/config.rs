@@ -40,6 +40,9 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// `ACCESS_LOG`: `on` (default) writes a line per request to stderr; `off` does not.
     pub access_log: bool,
+    /// `CLAIM_BATCHING` (`on`, default, or `off`) and `CLAIM_BATCH_MAX`: the most claims of one
+    /// coupon combined into one transaction; 1 when off.
+    pub claim_batch: usize,
 }
 
 impl Config {
@@ -81,20 +84,29 @@ impl Config {
                         .map_err(|_| format!("TRUSTED_PROXIES: {p:?} is not an IP address"))
                 })
                 .collect::<Result<_, _>>()?,
-            access_log: match var("ACCESS_LOG").as_deref() {
-                None | Some("on") => true,
-                Some("off") => false,
-                Some(other) => {
-                    return Err(format!(
-                        "ACCESS_LOG={other:?} is not valid: expected on or off"
-                    ))
-                }
-            },
+            access_log: on_off("ACCESS_LOG")?,
+            claim_batch: claim_batch()?,
             max_connections: match var("MAX_CONNECTIONS") {
                 Some(_) => Some(number("MAX_CONNECTIONS", 10_000, 1..=1_000_000)?),
                 None => None,
             },
         })
+    }
+}
+
+/// `CLAIM_BATCHING` and `CLAIM_BATCH_MAX` as the pool's batch limit (1: off). Read by `serve`
+/// and `bench-db` alike, so both measure the same path.
+pub fn claim_batch() -> Result<usize, String> {
+    let max = number("CLAIM_BATCH_MAX", coupons::db::CLAIM_BATCH, 2..=1000)?;
+    Ok(if on_off("CLAIM_BATCHING")? { max } else { 1 })
+}
+
+/// A switch that is `on` unless set to `off`.
+fn on_off(name: &str) -> Result<bool, String> {
+    match var(name).as_deref() {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(format!("{name}={other:?} is not valid: expected on or off")),
     }
 }
 

@@ -96,6 +96,11 @@ impl Metrics {
                 "Requests waiting for a database connection.",
                 pool.waiting,
             ),
+            (
+                "coupons_claims_queued",
+                "Claims queued behind their coupon's transaction in flight.",
+                pool.claims_queued,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = write!(
@@ -113,6 +118,11 @@ impl Metrics {
                 "coupons_db_retries_total",
                 "Transactions retried after a deadlock or lock-wait timeout.",
                 pool.retries,
+            ),
+            (
+                "coupons_claims_combined_total",
+                "Claims that shared one transaction with other claims of their coupon.",
+                pool.claims_combined,
             ),
         ];
         for (name, help, v) in counters {

@@ -1,14 +1,16 @@
 //! The claim: everything that decides whether a claim succeeds is in [`claim`].
 
 use crate::audit;
+use crate::combine::Ticket;
 use crate::coupon::lock_live;
 use crate::db::{transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
 use crate::{ClaimId, CouponId, Error, Label, Page, Timestamp, UserId};
 use mysql::prelude::Queryable;
-use mysql::Transaction;
+use mysql::{Transaction, Value};
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// One granted unit of a coupon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,6 +85,26 @@ fn claim_keyed(
     coupon: CouponId,
     key: Option<&IdempotencyKey>,
 ) -> Answer<Claimed> {
+    let Some(combiner) = pool.combiner() else {
+        return claim_alone(pool, user, coupon, key);
+    };
+    let ticket = Ticket {
+        user,
+        key: key.cloned(),
+    };
+    combiner.submit(coupon, ticket, |batch| match batch {
+        [one] => vec![claim_alone(pool, one.user, coupon, one.key.as_ref())],
+        _ => claim_batch(pool, coupon, batch),
+    })
+}
+
+/// One claim in its own transaction: the path of a claim that meets no other.
+fn claim_alone(
+    pool: &Pool,
+    user: UserId,
+    coupon: CouponId,
+    key: Option<&IdempotencyKey>,
+) -> Answer<Claimed> {
     let request = format!("claim {coupon}");
     let done = transaction(pool, |tx| {
         let Some(key) = key else {
@@ -108,6 +130,289 @@ fn claim_keyed(
         Ok(Answer::new(result))
     });
     done.unwrap_or_else(|e| Answer::new(Err(e)))
+}
+
+/// Claims that met on one coupon, in one transaction: one answer each, in order. A fault of
+/// the whole transaction is every request's answer; any other failure could be one request's
+/// (its user deleted meanwhile), so then each runs alone and gets its own.
+fn claim_batch(pool: &Pool, coupon: CouponId, batch: &[&Ticket]) -> Vec<Answer<Claimed>> {
+    let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Answer::new(Err(f()))).collect();
+    match transaction(pool, |tx| take_many(tx, coupon, batch)) {
+        Ok(answers) => answers,
+        Err(Error::Busy) => each(&|| Error::Busy),
+        Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
+        Err(_) => batch
+            .iter()
+            .map(|t| claim_alone(pool, t.user, coupon, t.key.as_ref()))
+            .collect(),
+    }
+}
+
+/// Where a request of a batch stands.
+enum Step {
+    /// Still to be decided under the coupon's lock.
+    Open,
+    /// Its key was used before: replay that answer.
+    Replay(Recorded),
+    /// Decided.
+    Done(Result<Claimed, Error>),
+}
+
+/// The batch claim: the same decisions as [`take_one`], for each request in order, with the
+/// coupon locked once, one write of each kind, and one commit.
+fn take_many(
+    tx: &mut Transaction<'_>,
+    coupon: CouponId,
+    batch: &[&Ticket],
+) -> Result<Vec<Answer<Claimed>>, Error> {
+    let request = format!("claim {coupon}");
+    let mut steps = Vec::with_capacity(batch.len());
+    for t in batch {
+        let step = match &t.key {
+            None => Step::Open,
+            Some(key) => match idempotency::reserve(tx, t.user, key, &request) {
+                Ok(None) => Step::Open,
+                Ok(Some(first)) => Step::Replay(first),
+                Err(e @ (Error::KeyReused | Error::Token(_))) => Step::Done(Err(e)),
+                Err(e) => return Err(e),
+            },
+        };
+        steps.push(step);
+    }
+    let open: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(steps[i], Step::Open))
+        .collect();
+    if !open.is_empty() {
+        decide(tx, coupon, batch, &open, &mut steps)?;
+        record_keys(tx, &request, batch, &open, &steps)?;
+    }
+    // Replays read last: the per-user counts above must be the transaction's first plain read.
+    let mut answers = Vec::with_capacity(batch.len());
+    for step in steps {
+        answers.push(match step {
+            Step::Replay(first) => replay(tx, first)?,
+            Step::Done(result) => Answer::new(result),
+            Step::Open => Answer::new(Err(Error::Internal("claim left undecided".into()))),
+        });
+    }
+    Ok(answers)
+}
+
+/// Decides the `open` requests under the coupon's lock and writes the granted claims.
+fn decide(
+    tx: &mut Transaction<'_>,
+    coupon: CouponId,
+    batch: &[&Ticket],
+    open: &[usize],
+    steps: &mut [Step],
+) -> Result<(), Error> {
+    let Some(c) = lock_live(tx, coupon)? else {
+        open.iter()
+            .for_each(|&i| steps[i] = Step::Done(Err(Error::CouponNotFound)));
+        return Ok(());
+    };
+    let now = Timestamp::now();
+    // Plain read, after the lock: the snapshot starts here, and every change to these counts
+    // is made under the lock we hold, so it is current.
+    let mut held = match c.per_user_limit {
+        Some(_) => held_counts(tx, coupon, open.iter().map(|&i| batch[i].user))?,
+        None => HashMap::new(),
+    };
+    let mut granted = Vec::new();
+    for &i in open {
+        let user = batch[i].user;
+        let refusal = c.refusal_at(now).or_else(|| {
+            let at_limit = c
+                .per_user_limit
+                .is_some_and(|l| held.get(&user).copied().unwrap_or(0) >= i64::from(l));
+            if c.available_count == granted.len() as u64 {
+                Some(Error::SoldOut)
+            } else if at_limit {
+                Some(Error::LimitReached)
+            } else {
+                None
+            }
+        });
+        match refusal {
+            Some(e) => steps[i] = Step::Done(Err(e)),
+            None => {
+                granted.push(i);
+                *held.entry(user).or_insert(0) += 1;
+            }
+        }
+    }
+    if granted.is_empty() {
+        return Ok(());
+    }
+    if c.per_user_limit.is_some() {
+        let users: Vec<UserId> = granted.iter().map(|&i| batch[i].user).collect();
+        write_counts(tx, coupon, &users, &held)?;
+    }
+    tx.exec_drop(
+        "UPDATE coupons SET available_count = available_count - ? WHERE id = ?",
+        (granted.len() as u64, coupon.0),
+    )?;
+    let users: Vec<UserId> = granted.iter().map(|&i| batch[i].user).collect();
+    let ids = insert_claims(tx, &c.code, c.name.as_deref(), coupon, now, &users)?;
+    for (k, (&i, id)) in granted.iter().zip(ids).enumerate() {
+        steps[i] = Step::Done(Ok(Claimed {
+            claim: Claim {
+                id,
+                coupon_id: coupon,
+                code: c.code.clone(),
+                name: c.name.clone(),
+                claimed_at: now,
+            },
+            available_count: c.available_count - k as u64 - 1,
+        }));
+    }
+    Ok(())
+}
+
+/// How many claims of `coupon` each of `users` holds, as the per-user counters say.
+fn held_counts(
+    tx: &mut Transaction<'_>,
+    coupon: CouponId,
+    users: impl Iterator<Item = UserId>,
+) -> Result<HashMap<UserId, i64>, Error> {
+    let mut ids: Vec<u64> = users.map(|u| u.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let sql = format!(
+        "SELECT user_id, claimed FROM user_coupon_claims WHERE coupon_id = ? AND user_id IN ({})",
+        placeholders(ids.len(), "?")
+    );
+    let params: Vec<Value> = std::iter::once(coupon.0)
+        .chain(ids)
+        .map(Value::from)
+        .collect();
+    let rows: Vec<(u64, i64)> = tx.exec(sql, params)?;
+    Ok(rows.into_iter().map(|(u, n)| (UserId(u), n)).collect())
+}
+
+/// Sets the per-user counters of the users granted a claim to their new counts.
+fn write_counts(
+    tx: &mut Transaction<'_>,
+    coupon: CouponId,
+    users: &[UserId],
+    held: &HashMap<UserId, i64>,
+) -> Result<(), Error> {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    let sql = format!(
+        "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed) VALUES {}
+         ON DUPLICATE KEY UPDATE claimed = VALUES(claimed)",
+        placeholders(users.len(), "(?, ?, ?)")
+    );
+    let params: Vec<Value> = users
+        .iter()
+        .flat_map(|u| {
+            [
+                u.0.into(),
+                coupon.0.into(),
+                held.get(u).copied().unwrap_or(0).into(),
+            ]
+        })
+        .collect();
+    tx.exec_drop(sql, params)?;
+    Ok(())
+}
+
+/// Inserts one claim row per user, in order, and returns their ids in the same order.
+fn insert_claims(
+    tx: &mut Transaction<'_>,
+    code: &str,
+    name: Option<&str>,
+    coupon: CouponId,
+    now: Timestamp,
+    users: &[UserId],
+) -> Result<Vec<ClaimId>, Error> {
+    let sql = format!(
+        "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES {}",
+        placeholders(users.len(), "(?, ?, ?, ?, ?)")
+    );
+    let params: Vec<Value> = users
+        .iter()
+        .flat_map(|u| {
+            [
+                u.0.into(),
+                coupon.0.into(),
+                now.into(),
+                code.into(),
+                name.into(),
+            ]
+        })
+        .collect();
+    tx.exec_drop(sql, params)?;
+    let first = tx.last_insert_id().unwrap_or(0);
+    // One statement's ids rise in row order, but need not be consecutive (Galera steps them by
+    // the cluster size). No other claim of this coupon can come between: we hold its lock.
+    let ids: Vec<u64> = tx.exec(
+        "SELECT id FROM claims WHERE coupon_id = ? AND id >= ? ORDER BY id LIMIT ?",
+        (coupon.0, first, users.len() as u64),
+    )?;
+    if ids.len() != users.len() {
+        return Err(Error::Internal("claim ids not found after insert".into()));
+    }
+    Ok(ids.into_iter().map(ClaimId).collect())
+}
+
+/// Records every keyed open request's answer in one statement (their rows are reserved).
+fn record_keys(
+    tx: &mut Transaction<'_>,
+    request: &str,
+    batch: &[&Ticket],
+    open: &[usize],
+    steps: &[Step],
+) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let mut params: Vec<Value> = Vec::new();
+    let mut rows = 0;
+    for &i in open {
+        let (Some(key), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
+            continue;
+        };
+        let (outcome, id, count) = match result {
+            Ok(c) => (
+                "claimed",
+                Some(c.claim.id.0),
+                Some(c.available_count as i64),
+            ),
+            Err(e) => match e.outcome() {
+                Some(name) => (name, None, None),
+                None => return Err(Error::Internal(format!("no outcome to record for {e}"))),
+            },
+        };
+        params.extend([
+            batch[i].user.0.into(),
+            key.as_str().into(),
+            request.into(),
+            outcome.into(),
+            id.into(),
+            count.into(),
+            now.into(),
+        ]);
+        rows += 1;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO idempotency_keys
+           (user_id, idem_key, request, outcome, result_id, result_count, created_at)
+         VALUES {}
+         ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), result_id = VALUES(result_id),
+           result_count = VALUES(result_count)",
+        placeholders(rows, "(?, ?, ?, ?, ?, ?, ?)")
+    );
+    tx.exec_drop(sql, params)?;
+    Ok(())
+}
+
+/// `n` copies of `one`, comma-separated.
+fn placeholders(n: usize, one: &str) -> String {
+    vec![one; n].join(", ")
 }
 
 /// The claim itself: everything that decides whether it succeeds.

@@ -1,6 +1,7 @@
 //! The connection pool, the schema, and the two ways library code touches the database:
 //! `with_conn` for plain reads and writes, `transaction` for a unit of work that retries.
 
+use crate::combine::Combiner;
 use crate::Error;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, OptsBuilder, Transaction, TxOpts};
@@ -16,6 +17,9 @@ use std::time::{Duration, Instant};
 pub struct Pool {
     inner: r2d2::Pool<Manager>,
     stats: Arc<Counters>,
+    // Here because claims reach the database through the pool: every clone of one pool
+    // combines its claims in one place.
+    combiner: Option<Arc<Combiner>>,
 }
 
 #[derive(Default)]
@@ -38,9 +42,25 @@ pub struct PoolStats {
     pub errors: u64,
     /// Transactions retried so far after a deadlock or lock-wait timeout.
     pub retries: u64,
+    /// Claims queued now behind a transaction in flight for their coupon.
+    pub claims_queued: u64,
+    /// Claims so far that shared a transaction with others (claim combining).
+    pub claims_combined: u64,
 }
 
 impl Pool {
+    /// This pool with claim combining set to batches of at most `max` claims (see
+    /// [`crate::claim`]); `max` of 0 or 1 turns combining off, so every claim runs in its own
+    /// transaction. Pools start with [`CLAIM_BATCH`].
+    pub fn with_claim_batching(mut self, max: usize) -> Pool {
+        self.combiner = (max > 1).then(|| Arc::new(Combiner::new(max)));
+        self
+    }
+
+    pub(crate) fn combiner(&self) -> Option<&Combiner> {
+        self.combiner.as_deref()
+    }
+
     /// The pool's numbers now.
     pub fn stats(&self) -> PoolStats {
         let state = self.inner.state();
@@ -50,10 +70,18 @@ impl Pool {
             waiting: self.stats.waiting.load(Ordering::Relaxed),
             errors: self.stats.errors.load(Ordering::Relaxed),
             retries: self.stats.retries.load(Ordering::Relaxed),
+            claims_queued: self
+                .combiner()
+                .map_or(0, |c| c.queued.load(Ordering::Relaxed)),
+            claims_combined: self
+                .combiner()
+                .map_or(0, |c| c.combined.load(Ordering::Relaxed)),
         }
     }
 }
 
+/// The most claims of one coupon a pool combines into one transaction, unless told otherwise.
+pub const CLAIM_BATCH: usize = 64;
 /// The usual wait for a free connection before a caller gets [`Error::Unavailable`].
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection idle for longer than this is pinged before use; a busy one is not.
@@ -140,7 +168,8 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
         .init(vec![format!(
             "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
         )])
-        .stmt_cache_size(64);
+        // A claim batch's statements differ by row count: room for all of them.
+        .stmt_cache_size(256);
     if !url.contains("prefer_socket=") {
         b = b.prefer_socket(false);
     }
@@ -163,7 +192,9 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
     Ok(Pool {
         inner,
         stats: Arc::default(),
-    })
+        combiner: None,
+    }
+    .with_claim_batching(CLAIM_BATCH))
 }
 
 /// Creates the URL's database if it does not exist (needs the CREATE privilege; an error here

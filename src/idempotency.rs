@@ -31,6 +31,11 @@ impl IdempotencyKey {
         }
         Ok(IdempotencyKey(s.to_owned()))
     }
+
+    /// The key as sent.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// An answer, and whether it replays the first answer given to the same idempotency key.

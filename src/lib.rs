@@ -39,6 +39,7 @@
 pub mod audit;
 pub mod auth;
 pub mod claim;
+mod combine;
 pub mod coupon;
 pub mod db;
 pub mod embedded;

@@ -9,7 +9,7 @@ use coupons::{
 };
 use rayon::prelude::*;
 
-fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
+pub(crate) fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
     coupon::create(
         &db.pool,
         UserId(0),
@@ -24,7 +24,7 @@ fn new_coupon(db: &TestDb, code: &str, stock: i64) -> CouponId {
     .id
 }
 
-fn new_users(db: &TestDb, auth: &Auth, n: usize) -> Vec<UserId> {
+pub(crate) fn new_users(db: &TestDb, auth: &Auth, n: usize) -> Vec<UserId> {
     (0..n)
         .map(|i| {
             let email = Email::parse(&format!("user{i}@example.com")).unwrap();
@@ -47,7 +47,11 @@ fn threads(n: usize) -> rayon::ThreadPool {
 /// T threads x M attempts against stock K: exactly min(K, T*M) successes, the rest sold out.
 #[track_caller]
 fn hammer(stock: i64, threads_n: usize, attempts: usize) {
-    let db = TestDb::new();
+    hammer_on(TestDb::new(), stock, threads_n, attempts)
+}
+
+#[track_caller]
+fn hammer_on(db: TestDb, stock: i64, threads_n: usize, attempts: usize) {
     let users = new_users(&db, &auth(), threads_n);
     let coupon = new_coupon(&db, "HOT", stock);
     let outcomes: Vec<Result<u64, String>> = threads(threads_n).install(|| {
@@ -94,6 +98,13 @@ fn parallel_claims_below_the_stock_all_succeed() {
 #[test]
 fn parallel_claims_on_stock_of_one() {
     hammer(1, 8, 10);
+}
+
+#[test]
+fn parallel_claims_without_combining_take_exactly_the_stock() {
+    let mut db = TestDb::new();
+    db.pool = db.pool.clone().with_claim_batching(1);
+    hammer_on(db, 50, 8, 25);
 }
 
 #[test]
@@ -579,7 +590,7 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     }
 }
 
-fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) -> CouponId {
+pub(crate) fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) -> CouponId {
     coupon::create(
         &db.pool,
         UserId(0),

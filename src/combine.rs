@@ -1,0 +1,210 @@
+//! Claim combining: concurrent claims on one coupon in this process share one transaction.
+//!
+//! A hot coupon is one row, and one transaction at a time can hold its lock; per-claim
+//! transactions are capped by how fast that row is locked, changed and committed. Here the
+//! first claim on a coupon runs at once (a quiet service waits for nothing). Claims that arrive
+//! while its transaction is in flight queue; when it ends, the first of them leads the next
+//! transaction for all of them (up to the limit), in arrival order. No timer, no window.
+//!
+//! Each request thread runs at most one transaction: the leader of a batch is one of its
+//! requests, and it hands the queue to the next leader before it hands out the answers.
+
+use crate::claim::Claimed;
+use crate::idempotency::{Answer, IdempotencyKey};
+use crate::{CouponId, Error, UserId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// One claim request: who, and the idempotency key it came with.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub user: UserId,
+    pub key: Option<IdempotencyKey>,
+}
+
+impl Ticket {
+    /// Two requests with one user's key must not share a transaction: the second replays the
+    /// first's committed answer.
+    fn same_key(&self, other: &Ticket) -> bool {
+        self.key.is_some() && self.user == other.user && self.key == other.key
+    }
+}
+
+/// The queues of claims waiting for a coupon's transaction in flight. A coupon has an entry
+/// exactly while a transaction for it is in flight.
+pub(crate) struct Combiner {
+    max: usize,
+    queues: Mutex<HashMap<CouponId, Vec<Arc<Waiter>>>>,
+    /// Claims in a queue now.
+    pub queued: AtomicU64,
+    /// Claims that went in a batch of two or more, so far.
+    pub combined: AtomicU64,
+}
+
+struct Waiter {
+    ticket: Ticket,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+enum State {
+    Queued,
+    Leads(Vec<Arc<Waiter>>),
+    Answered(Answer<Claimed>),
+}
+
+impl Combiner {
+    /// Batches of at most `max` claims.
+    pub fn new(max: usize) -> Combiner {
+        Combiner {
+            max: max.max(1),
+            queues: Mutex::default(),
+            queued: AtomicU64::new(0),
+            combined: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `ticket` on `coupon` together with concurrent tickets for it. `run` gets a batch in
+    /// arrival order and returns one answer for each; it runs on one of the batch's threads.
+    pub fn submit(
+        &self,
+        coupon: CouponId,
+        ticket: Ticket,
+        run: impl FnOnce(&[&Ticket]) -> Vec<Answer<Claimed>>,
+    ) -> Answer<Claimed> {
+        let me = Arc::new(Waiter {
+            ticket,
+            state: Mutex::new(State::Queued),
+            changed: Condvar::new(),
+        });
+        let leads_now = {
+            let mut queues = lock(&self.queues);
+            match queues.get_mut(&coupon) {
+                Some(queue) => {
+                    queue.push(Arc::clone(&me));
+                    self.queued.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                None => {
+                    queues.insert(coupon, Vec::new());
+                    true
+                }
+            }
+        };
+        let batch = if leads_now {
+            vec![me]
+        } else {
+            match me.wait() {
+                State::Leads(batch) => batch,
+                State::Answered(answer) => return answer,
+                State::Queued => unreachable!("wait returns only a decision"),
+            }
+        };
+        let mut lead = Lead {
+            combiner: self,
+            coupon,
+            batch,
+        };
+        let tickets: Vec<&Ticket> = lead.batch.iter().map(|w| &w.ticket).collect();
+        let answers = run(&tickets);
+        lead.finish(answers)
+    }
+
+    /// Passes the coupon's queue, if any, to its first request as the next batch.
+    fn hand_off(&self, coupon: CouponId) {
+        let next = {
+            let mut queues = lock(&self.queues);
+            let Some(queue) = queues.get_mut(&coupon) else {
+                return;
+            };
+            if queue.is_empty() {
+                queues.remove(&coupon);
+                return;
+            }
+            let mut batch: Vec<Arc<Waiter>> = Vec::new();
+            let mut later = Vec::new();
+            for w in queue.drain(..) {
+                let fits =
+                    batch.len() < self.max && !batch.iter().any(|b| b.ticket.same_key(&w.ticket));
+                if fits {
+                    batch.push(w);
+                } else {
+                    later.push(w);
+                }
+            }
+            *queue = later;
+            self.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            if batch.len() > 1 {
+                self.combined
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            batch
+        };
+        let leader = Arc::clone(&next[0]);
+        leader.decide(State::Leads(next));
+    }
+}
+
+impl Waiter {
+    fn wait(&self) -> State {
+        let mut state = lock(&self.state);
+        while matches!(*state, State::Queued) {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        std::mem::replace(&mut *state, State::Queued)
+    }
+
+    fn decide(&self, decision: State) {
+        *lock(&self.state) = decision;
+        self.changed.notify_one();
+    }
+}
+
+/// The batch a thread leads. Dropped without `finish` (a panic), it still hands off the queue
+/// and answers every other request, so no thread waits for ever.
+struct Lead<'a> {
+    combiner: &'a Combiner,
+    coupon: CouponId,
+    batch: Vec<Arc<Waiter>>,
+}
+
+impl Lead<'_> {
+    /// Hands off the queue, then gives each request its answer; returns the leader's own.
+    fn finish(&mut self, answers: Vec<Answer<Claimed>>) -> Answer<Claimed> {
+        self.combiner.hand_off(self.coupon);
+        let batch = std::mem::take(&mut self.batch);
+        // `run` owes one answer per request; should one be missing, that request still gets one.
+        let mut answers = answers.into_iter();
+        let own = answers.next().unwrap_or_else(missing);
+        for waiter in batch.iter().skip(1) {
+            waiter.decide(State::Answered(answers.next().unwrap_or_else(missing)));
+        }
+        own
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.combiner.hand_off(self.coupon);
+        for waiter in self.batch.iter().skip(1) {
+            waiter.decide(State::Answered(missing()));
+        }
+    }
+}
+
+fn missing() -> Answer<Claimed> {
+    Answer::new(Err(Error::Internal(
+        "the claim batch ended without an answer".into(),
+    )))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -111,6 +111,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let mut summary = record.summary(started.elapsed());
     summary["scenario"] = json!(if spread { "spread" } else { "hot" });
     summary["threads"] = json!(threads);
+    let pool_stats = pool.stats();
+    summary["claim_batch"] = json!(crate::config::claim_batch()?);
+    summary["claims_combined"] = json!(pool_stats.claims_combined);
+    summary["claim_batches"] = json!(pool_stats.claim_batches);
     let ok = summary["errors"] == 0;
     summary["invariant_ok"] = json!(ok);
     stats::print_human(

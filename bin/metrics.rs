@@ -124,6 +124,11 @@ impl Metrics {
                 "Claims that shared one transaction with other claims of their coupon.",
                 pool.claims_combined,
             ),
+            (
+                "coupons_claim_batches_total",
+                "Transactions that carried two or more claims.",
+                pool.claim_batches,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = write!(

@@ -133,18 +133,23 @@ fn claim_alone(
 }
 
 /// Claims that met on one coupon, in one transaction: one answer each, in order. A fault of
-/// the whole transaction is every request's answer; any other failure could be one request's
-/// (its user deleted meanwhile), so then each runs alone and gets its own.
+/// the transaction is every request's answer, as it would be alone. Only a user deleted since
+/// their token was checked fails the batch for one request (a foreign key): then each runs
+/// alone and gets its own answer; nothing was written, the error came before the commit.
 fn claim_batch(pool: &Pool, coupon: CouponId, batch: &[&Ticket]) -> Vec<Answer<Claimed>> {
     let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Answer::new(Err(f()))).collect();
     match transaction(pool, |tx| take_many(tx, coupon, batch)) {
         Ok(answers) => answers,
-        Err(Error::Busy) => each(&|| Error::Busy),
-        Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
-        Err(_) => batch
+        Err(Error::Token(TokenProblem::UnknownUser)) => batch
             .iter()
             .map(|t| claim_alone(pool, t.user, coupon, t.key.as_ref()))
             .collect(),
+        Err(Error::Busy) => each(&|| Error::Busy),
+        Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
+        Err(e) => {
+            let e = e.to_string();
+            each(&|| Error::Internal(format!("claim batch: {e}")))
+        }
     }
 }
 
@@ -166,18 +171,20 @@ fn take_many(
     batch: &[&Ticket],
 ) -> Result<Vec<Answer<Claimed>>, Error> {
     let request = format!("claim {coupon}");
-    let mut steps = Vec::with_capacity(batch.len());
-    for t in batch {
-        let step = match &t.key {
-            None => Step::Open,
-            Some(key) => match idempotency::reserve(tx, t.user, key, &request) {
-                Ok(None) => Step::Open,
-                Ok(Some(first)) => Step::Replay(first),
-                Err(e @ (Error::KeyReused | Error::Token(_))) => Step::Done(Err(e)),
-                Err(e) => return Err(e),
-            },
+    let mut steps: Vec<Step> = batch.iter().map(|_| Step::Open).collect();
+    // Keys are locked in one order (user, key), whatever the arrival order, so two batches
+    // holding some of the same keys cannot deadlock on them.
+    let mut keyed: Vec<(usize, &IdempotencyKey)> = (0..batch.len())
+        .filter_map(|i| batch[i].key.as_ref().map(|k| (i, k)))
+        .collect();
+    keyed.sort_by_key(|&(i, k)| (batch[i].user, k.as_str()));
+    for (i, key) in keyed {
+        steps[i] = match idempotency::reserve(tx, batch[i].user, key, &request) {
+            Ok(None) => Step::Open,
+            Ok(Some(first)) => Step::Replay(first),
+            Err(e @ (Error::KeyReused | Error::Token(_))) => Step::Done(Err(e)),
+            Err(e) => return Err(e),
         };
-        steps.push(step);
     }
     let open: Vec<usize> = (0..batch.len())
         .filter(|&i| matches!(steps[i], Step::Open))
@@ -278,6 +285,7 @@ fn held_counts(
     let mut ids: Vec<u64> = users.map(|u| u.0).collect();
     ids.sort_unstable();
     ids.dedup();
+    let ids = padded(ids);
     let sql = format!(
         "SELECT user_id, claimed FROM user_coupon_claims WHERE coupon_id = ? AND user_id IN ({})",
         placeholders(ids.len(), "?")
@@ -300,6 +308,7 @@ fn write_counts(
     let mut users = users.to_vec();
     users.sort_unstable();
     users.dedup();
+    let users = padded(users);
     let sql = format!(
         "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed) VALUES {}
          ON DUPLICATE KEY UPDATE claimed = VALUES(claimed)",
@@ -315,7 +324,9 @@ fn write_counts(
             ]
         })
         .collect();
-    tx.exec_drop(sql, params)?;
+    tx.exec_drop(sql, params)
+        .map_err(Error::from)
+        .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
     Ok(())
 }
 
@@ -328,29 +339,41 @@ fn insert_claims(
     now: Timestamp,
     users: &[UserId],
 ) -> Result<Vec<ClaimId>, Error> {
-    let sql = format!(
-        "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES {}",
-        placeholders(users.len(), "(?, ?, ?, ?, ?)")
-    );
-    let params: Vec<Value> = users
-        .iter()
-        .flat_map(|u| {
-            [
-                u.0.into(),
-                coupon.0.into(),
-                now.into(),
-                code.into(),
-                name.into(),
-            ]
-        })
-        .collect();
-    tx.exec_drop(sql, params)?;
-    let first = tx.last_insert_id().unwrap_or(0);
-    // One statement's ids rise in row order, but need not be consecutive (Galera steps them by
-    // the cluster size). No other claim of this coupon can come between: we hold its lock.
+    let mut first = None;
+    let mut rest = users;
+    // In chunks of 32, 16, ..., 1 rows: a handful of statements to prepare and cache.
+    while !rest.is_empty() {
+        let (chunk, more) = rest.split_at(1 << rest.len().ilog2());
+        let sql = format!(
+            "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES {}",
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?)")
+        );
+        let params: Vec<Value> = chunk
+            .iter()
+            .flat_map(|u| {
+                [
+                    u.0.into(),
+                    coupon.0.into(),
+                    now.into(),
+                    code.into(),
+                    name.into(),
+                ]
+            })
+            .collect();
+        tx.exec_drop(sql, params)
+            .map_err(Error::from)
+            .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
+        first = first.or(tx.last_insert_id());
+        rest = more;
+    }
+    let first = first.ok_or(Error::Internal("no id for the inserted claims".into()))?;
+    // The ids rise in row order, but need not be consecutive (Galera steps them by the cluster
+    // size). No other claim of this coupon can come between: we hold its lock. By the primary
+    // key: the (coupon_id, id) index would be read from the coupon's oldest claim.
     let ids: Vec<u64> = tx.exec(
-        "SELECT id FROM claims WHERE coupon_id = ? AND id >= ? ORDER BY id LIMIT ?",
-        (coupon.0, first, users.len() as u64),
+        "SELECT id FROM claims FORCE INDEX (PRIMARY) WHERE id >= ? AND coupon_id = ?
+         ORDER BY id LIMIT ?",
+        (first, coupon.0, users.len() as u64),
     )?;
     if ids.len() != users.len() {
         return Err(Error::Internal("claim ids not found after insert".into()));
@@ -367,8 +390,7 @@ fn record_keys(
     steps: &[Step],
 ) -> Result<(), Error> {
     let now = Timestamp::now();
-    let mut params: Vec<Value> = Vec::new();
-    let mut rows = 0;
+    let mut rows: Vec<[Value; 7]> = Vec::new();
     for &i in open {
         let (Some(key), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
             continue;
@@ -384,7 +406,7 @@ fn record_keys(
                 None => return Err(Error::Internal(format!("no outcome to record for {e}"))),
             },
         };
-        params.extend([
+        rows.push([
             batch[i].user.0.into(),
             key.as_str().into(),
             request.into(),
@@ -393,21 +415,31 @@ fn record_keys(
             count.into(),
             now.into(),
         ]);
-        rows += 1;
     }
-    if rows == 0 {
+    if rows.is_empty() {
         return Ok(());
     }
+    let rows = padded(rows);
     let sql = format!(
         "INSERT INTO idempotency_keys
            (user_id, idem_key, request, outcome, result_id, result_count, created_at)
          VALUES {}
          ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), result_id = VALUES(result_id),
            result_count = VALUES(result_count)",
-        placeholders(rows, "(?, ?, ?, ?, ?, ?, ?)")
+        placeholders(rows.len(), "(?, ?, ?, ?, ?, ?, ?)")
     );
-    tx.exec_drop(sql, params)?;
+    tx.exec_drop(sql, rows.concat())?;
     Ok(())
+}
+
+/// `items` with its last item repeated up to a power of two, so that statements over a batch
+/// come in a few sizes (each size is one prepared statement per connection). Only for
+/// statements where a repeated row changes nothing.
+fn padded<T: Clone>(mut items: Vec<T>) -> Vec<T> {
+    if let Some(last) = items.last().cloned() {
+        items.resize(items.len().next_power_of_two(), last);
+    }
+    items
 }
 
 /// `n` copies of `one`, comma-separated.

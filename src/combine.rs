@@ -40,6 +40,8 @@ pub(crate) struct Combiner {
     pub queued: AtomicU64,
     /// Claims that went in a batch of two or more, so far.
     pub combined: AtomicU64,
+    /// Batches of two or more, so far.
+    pub batches: AtomicU64,
 }
 
 struct Waiter {
@@ -62,6 +64,7 @@ impl Combiner {
             queues: Mutex::default(),
             queued: AtomicU64::new(0),
             combined: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +141,7 @@ impl Combiner {
             if batch.len() > 1 {
                 self.combined
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.batches.fetch_add(1, Ordering::Relaxed);
             }
             batch
         };

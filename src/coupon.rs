@@ -544,7 +544,8 @@ fn recount_per_user(tx: &mut impl Queryable, id: CouponId) -> Result<(), Error> 
     )?;
     tx.exec_drop(
         "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed)
-         SELECT user_id, coupon_id, COUNT(*) FROM claims WHERE coupon_id = ? GROUP BY user_id, coupon_id",
+         SELECT user_id, coupon_id, COUNT(*) FROM claims WHERE coupon_id = ? AND voided_at IS NULL
+         GROUP BY user_id, coupon_id",
         (id.0,),
     )?;
     Ok(())

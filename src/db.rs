@@ -46,6 +46,8 @@ pub struct PoolStats {
     pub claims_queued: u64,
     /// Claims so far that shared a transaction with others (claim combining).
     pub claims_combined: u64,
+    /// Transactions so far that carried two or more claims.
+    pub claim_batches: u64,
 }
 
 impl Pool {
@@ -76,6 +78,9 @@ impl Pool {
             claims_combined: self
                 .combiner()
                 .map_or(0, |c| c.combined.load(Ordering::Relaxed)),
+            claim_batches: self
+                .combiner()
+                .map_or(0, |c| c.batches.load(Ordering::Relaxed)),
         }
     }
 }
@@ -168,8 +173,9 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
         .init(vec![format!(
             "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
         )])
-        // A claim batch's statements differ by row count: room for all of them.
-        .stmt_cache_size(256);
+        // Room for every statement, claim batches' power-of-two sizes included (about 50).
+        // The server's max_prepared_stmt_count (16,382) is shared by all connections.
+        .stmt_cache_size(64);
     if !url.contains("prefer_socket=") {
         b = b.prefer_socket(false);
     }

@@ -119,9 +119,10 @@ impl Error {
         }
     }
 
-    /// Deadlock (1213) or lock-wait timeout (1205): the whole transaction may be retried.
+    /// Deadlock (1213), lock-wait timeout (1205), or a row changed since the snapshot (1020,
+    /// MariaDB 11.6+ `innodb_snapshot_isolation`): the whole transaction may be retried.
     pub(crate) fn is_conflict(&self) -> bool {
-        matches!(self.server_code(), Some(1213 | 1205))
+        matches!(self.server_code(), Some(1213 | 1205 | 1020))
     }
 }
 

@@ -73,11 +73,16 @@ fn queued_claims(
         wait_until("the first claim to wait on the lock", || {
             lock_waiters(db).len() == 1
         });
-        let rest: Vec<_> = (1..users.len()).map(|i| s.spawn(move || run(i))).collect();
-        let n = users.len() as u64 - 1;
-        wait_until("the other claims to queue", || {
-            db.pool.stats().claims_queued == queued_before + n
-        });
+        // One at a time, so that the queue's order is `users` order.
+        let rest: Vec<_> = (1..users.len())
+            .map(|i| {
+                let h = s.spawn(move || run(i));
+                wait_until("a claim to queue", || {
+                    db.pool.stats().claims_queued == queued_before + i as u64
+                });
+                h
+            })
+            .collect();
         while_held();
         holder.query_drop("ROLLBACK").unwrap();
         std::iter::once(first)
@@ -190,13 +195,14 @@ fn a_batch_grants_in_arrival_order_until_sold_out() {
     let users = new_users(&db, &auth(), 30);
     let coupon = new_coupon(&db, "FEW", 12);
     let answers = queued_claims(&db, coupon, &users, &[], || {});
-    // The first gets the first unit; of the 29 queued, 11 are granted and 18 sold out.
-    let won = answers.iter().filter(|a| a.result.is_ok()).count();
-    let sold_out = answers
-        .iter()
-        .filter(|a| matches!(a.result, Err(Error::SoldOut)))
-        .count();
-    assert_eq!((won, sold_out), (12, 18));
+    // The first 12 to arrive get the 12 units, each seeing what it left; the rest sell out.
+    for (i, a) in answers.iter().enumerate() {
+        match &a.result {
+            Ok(c) if i < 12 => assert_eq!(c.available_count, 11 - i as u64, "claim {i}"),
+            Err(Error::SoldOut) if i >= 12 => {}
+            other => panic!("claim {i}: {other:?}"),
+        }
+    }
     assert_eq!(db.stock(coupon.0), (0, 12, 12));
     // Each granted claim's row is the one its answer names, for the user who asked.
     for (a, user) in answers.iter().zip(&users) {
@@ -246,8 +252,13 @@ fn a_batch_failing_for_one_request_answers_each_alone() {
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 12);
     let coupon = new_coupon(&db, "GONE", 50);
-    // User 11 is deleted while queued: the batch's insert fails on its foreign key.
-    let answers = queued_claims(&db, coupon, &users, &[], || {
+    let keys: Vec<String> = (0..12).map(|i| format!("gone-{i}")).collect();
+    let keys: Vec<Option<&str>> = (0..12)
+        .map(|i| (i % 2 == 0).then_some(keys[i].as_str()))
+        .collect();
+    // User 11 (no key) is deleted while queued: the batch's insert fails on its foreign key,
+    // and each request then runs alone.
+    let answers = queued_claims(&db, coupon, &users, &keys, || {
         db.conn()
             .exec_drop("DELETE FROM users WHERE id = ?", (users[11].0,))
             .unwrap();
@@ -260,6 +271,11 @@ fn a_batch_failing_for_one_request_answers_each_alone() {
         }
     }
     assert_eq!(db.stock(coupon.0), (39, 11, 50));
+    // The keyed ones recorded their claims, once each.
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM idempotency_keys WHERE outcome = 'claimed'"),
+        6
+    );
 }
 
 #[test]

@@ -798,3 +798,29 @@ fn claims_and_voids_racing_keep_the_invariant() {
     let (available, live, total) = db.stock(c.0);
     assert_eq!((available + live, total), (20, 20));
 }
+
+#[test]
+fn a_limit_set_later_does_not_count_voided_claims() {
+    use coupons::Label;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 2);
+    let c = new_coupon(&db, "LATERLIMIT", 5);
+    let first = claim::claim(&db.pool, users[0], c).unwrap();
+    let reason = Label::parse("reason", "returned", 500).unwrap();
+    claim::void(&db.pool, users[1], first.claim.id, &reason).unwrap();
+    let limit_one = CouponChange {
+        rules: coupon::RulesChange {
+            per_user_limit: Some(Some(coupons::PerUserLimit::parse(1).unwrap())),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    coupon::update(&db.pool, UserId(0), c, &limit_one).unwrap();
+    // The voided claim is not held: one claim is still allowed, and only one.
+    claim::claim(&db.pool, users[0], c).unwrap();
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], c),
+        Err(Error::LimitReached)
+    ));
+    assert_eq!(db.stock(c.0), (4, 1, 5));
+}

@@ -47,7 +47,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Config, String> {
-        let workers = number("WORKERS", 16, 1..=1024)?;
+        let workers = number("WORKERS", 64, 1..=1024)?;
         Ok(Config {
             database_url: var("DATABASE_URL"),
             data_dir: var("COUPONS_DATA_DIR")

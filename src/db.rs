@@ -2,6 +2,7 @@
 //! `with_conn` for plain reads and writes, `transaction` for a unit of work that retries.
 
 use crate::combine::Combiner;
+use crate::gate::Gate;
 use crate::Error;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, OptsBuilder, Transaction, TxOpts};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Pool {
     inner: r2d2::Pool<Manager>,
+    gate: Arc<Gate>,
+    wait: Duration,
     stats: Arc<Counters>,
     // Here because claims reach the database through the pool: every clone of one pool
     // combines its claims in one place.
@@ -197,6 +200,8 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
         .build_unchecked(manager);
     Ok(Pool {
         inner,
+        gate: Arc::new(Gate::new(size as usize)),
+        wait,
         stats: Arc::default(),
         combiner: None,
     }
@@ -271,9 +276,21 @@ pub(crate) fn with_conn<T>(
     pool: &Pool,
     f: impl FnOnce(&mut Connection) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    let started = Instant::now();
     pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
-    let conn = pool.inner.get();
+    let pass = pool.gate.enter(pool.wait);
     pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    let Some(_pass) = pass else {
+        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::Unavailable(format!(
+            "no database connection free within {:?}",
+            pool.wait
+        )));
+    };
+    // The gate lets in no more callers than the pool has connections: this waits only while
+    // a connection is being opened.
+    let left = pool.wait.saturating_sub(started.elapsed());
+    let conn = pool.inner.get_timeout(left.max(Duration::from_millis(1)));
     let result = conn.map_err(Error::from).and_then(|mut conn| {
         let result = f(&mut conn);
         if let Err(Error::Unavailable(_)) = &result {

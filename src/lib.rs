@@ -44,6 +44,7 @@ pub mod coupon;
 pub mod db;
 pub mod embedded;
 mod error;
+mod gate;
 pub mod idempotency;
 mod types;
 

@@ -22,8 +22,10 @@ pub struct Config {
     pub token_ttl_secs: u64,
     /// `BCRYPT_COST`: bcrypt work factor, 4 to 31.
     pub bcrypt_cost: u32,
-    /// `WORKERS`: threads serving requests (bcrypt work runs on separate threads).
+    /// `WORKERS`: threads serving requests (bcrypt work and claims run on their own threads).
     pub workers: usize,
+    /// `CLAIM_WORKERS`: threads running claims.
+    pub claim_workers: usize,
     /// `DB_POOL_SIZE`: the most database connections the service opens.
     pub db_pool_size: u32,
     /// `DB_POOL_WAIT_MS`: how long a request waits for a free connection before a 503.
@@ -47,7 +49,8 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Config, String> {
-        let workers = number("WORKERS", 64, 1..=1024)?;
+        let workers = number("WORKERS", 16, 1..=1024)?;
+        let claim_workers = number("CLAIM_WORKERS", 128, 1..=4096)?;
         Ok(Config {
             database_url: var("DATABASE_URL"),
             data_dir: var("COUPONS_DATA_DIR")
@@ -65,9 +68,12 @@ impl Config {
             token_ttl_secs: number("TOKEN_TTL_SECS", 7200, 1..=31_536_000)?,
             bcrypt_cost: number("BCRYPT_COST", 12, 4..=31)?,
             workers,
+            claim_workers,
             db_pool_size: number(
                 "DB_POOL_SIZE",
-                workers as u32 + bcrypt_threads() as u32 + 2,
+                // The workers, the bcrypt threads, and as many claim threads leading a batch at
+                // once; claims waiting for a batch hold no connection.
+                (2 * workers + bcrypt_threads()) as u32 + 2,
                 1..=1000,
             )?,
             db_pool_wait: Duration::from_millis(number("DB_POOL_WAIT_MS", 2000, 1..=60_000)?),

@@ -20,6 +20,8 @@ use tiny_http::{Header, Method, Request, Response, Server};
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Logins and registrations waiting for a bcrypt thread; more are refused with 503.
 const SLOW_QUEUE: usize = 256;
+/// Claims waiting for a claim thread; past it, 503 `overloaded`.
+const CLAIM_QUEUE: usize = 4096;
 
 /// What the handlers need: the pool and the auth settings. Built once in `main`.
 pub struct App {
@@ -118,28 +120,54 @@ impl Shutdown {
 pub fn serve(
     app: App,
     listener: TcpListener,
-    workers: usize,
+    threads: Threads,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let stopping = &shutdown.requested;
-    let bcrypt_threads = crate::config::bcrypt_threads();
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
-    let slow_rx = Mutex::new(slow_rx);
+    let (claim_tx, claim_rx) = sync_channel::<Request>(CLAIM_QUEUE);
+    let (slow_rx, claim_rx) = (Mutex::new(slow_rx), Mutex::new(claim_rx));
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
-        for _ in 0..bcrypt_threads {
-            s.spawn(|| slow_worker(&app, &slow_rx));
+        for _ in 0..threads.bcrypt {
+            s.spawn(|| {
+                lower_priority();
+                lane_worker(&app, &slow_rx)
+            });
         }
-        for _ in 0..workers {
-            let slow_tx = slow_tx.clone();
+        for _ in 0..threads.claims {
+            s.spawn(|| lane_worker(&app, &claim_rx));
+        }
+        for _ in 0..threads.workers {
+            let lanes = Lanes {
+                slow: slow_tx.clone(),
+                claims: claim_tx.clone(),
+            };
             let (app, server) = (&app, &server);
-            s.spawn(move || worker(app, server, &slow_tx, stopping));
+            s.spawn(move || worker(app, server, &lanes, stopping));
         }
-        // Workers hold the only senders now: when they stop, the bcrypt threads stop too.
-        drop(slow_tx);
+        // Workers hold the only senders now: when they stop, the lanes' threads stop too.
+        drop((slow_tx, claim_tx));
     });
     Ok(())
+}
+
+/// How many threads of each kind serve requests.
+pub struct Threads {
+    /// Parse every request and answer all but logins, registrations and claims.
+    pub workers: usize,
+    /// Run bcrypt (logins and registrations), at nice 10.
+    pub bcrypt: usize,
+    /// Run claims. A claim on a hot coupon mostly waits for its turn in a combined
+    /// transaction; many such threads make big batches without crowding the other requests.
+    pub claims: usize,
+}
+
+/// Where workers pass requests that have threads of their own.
+struct Lanes {
+    slow: SyncSender<Request>,
+    claims: SyncSender<Request>,
 }
 
 /// Deletes expired idempotency keys once an hour, until the server stops.
@@ -162,7 +190,7 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-fn worker(app: &App, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
+fn worker(app: &App, server: &Server, lanes: &Lanes, stopping: &AtomicBool) {
     let mut drain_until = None;
     loop {
         let stop = stopping.load(Ordering::SeqCst);
@@ -183,24 +211,39 @@ fn worker(app: &App, server: &Server, slow: &SyncSender<Request>, stopping: &Ato
                 continue;
             }
         };
+        let post = *rq.method() == Method::Post;
+        let p = path(rq.url());
         // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
-        let is_slow =
-            *rq.method() == Method::Post && matches!(path(rq.url()), "/login" | "/register");
-        if !is_slow {
+        let (lane, what) = if post && matches!(p, "/login" | "/register") {
+            (&lanes.slow, "login queue")
+        } else if post && claim_would_wait(app, p) {
+            (&lanes.claims, "claim queue")
+        } else {
             handle(app, rq);
             continue;
-        }
-        match slow.try_send(rq) {
+        };
+        match lane.try_send(rq) {
             Ok(()) => {}
             Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) => {
-                respond(rq, ApiError::Overloaded.reply("login queue"))
+                respond(rq, ApiError::Overloaded.reply(what))
             }
         }
     }
 }
 
-fn slow_worker(app: &App, queue: &Mutex<Receiver<Request>>) {
-    lower_priority();
+/// Whether `path` claims a coupon that has a claim transaction in flight here: the claim
+/// would wait for the next batch, and waits on a claim thread, leaving the worker free. (A
+/// claim that runs at once stays on the worker: no hand-over between threads.)
+fn claim_would_wait(app: &App, path: &str) -> bool {
+    let id = path
+        .strip_prefix("/coupons/")
+        .and_then(|rest| rest.strip_suffix("/claim"))
+        .and_then(|id| id.parse().ok());
+    id.is_some_and(|id| coupons::claim::in_flight(&app.pool, id))
+}
+
+/// Serves the requests passed to one lane until the workers stop.
+fn lane_worker(app: &App, queue: &Mutex<Receiver<Request>>) {
     loop {
         let next = queue.lock().map(|rx| rx.recv());
         match next {

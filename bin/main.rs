@@ -253,7 +253,12 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
         metrics: metrics::Metrics::default(),
         access_log: config.access_log,
     };
-    http::serve(app, listener, config.workers, shutdown)?;
+    let threads = http::Threads {
+        workers: config.workers,
+        bcrypt: config::bcrypt_threads(),
+        claims: config.claim_workers,
+    };
+    http::serve(app, listener, threads, shutdown)?;
     println!("coupons: stopped");
     Ok(())
 }

@@ -74,6 +74,8 @@ fn measure(kind: &str, args: &[&str], env: &[(&str, &str)], round: usize) -> Res
             )
         })?;
     v["kind"] = json!(kind);
+    let batching = env.iter().find(|(k, _)| *k == "CLAIM_BATCHING");
+    v["batching"] = json!(batching.map_or("on", |(_, v)| *v));
     v["round"] = json!(round);
     v["exit_ok"] = json!(out.status.success());
     v["env"] = json!(env
@@ -84,6 +86,10 @@ fn measure(kind: &str, args: &[&str], env: &[(&str, &str)], round: usize) -> Res
     Ok(v)
 }
 
+/// The claim scenarios, each with claim combining on and off (`CLAIM_BATCHING`).
+const SCENARIOS: [&str; 2] = ["hot", "spread"];
+const MODES: [&str; 2] = ["on", "off"];
+
 pub fn run(args: &[String]) -> Result<bool, String> {
     let o = parse(args)?;
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
@@ -91,7 +97,8 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let started = Instant::now();
     let mut rows = Vec::new();
     for round in 1..=o.rounds {
-        for scenario in ["hot", "spread"] {
+        for (scenario, batching) in SCENARIOS.iter().flat_map(|s| MODES.map(|m| (*s, m))) {
+            let env = [("CLAIM_BATCHING", batching)];
             for c in &o.connections {
                 let c = c.to_string();
                 rows.push(measure(
@@ -109,7 +116,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                         "1000",
                         "--json",
                     ],
-                    &[],
+                    &env,
                     round,
                 )?);
                 rows.push(measure(
@@ -126,7 +133,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                         "1000",
                         "--json",
                     ],
-                    &[],
+                    &env,
                     round,
                 )?);
             }
@@ -214,11 +221,13 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The median of one field over the rounds of one cell.
+/// The median of one field over the rounds of one cell. `kind` is `http` or `bench-db`, with
+/// `/off` for runs with claim combining off.
 fn median(rows: &[Value], kind: &str, scenario: &str, c: Option<usize>, field: &str) -> f64 {
+    let (kind, batching) = kind.split_once('/').unwrap_or((kind, "on"));
     let mut v: Vec<f64> = rows
         .iter()
-        .filter(|r| r["kind"] == kind && r["scenario"] == scenario)
+        .filter(|r| r["kind"] == kind && r["scenario"] == scenario && r["batching"] == batching)
         .filter(|r| {
             c.is_none_or(|c| r["connections"].as_u64().or(r["threads"].as_u64()) == Some(c as u64))
         })
@@ -252,20 +261,41 @@ fn tables(rows: &[Value], conns: &[usize], hash_ms: f64, secs: u64) -> String {
         .max()
         .unwrap_or(0);
     let mut t = format!("Medians of {rounds} rounds ({secs} s in all).\n\n");
-    t += "| scenario | connections | HTTP claims/s | bench-db claims/s | HTTP / bench-db | HTTP p50 ms | HTTP p99 ms | bench-db p99 ms | HTTP max ms | HTTP errors |\n|---|---|---|---|---|---|---|---|---|---|\n";
-    for scenario in ["hot", "spread"] {
+    t += "Claim combining (`CLAIM_BATCHING`), over HTTP:\n\n";
+    t += "| scenario | connections | claims/s on | claims/s off | on / off | p50 ms on | p50 ms off | p99 ms on | p99 ms off | errors on, off |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    for scenario in SCENARIOS {
         for c in conns {
             let m = |kind: &str, f: &str| median(rows, kind, scenario, Some(*c), f);
-            let (http, db) = (m("http", "claims_per_sec"), m("bench-db", "claims_per_sec"));
+            let (on, off) = (m("http", "claims_per_sec"), m("http/off", "claims_per_sec"));
             t += &format!(
-                "| {scenario} | {c} | {http:.0} | {db:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |\n",
-                http / db * 100.0,
+                "| {scenario} | {c} | {on:.0} | {off:.0} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}, {:.0} |\n",
+                on / off,
                 m("http", "p50_ms"),
+                m("http/off", "p50_ms"),
                 m("http", "p99_ms"),
-                m("bench-db", "p99_ms"),
-                m("http", "max_ms"),
+                m("http/off", "p99_ms"),
                 m("http", "errors"),
+                m("http/off", "errors"),
             );
+        }
+    }
+    t += "\nHTTP against the library alone (`bench-db`, same combining setting):\n\n";
+    t += "| scenario | connections | combining | HTTP claims/s | bench-db claims/s | HTTP / bench-db | HTTP p99 ms | bench-db p99 ms | HTTP max ms |\n|---|---|---|---|---|---|---|---|---|\n";
+    for scenario in SCENARIOS {
+        for c in conns {
+            for (mode, suffix) in [("on", ""), ("off", "/off")] {
+                let m = |kind: &str, f: &str| {
+                    median(rows, &format!("{kind}{suffix}"), scenario, Some(*c), f)
+                };
+                let (http, db) = (m("http", "claims_per_sec"), m("bench-db", "claims_per_sec"));
+                t += &format!(
+                    "| {scenario} | {c} | {mode} | {http:.0} | {db:.0} | {:.0}% | {:.2} | {:.2} | {:.1} |\n",
+                    http / db * 100.0,
+                    m("http", "p99_ms"),
+                    m("bench-db", "p99_ms"),
+                    m("http", "max_ms"),
+                );
+            }
         }
     }
     let m = |scenario: &str, f: &str| median(rows, "http", scenario, None, f);
@@ -324,23 +354,24 @@ fn charts(rows: &[Value], conns: &[usize], out: &Path) -> Result<(), String> {
             "ms",
         ),
     ] {
-        let groups: Vec<(String, Vec<f64>)> = ["hot", "spread"]
+        let groups: Vec<(String, Vec<f64>)> = SCENARIOS
             .iter()
             .flat_map(|s| conns.iter().map(move |c| (*s, *c)))
             .map(|(s, c)| {
-                (
-                    format!("{s} x{c}"),
-                    vec![
-                        median(rows, "http", s, Some(c), field),
-                        median(rows, "bench-db", s, Some(c), field),
-                    ],
-                )
+                let kinds = ["http", "http/off", "bench-db", "bench-db/off"];
+                let cell = kinds.map(|k| median(rows, k, s, Some(c), field));
+                (format!("{s} x{c}"), cell.to_vec())
             })
             .collect();
         let svg = stats::grouped_bars(
             title,
             unit,
-            &["HTTP (loadtest)", "library alone (bench-db)"],
+            &[
+                "HTTP, combining on",
+                "HTTP, combining off",
+                "library alone (bench-db), on",
+                "bench-db, off",
+            ],
             &groups,
         );
         write(&out.join(file), &svg)?;

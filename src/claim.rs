@@ -79,6 +79,13 @@ pub fn claim_once(
     claim_keyed(pool, user, coupon, Some(key))
 }
 
+/// Whether a claim transaction for `coupon` is in flight in this process, so that a claim now
+/// would wait to go in the next batch. A hint for scheduling (it may change at once); always
+/// false with combining off.
+pub fn in_flight(pool: &Pool, coupon: CouponId) -> bool {
+    pool.combiner().is_some_and(|c| c.in_flight(coupon))
+}
+
 fn claim_keyed(
     pool: &Pool,
     user: UserId,

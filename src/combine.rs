@@ -114,6 +114,11 @@ impl Combiner {
         lead.finish(answers)
     }
 
+    /// Whether a transaction for `coupon` is in flight: a claim now would queue.
+    pub fn in_flight(&self, coupon: CouponId) -> bool {
+        lock(&self.queues).contains_key(&coupon)
+    }
+
     /// Passes the coupon's queue, if any, to its first request as the next batch.
     fn hand_off(&self, coupon: CouponId) {
         let next = {

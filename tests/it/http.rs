@@ -117,6 +117,80 @@ fn many_users_claim_over_http() {
     assert_eq!(db.stock(coupon), (0, 40, 40));
 }
 
+#[test]
+fn a_hot_coupon_over_http_is_combined_and_exact() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let coupon = create_coupon(&svc, &admin, "HOTDROP", 200);
+    let users: Vec<String> = (0..30)
+        .map(|i| svc.register(&format!("h{i}@example.com")))
+        .collect();
+    let metrics = |svc: &Service| -> String {
+        let r = svc.call("GET", "/metrics", &[], None);
+        r.body.as_str().unwrap_or_default().to_owned()
+    };
+    let queued = |svc: &Service| metric(&metrics(svc), "coupons_claims_queued");
+    // Hold the coupon so that the claims pile up behind the first, then let go.
+    let mut holder = db.conn();
+    holder.query_drop("START TRANSACTION").unwrap();
+    holder
+        .exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon,))
+        .unwrap();
+    let answers: Vec<(u16, serde_json::Value)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..300)
+            .map(|i| {
+                let (svc, token) = (&svc, &users[i % users.len()]);
+                s.spawn(move || {
+                    let path = format!("/coupons/{coupon}/claim");
+                    let r = svc.call("POST", &path, &[("token", token)], None);
+                    (r.status, r.body)
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while queued(&svc) < 100 {
+            assert!(std::time::Instant::now() < deadline, "claims never queued");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        holder.query_drop("ROLLBACK").unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(
+        (
+            count(&statuses, |s| s == 201),
+            count(&statuses, |s| s == 409)
+        ),
+        (200, 100),
+        "{statuses:?}"
+    );
+    // Every success has its own claim and saw its own count of what was left.
+    let mut ids: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| a.1["claim"]["id"].as_u64())
+        .collect();
+    let mut left: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| a.1["available_count"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    left.sort_unstable();
+    assert_eq!(ids.len(), 200);
+    assert_eq!(left, (0..200).collect::<Vec<u64>>());
+    assert_eq!(db.stock(coupon), (0, 200, 200));
+    let m = metrics(&svc);
+    assert!(metric(&m, "coupons_claims_combined_total") >= 100, "{m}");
+}
+
+/// A metric's value in a Prometheus text page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {page}"))
+}
+
 /// One case of the route table: a request and the status and error code it must get.
 #[track_caller]
 fn check(

@@ -50,7 +50,7 @@ pub struct Config {
 impl Config {
     pub fn from_env() -> Result<Config, String> {
         let workers = number("WORKERS", 16, 1..=1024)?;
-        let claim_workers = number("CLAIM_WORKERS", 128, 1..=4096)?;
+        let claim_workers = number("CLAIM_WORKERS", 80, 1..=4096)?;
         Ok(Config {
             database_url: var("DATABASE_URL"),
             data_dir: var("COUPONS_DATA_DIR")

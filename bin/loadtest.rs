@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 pub const USAGE: &str = "\
 coupons loadtest [--url URL | --embedded] [--scenario hot|spread|sellout|list|login]
                  [--connections C] [--duration SECS | --requests N] [--users N] [--coupons N]
-                 [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]";
+                 [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]
+                 [--coupon ID]   (hot: claim this existing coupon, e.g. one shared by several
+                                  loads on several service processes; its balance is not checked)";
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Scenario {
@@ -42,6 +44,7 @@ struct Options {
     coupons: usize,
     stock: u64,
     admin: Option<(String, String)>,
+    coupon: Option<u64>,
     json: bool,
     svg: Option<String>,
 }
@@ -60,6 +63,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         coupons: 100,
         stock: 100,
         admin: None,
+        coupon: None,
         json: false,
         svg: None,
     };
@@ -94,6 +98,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--users" => o.users = num(value()?)? as usize,
             "--coupons" => o.coupons = num(value()?)?.max(1) as usize,
             "--stock" => o.stock = num(value()?)?,
+            "--coupon" => o.coupon = Some(num(value()?)?),
             "--admin-email" => email = Some(value()?),
             "--admin-password" => password = Some(value()?),
             "--json" => o.json = true,
@@ -360,6 +365,9 @@ fn setup_users(addr: SocketAddr, o: &Options) -> Result<Vec<String>, String> {
 }
 
 fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>, String> {
+    if let Some(id) = o.coupon {
+        return Ok(vec![id]);
+    }
     let (count, stock) = match o.scenario {
         Scenario::Hot => (1, coupons::Stock::MAX as u64),
         Scenario::Spread => (o.coupons, coupons::Stock::MAX as u64),
@@ -530,7 +538,8 @@ fn check_invariant(
         "no 5xx and no connection errors".to_owned(),
         summary["errors"] == 0,
     )];
-    if matches!(o.scenario, Scenario::List | Scenario::Login) {
+    // A shared coupon's balance includes other loads' claims: the caller checks it.
+    if matches!(o.scenario, Scenario::List | Scenario::Login) || o.coupon.is_some() {
         return Ok(checks);
     }
     // Every page of the listing: a run's coupons may not fit on one.

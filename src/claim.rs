@@ -59,6 +59,10 @@ pub struct HistoryEntry {
 /// from the check to the commit, so concurrent claims can never take more than the stock.
 /// A user may claim the same coupon again while stock lasts.
 ///
+/// Claims of one coupon that arrive while a claim transaction for it is in flight in this
+/// process wait, and then share the next transaction: it decides each of them in arrival order,
+/// exactly as alone, and commits them together (see [`crate::db::Pool::with_claim_batching`]).
+///
 /// Errors: [`Error::CouponNotFound`] (unknown or deleted), [`Error::Inactive`],
 /// [`Error::SoldOut`], [`Error::Token`] if the user no longer exists, [`Error::Busy`] if
 /// deadlocks or lock-wait timeouts outlast the retries.

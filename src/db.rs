@@ -165,17 +165,31 @@ impl r2d2::ManageConnection for Manager {
 
 /// Connection options from a `mysql://user:pass@host:port/db` URL (the `socket=PATH`
 /// parameter selects a Unix socket). Unless the URL says otherwise, TCP stays TCP: the mysql
-/// crate would otherwise open a second connection to switch to the server's socket.
+/// crate would otherwise open a second connection to switch to the server's socket. On a
+/// Galera cluster, `wsrep_sync_wait=N` sets that session variable on every connection (1: reads
+/// wait until the node has applied what the cluster committed, so a read after a write made
+/// through another node sees it).
 pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
-    let opts = Opts::from_url(url).map_err(|e| Error::invalid("database URL", e.to_string()))?;
+    let (url, sync_wait) = take_param(url, "wsrep_sync_wait");
+    let opts = Opts::from_url(&url).map_err(|e| Error::invalid("database URL", e.to_string()))?;
+    let mut init = vec![format!(
+        "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
+    )];
+    if let Some(v) = sync_wait {
+        let n: u8 = v.parse().map_err(|_| {
+            Error::invalid(
+                "database URL",
+                "wsrep_sync_wait must be a number from 0 to 15",
+            )
+        })?;
+        init.push(format!("SET SESSION wsrep_sync_wait = {n}"));
+    }
     let mut b = OptsBuilder::from_opts(opts)
         .tcp_connect_timeout(Some(Duration::from_secs(2)))
         // A hung server must not pin a worker for ever; no statement of ours runs this long.
         .read_timeout(Some(Duration::from_secs(60)))
         .write_timeout(Some(Duration::from_secs(60)))
-        .init(vec![format!(
-            "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
-        )])
+        .init(init)
         // Room for every statement, claim batches' power-of-two sizes included (about 50).
         // The server's max_prepared_stmt_count (16,382) is shared by all connections.
         .stmt_cache_size(64);
@@ -183,6 +197,30 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
         b = b.prefer_socket(false);
     }
     Ok(b.into())
+}
+
+/// `url` without the query parameter `name`, and that parameter's value.
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|p| match p.split_once('=') {
+            Some((k, v)) if k == name => {
+                value = Some(v.to_owned());
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, value)
 }
 
 /// A pool of up to `size` connections; a caller waits at most `wait` for a free one (see
@@ -341,4 +379,31 @@ fn backoff(attempt: u32) -> Duration {
         .build_hasher()
         .finish();
     Duration::from_micros(random % cap_us + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_url_parameter_is_taken_out_and_the_rest_kept() {
+        let url = "mysql://u:p@h:3306/db?socket=/s.sock&wsrep_sync_wait=1&prefer_socket=false";
+        assert_eq!(
+            take_param(url, "wsrep_sync_wait"),
+            (
+                "mysql://u:p@h:3306/db?socket=/s.sock&prefer_socket=false".to_owned(),
+                Some("1".to_owned())
+            )
+        );
+        assert_eq!(
+            take_param("mysql://h/db?wsrep_sync_wait=3", "wsrep_sync_wait"),
+            ("mysql://h/db".to_owned(), Some("3".to_owned()))
+        );
+        assert_eq!(
+            take_param("mysql://h/db", "x"),
+            ("mysql://h/db".to_owned(), None)
+        );
+        assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=1").is_ok());
+        assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=x").is_err());
+    }
 }

@@ -149,7 +149,8 @@ fn a_hot_coupon_over_http_is_combined_and_exact() {
             })
             .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while queued(&svc) < 100 {
+        // Fewer than CLAIM_WORKERS: each queued claim waits on a claim thread.
+        while queued(&svc) < 50 {
             assert!(std::time::Instant::now() < deadline, "claims never queued");
             thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -181,7 +182,7 @@ fn a_hot_coupon_over_http_is_combined_and_exact() {
     assert_eq!(left, (0..200).collect::<Vec<u64>>());
     assert_eq!(db.stock(coupon), (0, 200, 200));
     let m = metrics(&svc);
-    assert!(metric(&m, "coupons_claims_combined_total") >= 100, "{m}");
+    assert!(metric(&m, "coupons_claims_combined_total") >= 50, "{m}");
 }
 
 /// A metric's value in a Prometheus text page.

@@ -251,6 +251,9 @@ pub fn coupons_command(env: &[(&str, &str)]) -> Command {
         "WORKERS",
         "DB_POOL_SIZE",
         "ACCESS_LOG",
+        "CLAIM_WORKERS",
+        "CLAIM_BATCHING",
+        "CLAIM_BATCH_MAX",
     ] {
         cmd.env_remove(var);
     }

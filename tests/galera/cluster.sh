@@ -32,16 +32,16 @@ status_of() { sql "$1" "SHOW STATUS LIKE '$2'" | cut -f2; }
 
 start_node() { # N [--wsrep-new-cluster]
     local n=$1 d=$dir/node$1
+    # The nodes run as mysql: it must reach and own these paths (rsync transfers included).
+    mkdir -p "$d/tmp"
+    chmod 755 "$dir"
+    chown -R mysql:mysql "$d"
+    chmod 755 "$d"
     if [ ! -d "$d/data/mysql" ]; then
-        mkdir -p "$d"
-        chown mysql:mysql "$d"
         mariadb-install-db --no-defaults --user=mysql --datadir="$d/data" \
             --auth-root-authentication-method=normal >"$d/install.log" 2>&1
     fi
-    mkdir -p "$d/tmp"
     chown -R mysql:mysql "$d"
-    # The rsync state transfer runs as mysql and must read and write these paths.
-    chmod 755 "$dir" "$d"
     setsid "$server" --no-defaults --user=mysql --datadir="$d/data" --tmpdir="$d/tmp" \
         --socket="$d/mysql.sock" --port="$(port "$n" 0)" --bind-address=127.0.0.1 \
         --pid-file="$d/mysqld.pid" --log-error="$d/server.err" \

@@ -71,8 +71,9 @@ impl Config {
             claim_workers,
             db_pool_size: number(
                 "DB_POOL_SIZE",
-                // The workers, the bcrypt threads, and as many claim threads leading a batch at
-                // once; claims waiting for a batch hold no connection.
+                // The workers, the bcrypt threads, and as many claim threads again; claims that
+                // wait for a batch hold no connection, and callers beyond the pool wait their
+                // turn (first come, first served) for at most DB_POOL_WAIT_MS.
                 (2 * workers + bcrypt_threads()) as u32 + 2,
                 1..=1000,
             )?,

@@ -128,6 +128,7 @@ pub fn serve(
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let (claim_tx, claim_rx) = sync_channel::<Request>(CLAIM_QUEUE);
     let (slow_rx, claim_rx) = (Mutex::new(slow_rx), Mutex::new(claim_rx));
+    let order = Mutex::new(());
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
         for _ in 0..threads.bcrypt {
@@ -143,6 +144,7 @@ pub fn serve(
             let lanes = Lanes {
                 slow: slow_tx.clone(),
                 claims: claim_tx.clone(),
+                order: &order,
             };
             let (app, server) = (&app, &server);
             s.spawn(move || worker(app, server, &lanes, stopping));
@@ -165,9 +167,11 @@ pub struct Threads {
 }
 
 /// Where workers pass requests that have threads of their own.
-struct Lanes {
+struct Lanes<'a> {
     slow: SyncSender<Request>,
     claims: SyncSender<Request>,
+    /// Held from taking a request to passing it on.
+    order: &'a Mutex<()>,
 }
 
 /// Deletes expired idempotency keys once an hour, until the server stops.
@@ -190,7 +194,7 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-fn worker(app: &App, server: &Server, lanes: &Lanes, stopping: &AtomicBool) {
+fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) {
     let mut drain_until = None;
     loop {
         let stop = stopping.load(Ordering::SeqCst);
@@ -202,7 +206,16 @@ fn worker(app: &App, server: &Server, lanes: &Lanes, stopping: &AtomicBool) {
             }
             return;
         }
-        let rq = match server.recv_timeout(POLL) {
+        // Requests are taken and passed to the lanes in one order: tiny_http answers a
+        // connection's pipelined requests in order, so request N+1 of a connection must never
+        // sit ahead of request N in a lane's queue (N+1's thread would wait for N for ever).
+        let order = lock(lanes.order);
+        let next = if stop {
+            server.try_recv()
+        } else {
+            server.recv_timeout(POLL)
+        };
+        let rq = match next {
             Ok(Some(rq)) => rq,
             Ok(None) if stop => return,
             Ok(None) => continue,
@@ -219,16 +232,20 @@ fn worker(app: &App, server: &Server, lanes: &Lanes, stopping: &AtomicBool) {
         } else if post && claim_would_wait(app, p) {
             (&lanes.claims, "claim queue")
         } else {
+            drop(order);
             handle(app, rq);
             continue;
         };
-        match lane.try_send(rq) {
-            Ok(()) => {}
-            Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) => {
-                respond(rq, ApiError::Overloaded.reply(what))
-            }
+        let refused = lane.try_send(rq);
+        drop(order);
+        if let Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) = refused {
+            respond(rq, ApiError::Overloaded.reply(what))
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether `path` claims a coupon that has a claim transaction in flight here: the claim

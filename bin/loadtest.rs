@@ -109,6 +109,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     if o.users == 0 {
         o.users = o.connections;
     }
+    if o.coupon.is_some() && o.scenario != Scenario::Hot {
+        return Err("--coupon goes with --scenario hot".into());
+    }
     if o.scenario == Scenario::Sellout && o.requests.is_none() {
         o.requests = Some(o.stock * 5);
     }

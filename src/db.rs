@@ -176,7 +176,7 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
         "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
     )];
     if let Some(v) = sync_wait {
-        let n: u8 = v.parse().map_err(|_| {
+        let n: u8 = v.parse().ok().filter(|n| *n <= 15).ok_or_else(|| {
             Error::invalid(
                 "database URL",
                 "wsrep_sync_wait must be a number from 0 to 15",
@@ -309,8 +309,20 @@ pub fn ping(pool: &Pool) -> Result<(), Error> {
 }
 
 /// Runs `f` on a pooled connection. A connection whose query found the server unreachable is
-/// marked broken, so the pool drops it instead of handing it out again.
+/// marked broken, so the pool drops it instead of handing it out again. Outside a
+/// transaction there is nothing to retry: a conflict (a lock or `wsrep_sync_wait` timeout) is
+/// [`Error::Busy`].
 pub(crate) fn with_conn<T>(
+    pool: &Pool,
+    f: impl FnOnce(&mut Connection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    match on_conn(pool, f) {
+        Err(e) if e.is_conflict() => Err(Error::Busy),
+        other => other,
+    }
+}
+
+fn on_conn<T>(
     pool: &Pool,
     f: impl FnOnce(&mut Connection) -> Result<T, Error>,
 ) -> Result<T, Error> {
@@ -325,8 +337,8 @@ pub(crate) fn with_conn<T>(
             pool.wait
         )));
     };
-    // The gate lets in no more callers than the pool has connections: this waits only while
-    // a connection is being opened.
+    // The gate lets in no more callers than the pool has connections: this waits while a
+    // connection is opened, or an idle one is pinged (bounded by the read timeout).
     let left = pool.wait.saturating_sub(started.elapsed());
     let conn = pool.inner.get_timeout(left.max(Duration::from_millis(1)));
     let result = conn.map_err(Error::from).and_then(|mut conn| {
@@ -355,7 +367,7 @@ pub(crate) fn transaction<T>(
         if attempt > 0 && started.elapsed() > RETRY_BUDGET {
             break;
         }
-        let result = with_conn(pool, |conn| {
+        let result = on_conn(pool, |conn| {
             let mut tx = conn.start_transaction(TxOpts::default())?;
             let value = f(&mut tx)?;
             tx.commit()?;
@@ -405,5 +417,6 @@ mod tests {
         );
         assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=1").is_ok());
         assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=x").is_err());
+        assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=16").is_err());
     }
 }

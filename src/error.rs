@@ -119,11 +119,11 @@ impl Error {
         }
     }
 
-    /// Deadlock or a Galera certification failure (1213), lock-wait timeout (1205), a row
-    /// changed since the snapshot (1020, MariaDB 11.6+ `innodb_snapshot_isolation`), or a
-    /// Galera node not ready (1047, it may rejoin): the whole transaction may be retried.
+    /// Deadlock or a Galera certification failure (1213), lock-wait timeout (1205, also a
+    /// Galera `wsrep_sync_wait` timeout), or a row changed since the snapshot (1020, MariaDB
+    /// 11.6+ `innodb_snapshot_isolation`): the whole transaction may be retried.
     pub(crate) fn is_conflict(&self) -> bool {
-        matches!(self.server_code(), Some(1213 | 1205 | 1020 | 1047))
+        matches!(self.server_code(), Some(1213 | 1205 | 1020))
     }
 }
 
@@ -179,12 +179,13 @@ impl From<mysql::Error> for Error {
             mysql::Error::DriverError(
                 D::ConnectTimeout | D::CouldNotConnect(_) | D::Timeout | D::PacketOutOfSync,
             ) => true,
-            // Too many connections, shutdown in progress, connection killed, read-only
-            // (failover), interrupted, lost or timed-out connections. (1047, a Galera node out
-            // of the primary component, is retried like a conflict instead.)
+            // Too many connections, shutdown in progress, connection killed, a Galera node
+            // outside the primary component or not yet synced (1047: it takes seconds to
+            // rejoin, longer than retries last), read-only (failover), interrupted, lost or
+            // timed-out connections.
             mysql::Error::MySqlError(s) => matches!(
                 s.code,
-                1040 | 1053 | 1927 | 1290 | 1836 | 1792 | 1317 | 1969 | 4031 | 1158..=1161
+                1040 | 1053 | 1927 | 1047 | 1290 | 1836 | 1792 | 1317 | 1969 | 4031 | 1158..=1161
             ),
             _ => false,
         };

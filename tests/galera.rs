@@ -28,8 +28,9 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("coupons-galera-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let cluster = Cluster { dir };
-        // Each node takes four ports from here; away from other test runs on this machine.
-        let base = 20_000 + (std::process::id() % 900) * 40;
+        // Each node takes four ports from here; away from other test runs on this machine and
+        // below Linux's ephemeral ports (32768 on).
+        let base = 20_000 + (std::process::id() % 300) * 40;
         cluster.run(&["start", &base.to_string()]);
         cluster
     }

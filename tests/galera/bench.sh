@@ -2,7 +2,7 @@
 # Claims per second and p99 on a 3-node Galera cluster: through one node, and through three
 # service processes on three nodes, on one hot coupon and spread over many. Every figure is
 # `coupons loadtest --json` against running services; the three-node figures add up three
-# loads run at once. Afterwards the hot coupon's balance is checked on every node.
+# loads run at once. Afterwards the hot coupon's balance on every node is printed.
 #
 #   cargo build --release && tests/galera/bench.sh [SECONDS] [CONNECTIONS]
 set -euo pipefail

@@ -13,6 +13,10 @@
 # The nodes run as the mysql user: as root, the rsync state transfer a rejoining node needs fails.
 set -euo pipefail
 
+if [ "$(id -u)" != 0 ]; then
+    echo "cluster.sh: run it as root: the nodes run as the mysql user, in directories it owns" >&2
+    exit 1
+fi
 cmd=${1:?usage: cluster.sh start|stop|kill|restart|status DIR [N|BASE_PORT]}
 dir=${2:?usage: cluster.sh $cmd DIR}
 mkdir -p "$dir"

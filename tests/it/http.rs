@@ -185,6 +185,47 @@ fn a_hot_coupon_over_http_is_combined_and_exact() {
     assert!(metric(&m, "coupons_claims_combined_total") >= 50, "{m}");
 }
 
+#[test]
+fn pipelined_requests_never_wedge_the_lanes() {
+    use std::io::{Read, Write};
+    let db = TestDb::new();
+    let svc = Service::spawn(&[
+        ("DATABASE_URL", db.url.as_str()),
+        ("JWT_SECRET", SECRET),
+        ("BCRYPT_COST", "4"),
+        ("LOGIN_FAILS_PER_EMAIL_PER_MIN", "0"),
+        ("LOGIN_FAILS_PER_IP_PER_MIN", "0"),
+    ]);
+    // Three logins (each for the bcrypt threads) pipelined on one connection, from 8
+    // connections at once, 300 times: each connection gets its three answers. (Passed to the
+    // lanes out of order, this wedged the bcrypt threads within a few hundred rounds.)
+    let body = r#"{"email":"nobody@example.com","password":"wrong-password"}"#;
+    let one = |close: bool| {
+        format!(
+            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let three = format!("{}{}{}", one(false), one(false), one(true));
+    for round in 0..300 {
+        thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let mut c = std::net::TcpStream::connect(&svc.addr).unwrap();
+                    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                        .unwrap();
+                    c.write_all(three.as_bytes()).unwrap();
+                    let mut answer = String::new();
+                    let _ = c.read_to_string(&mut answer);
+                    let n = answer.matches("HTTP/1.1 401").count();
+                    assert_eq!(n, 3, "round {round}: {answer:?}");
+                });
+            }
+        });
+    }
+}
+
 /// A metric's value in a Prometheus text page.
 fn metric(page: &str, name: &str) -> u64 {
     page.lines()

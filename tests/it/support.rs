@@ -208,10 +208,20 @@ impl Service {
         self.terminate()
     }
 
+    /// SIGTERM; a service that has not exited 30 s later gets SIGKILL, so that a wedged
+    /// service fails its test instead of hanging it.
     fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         self.child.wait().unwrap()
     }
 

@@ -318,6 +318,7 @@ pub(crate) fn with_conn<T>(
 ) -> Result<T, Error> {
     match on_conn(pool, f) {
         Err(e) if e.is_conflict() => Err(Error::Busy),
+        Err(e) if e.is_node_not_ready() => Err(Error::Unavailable(e.to_string())),
         other => other,
     }
 }
@@ -355,14 +356,17 @@ fn on_conn<T>(
 }
 
 /// Runs `f` in one transaction and commits it. Any `?` inside rolls back (the mysql crate's
-/// `Transaction` does so on drop). On deadlock or lock-wait timeout the whole transaction is
-/// retried with jittered backoff, at most 8 times and not after 5 s; then the caller gets
-/// [`Error::Busy`]. Lock waits are capped at 2 s per statement.
+/// `Transaction` does so on drop). On deadlock, lock-wait timeout or a Galera node not ready
+/// (1047) the whole transaction is retried with jittered backoff, at most 8 times and not after
+/// 5 s; then the caller gets [`Error::Busy`] ([`Error::Unavailable`] if the node was still not
+/// ready). Lock waits are capped at 2 s per statement.
 pub(crate) fn transaction<T>(
     pool: &Pool,
     mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, Error>,
 ) -> Result<T, Error> {
     let started = Instant::now();
+    // The last failure, when it was a Galera node not ready: then the answer is Unavailable.
+    let mut not_ready = None;
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 && started.elapsed() > RETRY_BUDGET {
             break;
@@ -375,13 +379,19 @@ pub(crate) fn transaction<T>(
         });
         match result {
             Err(e) if e.is_conflict() => {
+                not_ready = None;
+                pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(backoff(attempt))
+            }
+            Err(e) if e.is_node_not_ready() => {
+                not_ready = Some(e.to_string());
                 pool.stats.retries.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(backoff(attempt))
             }
             other => return other,
         }
     }
-    Err(Error::Busy)
+    Err(not_ready.map_or(Error::Busy, Error::Unavailable))
 }
 
 /// Up to 1, 2, 4, ... ms (capped at 64 ms), uniformly jittered so that retries spread out.

@@ -125,6 +125,13 @@ impl Error {
     pub(crate) fn is_conflict(&self) -> bool {
         matches!(self.server_code(), Some(1213 | 1205 | 1020))
     }
+
+    /// A Galera node outside the primary component or not yet synced (1047): a view change
+    /// passes in moments, so a transaction retries it; a rejoin takes seconds, so after the
+    /// retries it is [`Error::Unavailable`].
+    pub(crate) fn is_node_not_ready(&self) -> bool {
+        self.server_code() == Some(1047)
+    }
 }
 
 impl fmt::Display for Error {
@@ -179,13 +186,12 @@ impl From<mysql::Error> for Error {
             mysql::Error::DriverError(
                 D::ConnectTimeout | D::CouldNotConnect(_) | D::Timeout | D::PacketOutOfSync,
             ) => true,
-            // Too many connections, shutdown in progress, connection killed, a Galera node
-            // outside the primary component or not yet synced (1047: it takes seconds to
-            // rejoin, longer than retries last), read-only (failover), interrupted, lost or
-            // timed-out connections.
+            // Too many connections, shutdown in progress, connection killed, read-only
+            // (failover), interrupted, lost or timed-out connections. (1047, a Galera node not
+            // ready, stays a server error here: a transaction retries it a few times first.)
             mysql::Error::MySqlError(s) => matches!(
                 s.code,
-                1040 | 1053 | 1927 | 1047 | 1290 | 1836 | 1792 | 1317 | 1969 | 4031 | 1158..=1161
+                1040 | 1053 | 1927 | 1290 | 1836 | 1792 | 1317 | 1969 | 4031 | 1158..=1161
             ),
             _ => false,
         };

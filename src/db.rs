@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 pub struct Pool {
     inner: r2d2::Pool<Manager>,
     gate: Arc<Gate>,
-    wait: Duration,
     stats: Arc<Counters>,
     // Here because claims reach the database through the pool: every clone of one pool
     // combines its claims in one place.
@@ -239,7 +238,6 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
     Ok(Pool {
         inner,
         gate: Arc::new(Gate::new(size as usize)),
-        wait,
         stats: Arc::default(),
         combiner: None,
     }
@@ -329,18 +327,19 @@ fn on_conn<T>(
 ) -> Result<T, Error> {
     let started = Instant::now();
     pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
-    let pass = pool.gate.enter(pool.wait);
+    let wait = pool.inner.connection_timeout();
+    let pass = pool.gate.enter(wait);
     pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
     let Some(_pass) = pass else {
         pool.stats.errors.fetch_add(1, Ordering::Relaxed);
         return Err(Error::Unavailable(format!(
             "no database connection free within {:?}",
-            pool.wait
+            wait
         )));
     };
     // The gate lets in no more callers than the pool has connections: this waits while a
     // connection is opened, or an idle one is pinged (bounded by the read timeout).
-    let left = pool.wait.saturating_sub(started.elapsed());
+    let left = wait.saturating_sub(started.elapsed());
     let conn = pool.inner.get_timeout(left.max(Duration::from_millis(1)));
     let result = conn.map_err(Error::from).and_then(|mut conn| {
         let result = f(&mut conn);

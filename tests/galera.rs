@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{try_send, Resp, Service, JSON, SECRET};
+use support::{counter_mismatches, try_request as call, unbalanced, Resp, Service, JSON, SECRET};
 
 /// The cluster, stopped and removed when dropped.
 struct Cluster {
@@ -86,22 +86,6 @@ fn spawn(cluster: &Cluster, n: usize) -> Service {
     svc
 }
 
-fn call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Option<Resp> {
-    let body = body.unwrap_or("");
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        raw.push_str(&format!("{k}: {v}\r\n"));
-    }
-    raw.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    try_send(addr, raw.as_bytes(), body.as_bytes())
-}
-
 /// A claim with its idempotency key, retried with the same key while the answer is a 503 or
 /// no answer (the node is down or rejoining). Returns the final answer and how many retries.
 fn claim(addr: &str, token: &str, coupon: u64, key: &str) -> (Resp, usize) {
@@ -130,24 +114,12 @@ fn claim(addr: &str, token: &str, coupon: u64, key: &str) -> (Resp, usize) {
 /// agree with the claims, and the claims of `coupon` are exactly `ids`.
 fn check_node(cluster: &Cluster, n: usize, coupon: u64, ids: &HashSet<u64>) {
     let mut conn = cluster.conn(n);
-    let broken: Vec<(u64, i64, i64, i64)> = conn
-        .query(
-            "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) AS SIGNED), co.total_count
-             FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
-             GROUP BY co.id
-             HAVING co.available_count + COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) <> co.total_count",
-        )
-        .unwrap();
+    let broken = unbalanced(&mut conn);
     assert!(
         broken.is_empty(),
         "node {n}: remaining + claims != stock: {broken:?}"
     );
-    let counters: Vec<(u64, i64, i64)> = conn
-        .query(
-            "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id AND c.voided_at IS NULL) n
-             FROM user_coupon_claims u HAVING u.claimed <> n",
-        )
-        .unwrap();
+    let counters = counter_mismatches(&mut conn);
     assert!(
         counters.is_empty(),
         "node {n}: per-user counts: {counters:?}"

@@ -3,7 +3,7 @@
 //! queue behind it, and checks the database afterwards.
 
 use crate::library::{limited_coupon, new_coupon, new_users};
-use crate::support::{auth, TestDb};
+use crate::support::{auth, counter_mismatches, TestDb};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{claim, CouponId, Error, UserId};
 use mysql::prelude::Queryable;
@@ -94,16 +94,6 @@ fn queued_claims(
     answers
 }
 
-/// Per-user counter rows that disagree with the claim rows.
-fn counter_mismatches(db: &TestDb) -> Vec<(u64, i64, i64)> {
-    db.conn()
-        .query(
-            "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id AND c.voided_at IS NULL) n
-             FROM user_coupon_claims u HAVING u.claimed <> n",
-        )
-        .unwrap()
-}
-
 #[test]
 fn thousands_of_parallel_claims_on_stock_k_give_exactly_k() {
     let db = TestDb::new();
@@ -182,11 +172,8 @@ fn per_user_limits_hold_inside_one_batch() {
         assert_eq!((won, refused), (expected, 6 - expected), "user {u}");
     }
     assert_eq!(db.stock(coupon.0), (80, 20, 100));
-    assert!(
-        counter_mismatches(&db).is_empty(),
-        "{:?}",
-        counter_mismatches(&db)
-    );
+    let mismatched = counter_mismatches(&mut db.conn());
+    assert!(mismatched.is_empty(), "{mismatched:?}");
 }
 
 #[test]

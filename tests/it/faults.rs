@@ -26,6 +26,7 @@ fn claim(addr: &str, coupon: u64, token: &str, key: &str) -> (Option<u16>, Optio
         "POST",
         &path,
         &[("token", token), ("Idempotency-Key", key)],
+        None,
     ) {
         Some(r) => (Some(r.status), r.body["claim"]["id"].as_u64()),
         None => (None, None),

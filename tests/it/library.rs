@@ -610,7 +610,6 @@ pub(crate) fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) ->
 
 #[test]
 fn per_user_limits_hold_under_parallel_claims() {
-    use mysql::prelude::Queryable;
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 20);
     // One user, 50 parallel claims, limit 1: exactly one.
@@ -648,13 +647,7 @@ fn per_user_limits_hold_under_parallel_claims() {
     }
     assert_eq!(db.stock(three.0), (0, 50, 50));
     // The counter rows agree with the claim rows, user by user.
-    let mismatched: Vec<(u64, i64, i64)> = db
-        .conn()
-        .query(
-            "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id) n
-             FROM user_coupon_claims u HAVING u.claimed <> n",
-        )
-        .unwrap();
+    let mismatched = crate::support::counter_mismatches(&mut db.conn());
     assert!(mismatched.is_empty(), "{mismatched:?}");
 }
 

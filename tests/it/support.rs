@@ -96,15 +96,7 @@ impl TestDb {
     /// returns (available, claims not voided, total) of the one asked for.
     #[track_caller]
     pub fn stock(&self, coupon: u64) -> (i64, i64, i64) {
-        let broken: Vec<(u64, i64, i64, i64)> = self
-            .conn()
-            .query(
-                "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) AS SIGNED), co.total_count
-                 FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
-                 GROUP BY co.id
-                 HAVING co.available_count + COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) <> co.total_count",
-            )
-            .unwrap();
+        let broken = unbalanced(&mut self.conn());
         assert!(
             broken.is_empty(),
             "remaining + claims != stock for {broken:?}"
@@ -271,6 +263,27 @@ pub fn coupons_command(env: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// Coupons where `available_count + claims not voided != total_count`, as (id, available,
+/// claims, total).
+pub fn unbalanced(conn: &mut impl Queryable) -> Vec<(u64, i64, i64, i64)> {
+    conn.query(
+        "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) AS SIGNED), co.total_count
+         FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
+         GROUP BY co.id
+         HAVING co.available_count + COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) <> co.total_count",
+    )
+    .unwrap()
+}
+
+/// Per-user counter rows that disagree with the claims not voided, as (user, counted, claims).
+pub fn counter_mismatches(conn: &mut impl Queryable) -> Vec<(u64, i64, i64)> {
+    conn.query(
+        "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id AND c.voided_at IS NULL) n
+         FROM user_coupon_claims u HAVING u.claimed <> n",
+    )
+    .unwrap()
+}
+
 pub const JSON: (&str, &str) = ("Content-Type", "application/json");
 
 /// An HTTP answer: status, headers (lower-case names) and the body as JSON.
@@ -289,13 +302,25 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Resp {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|| panic!("no answer from {addr}"))
+}
+
+/// Like [`request`], but `None` when there is no answer.
+pub fn try_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<Resp> {
     let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         raw.push_str(&format!("{k}: {v}\r\n"));
     }
     let body = body.unwrap_or("");
     raw.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    send(addr, raw.as_bytes(), body.as_bytes())
+    try_send(addr, raw.as_bytes(), body.as_bytes())
 }
 
 /// Sends raw bytes and parses the answer.
@@ -315,16 +340,6 @@ pub fn try_send(addr: &str, head: &[u8], body: &[u8]) -> Option<Resp> {
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     parse(&answer)
-}
-
-/// A bodiless request, or `None` when there is no answer.
-pub fn try_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<Resp> {
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        raw.push_str(&format!("{k}: {v}\r\n"));
-    }
-    raw.push_str("Content-Length: 0\r\n\r\n");
-    try_send(addr, raw.as_bytes(), b"")
 }
 
 fn parse(answer: &[u8]) -> Option<Resp> {

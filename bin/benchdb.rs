@@ -50,7 +50,8 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     db::create_database(&opts).map_err(fail)?;
     let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT)
         .map_err(fail)?
-        .with_claim_batching(crate::config::claim_batch()?);
+        .with_claim_batching(crate::config::claim_batch()?)
+        .with_claim_lanes(crate::config::claim_lanes()?);
     db::migrate(&pool).map_err(fail)?;
 
     let auth = Auth::new(&Secret::generate().map_err(fail)?, 60, 4).map_err(fail)?;

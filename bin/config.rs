@@ -42,9 +42,11 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// `ACCESS_LOG`: `on` (default) writes a line per request to stderr; `off` does not.
     pub access_log: bool,
-    /// `CLAIM_BATCHING` (`on`, default, or `off`) and `CLAIM_BATCH_MAX`: the most claims of one
-    /// coupon combined into one transaction; 1 when off.
+    /// `CLAIM_BATCHING` (`on`, default, or `off`) and `CLAIM_BATCH_MAX`: the most claims
+    /// combined into one transaction; 1 when off.
     pub claim_batch: usize,
+    /// `CLAIM_LANES`: claim transactions in flight at most (0: one lane per coupon).
+    pub claim_lanes: u64,
 }
 
 impl Config {
@@ -93,6 +95,7 @@ impl Config {
                 .collect::<Result<_, _>>()?,
             access_log: on_off("ACCESS_LOG")?,
             claim_batch: claim_batch()?,
+            claim_lanes: claim_lanes()?,
             max_connections: match var("MAX_CONNECTIONS") {
                 Some(_) => Some(number("MAX_CONNECTIONS", 10_000, 1..=1_000_000)?),
                 None => None,
@@ -106,6 +109,17 @@ impl Config {
 pub fn claim_batch() -> Result<usize, String> {
     let max = number("CLAIM_BATCH_MAX", coupons::db::CLAIM_BATCH, 2..=1000)?;
     Ok(if on_off("CLAIM_BATCHING")? { max } else { 1 })
+}
+
+/// `CLAIM_LANES` as the pool's lanes; 0 gives each coupon a lane of its own. Read by `serve`
+/// and `bench-db` alike.
+pub fn claim_lanes() -> Result<u64, String> {
+    let lanes = number(
+        "CLAIM_LANES",
+        coupons::db::default_claim_lanes(),
+        0..=65_536,
+    )?;
+    Ok(if lanes == 0 { u64::MAX } else { lanes })
 }
 
 /// A switch that is `on` unless set to `off`.

@@ -144,7 +144,8 @@ fn open_database(config: &Config, pool_size: u32, serving: bool) -> Result<Datab
     }
     let pool = db::pool(opts.clone(), pool_size, config.db_pool_wait)
         .map_err(|e| e.to_string())?
-        .with_claim_batching(config.claim_batch);
+        .with_claim_batching(config.claim_batch)
+        .with_claim_lanes(config.claim_lanes);
     let ready = Arc::new(AtomicBool::new(false));
     match db::migrate(&pool) {
         Ok(()) => ready.store(true, Ordering::SeqCst),

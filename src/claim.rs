@@ -2,8 +2,8 @@
 
 use crate::audit;
 use crate::combine::Ticket;
-use crate::coupon::lock_live;
-use crate::db::{transaction, with_conn, Pool};
+use crate::coupon::{lock_live, lock_live_many, Coupon};
+use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
 use crate::{ClaimId, CouponId, Error, Label, Page, Timestamp, UserId};
@@ -100,13 +100,19 @@ fn claim_keyed(
         return claim_alone(pool, user, coupon, key);
     };
     let ticket = Ticket {
+        coupon,
         user,
         key: key.cloned(),
     };
-    combiner.submit(coupon, ticket, |batch| match batch {
-        [one] => vec![claim_alone(pool, one.user, coupon, one.key.as_ref())],
-        _ => claim_batch(pool, coupon, batch),
+    combiner.submit(ticket, |batch| match batch {
+        [one] => vec![claim_alone(pool, one.user, one.coupon, one.key.as_ref())],
+        _ => claim_batch(pool, batch),
     })
+}
+
+/// What an idempotency key records as the request of a claim on `coupon`.
+fn request_of(coupon: CouponId) -> String {
+    format!("claim {coupon}")
 }
 
 /// One claim in its own transaction: the path of a claim that meets no other.
@@ -116,12 +122,11 @@ fn claim_alone(
     coupon: CouponId,
     key: Option<&IdempotencyKey>,
 ) -> Answer<Claimed> {
-    let request = format!("claim {coupon}");
     let done = transaction(pool, |tx| {
         let Some(key) = key else {
             return Ok(Answer::new(Ok(take_one(tx, user, coupon)?)));
         };
-        if let Some(first) = idempotency::reserve(tx, user, key, &request)? {
+        if let Some(first) = idempotency::reserve(tx, user, key, &request_of(coupon))? {
             return replay(tx, first);
         }
         let result = take_one(tx, user, coupon);
@@ -143,17 +148,17 @@ fn claim_alone(
     done.unwrap_or_else(|e| Answer::new(Err(e)))
 }
 
-/// Claims that met on one coupon, in one transaction: one answer each, in order. A fault of
-/// the transaction is every request's answer, as it would be alone. Only a user deleted since
-/// their token was checked fails the batch for one request (a foreign key): then each runs
-/// alone and gets its own answer; nothing was written, the error came before the commit.
-fn claim_batch(pool: &Pool, coupon: CouponId, batch: &[&Ticket]) -> Vec<Answer<Claimed>> {
+/// Claims that met in one lane, in one transaction: one answer each, in order. A fault of the
+/// transaction is every request's answer, as it would be alone. Only a user deleted since their
+/// token was checked fails the batch for one request (a foreign key): then each runs alone and
+/// gets its own answer; nothing was written, the error came before the commit.
+fn claim_batch(pool: &Pool, batch: &[&Ticket]) -> Vec<Answer<Claimed>> {
     let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Answer::new(Err(f()))).collect();
-    match transaction(pool, |tx| take_many(tx, coupon, batch)) {
+    match transaction(pool, |tx| take_many(tx, batch)) {
         Ok(answers) => answers,
         Err(Error::Token(TokenProblem::UnknownUser)) => batch
             .iter()
-            .map(|t| claim_alone(pool, t.user, coupon, t.key.as_ref()))
+            .map(|t| claim_alone(pool, t.user, t.coupon, t.key.as_ref()))
             .collect(),
         Err(Error::Busy) => each(&|| Error::Busy),
         Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
@@ -166,7 +171,7 @@ fn claim_batch(pool: &Pool, coupon: CouponId, batch: &[&Ticket]) -> Vec<Answer<C
 
 /// Where a request of a batch stands.
 enum Step {
-    /// Still to be decided under the coupon's lock.
+    /// Still to be decided under its coupon's lock.
     Open,
     /// Its key was used before: replay that answer.
     Replay(Recorded),
@@ -174,14 +179,9 @@ enum Step {
     Done(Result<Claimed, Error>),
 }
 
-/// The batch claim: the same decisions as [`take_one`], for each request in order, with the
+/// The batch claim: the same decisions as [`take_one`], for each request in order, with each
 /// coupon locked once, one write of each kind, and one commit.
-fn take_many(
-    tx: &mut Transaction<'_>,
-    coupon: CouponId,
-    batch: &[&Ticket],
-) -> Result<Vec<Answer<Claimed>>, Error> {
-    let request = format!("claim {coupon}");
+fn take_many(tx: &mut Transaction<'_>, batch: &[&Ticket]) -> Result<Vec<Answer<Claimed>>, Error> {
     let mut steps: Vec<Step> = batch.iter().map(|_| Step::Open).collect();
     // Keys are locked in one order (user, key), whatever the arrival order, so two batches
     // holding some of the same keys cannot deadlock on them.
@@ -190,6 +190,7 @@ fn take_many(
         .collect();
     keyed.sort_by_key(|&(i, k)| (batch[i].user, k.as_str()));
     for (i, key) in keyed {
+        let request = request_of(batch[i].coupon);
         steps[i] = match idempotency::reserve(tx, batch[i].user, key, &request) {
             Ok(None) => Step::Open,
             Ok(Some(first)) => Step::Replay(first),
@@ -201,8 +202,8 @@ fn take_many(
         .filter(|&i| matches!(steps[i], Step::Open))
         .collect();
     if !open.is_empty() {
-        decide(tx, coupon, batch, &open, &mut steps)?;
-        record_keys(tx, &request, batch, &open, &steps)?;
+        decide(tx, batch, &open, &mut steps)?;
+        record_keys(tx, batch, &open, &steps)?;
     }
     // Replays read last: the per-user counts above must be the transaction's first plain read.
     let mut answers = Vec::with_capacity(batch.len());
@@ -216,36 +217,38 @@ fn take_many(
     Ok(answers)
 }
 
-/// Decides the `open` requests under the coupon's lock and writes the granted claims.
+/// Decides the `open` requests under their coupons' locks and writes the granted claims.
 fn decide(
     tx: &mut Transaction<'_>,
-    coupon: CouponId,
     batch: &[&Ticket],
     open: &[usize],
     steps: &mut [Step],
 ) -> Result<(), Error> {
-    let Some(c) = lock_live(tx, coupon)? else {
-        open.iter()
-            .for_each(|&i| steps[i] = Step::Done(Err(Error::CouponNotFound)));
-        return Ok(());
-    };
+    let coupons = lock_live_many(tx, open.iter().map(|&i| batch[i].coupon))?;
     let now = Timestamp::now();
-    // Plain read, after the lock: the snapshot starts here, and every change to these counts
-    // is made under the lock we hold, so it is current.
-    let mut held = match c.per_user_limit {
-        Some(_) => held_counts(tx, coupon, open.iter().map(|&i| batch[i].user))?,
-        None => HashMap::new(),
-    };
+    // Plain reads, after every lock: the snapshot starts here, and every change to these counts
+    // is made under a lock we hold, so they are current.
+    let mut held: HashMap<(CouponId, UserId), i64> = HashMap::new();
+    for c in coupons.values().filter(|c| c.per_user_limit.is_some()) {
+        let users = open.iter().filter(|&&i| batch[i].coupon == c.id);
+        for (user, n) in held_counts(tx, c.id, users.map(|&i| batch[i].user))? {
+            held.insert((c.id, user), n);
+        }
+    }
+    let mut taken: HashMap<CouponId, u64> = HashMap::new();
     let mut granted = Vec::new();
     for &i in open {
-        let user = batch[i].user;
+        let (coupon, user) = (batch[i].coupon, batch[i].user);
+        let Some(c) = coupons.get(&coupon) else {
+            steps[i] = Step::Done(Err(Error::CouponNotFound));
+            continue;
+        };
+        let taken = taken.entry(coupon).or_insert(0);
+        let held = held.entry((coupon, user)).or_insert(0);
         let refusal = c.refusal_at(now).or_else(|| {
-            let at_limit = c
-                .per_user_limit
-                .is_some_and(|l| held.get(&user).copied().unwrap_or(0) >= i64::from(l));
-            if c.available_count == granted.len() as u64 {
+            if c.available_count == *taken {
                 Some(Error::SoldOut)
-            } else if at_limit {
+            } else if c.per_user_limit.is_some_and(|l| *held >= i64::from(l)) {
                 Some(Error::LimitReached)
             } else {
                 None
@@ -254,34 +257,43 @@ fn decide(
         match refusal {
             Some(e) => steps[i] = Step::Done(Err(e)),
             None => {
+                *taken += 1;
+                *held += 1;
                 granted.push(i);
-                *held.entry(user).or_insert(0) += 1;
             }
         }
     }
     if granted.is_empty() {
         return Ok(());
     }
-    if c.per_user_limit.is_some() {
-        let users: Vec<UserId> = granted.iter().map(|&i| batch[i].user).collect();
-        write_counts(tx, coupon, &users, &held)?;
-    }
-    tx.exec_drop(
-        "UPDATE coupons SET available_count = available_count - ? WHERE id = ?",
-        (granted.len() as u64, coupon.0),
-    )?;
-    let users: Vec<UserId> = granted.iter().map(|&i| batch[i].user).collect();
-    let ids = insert_claims(tx, &c.code, c.name.as_deref(), coupon, now, &users)?;
-    for (k, (&i, id)) in granted.iter().zip(ids).enumerate() {
+    let counted: Vec<((CouponId, UserId), i64)> = granted
+        .iter()
+        .map(|&i| (batch[i].coupon, batch[i].user))
+        .filter(|(coupon, _)| coupons[coupon].per_user_limit.is_some())
+        .map(|pair| (pair, held[&pair]))
+        .collect();
+    write_counts(tx, counted)?;
+    take_stock(tx, &taken)?;
+    let rows: Vec<(UserId, &Coupon)> = granted
+        .iter()
+        .map(|&i| (batch[i].user, &coupons[&batch[i].coupon]))
+        .collect();
+    let ids = insert_claims(tx, now, &rows)?;
+    // Each coupon's stock right after each of its claims, in order.
+    let mut left: HashMap<CouponId, u64> = HashMap::new();
+    for (&i, id) in granted.iter().zip(ids) {
+        let c = &coupons[&batch[i].coupon];
+        let left = left.entry(c.id).or_insert(c.available_count);
+        *left -= 1;
         steps[i] = Step::Done(Ok(Claimed {
             claim: Claim {
                 id,
-                coupon_id: coupon,
+                coupon_id: c.id,
                 code: c.code.clone(),
                 name: c.name.clone(),
                 claimed_at: now,
             },
-            available_count: c.available_count - k as u64 - 1,
+            available_count: *left,
         }));
     }
     Ok(())
@@ -309,31 +321,25 @@ fn held_counts(
     Ok(rows.into_iter().map(|(u, n)| (UserId(u), n)).collect())
 }
 
-/// Sets the per-user counters of the users granted a claim to their new counts.
+/// Sets per-user counters to their new counts, in one statement.
 fn write_counts(
     tx: &mut Transaction<'_>,
-    coupon: CouponId,
-    users: &[UserId],
-    held: &HashMap<UserId, i64>,
+    mut counts: Vec<((CouponId, UserId), i64)>,
 ) -> Result<(), Error> {
-    let mut users = users.to_vec();
-    users.sort_unstable();
-    users.dedup();
-    let users = padded(users);
+    if counts.is_empty() {
+        return Ok(());
+    }
+    counts.sort_unstable();
+    counts.dedup();
+    let counts = padded(counts);
     let sql = format!(
         "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed) VALUES {}
          ON DUPLICATE KEY UPDATE claimed = VALUES(claimed)",
-        placeholders(users.len(), "(?, ?, ?)")
+        placeholders(counts.len(), "(?, ?, ?)")
     );
-    let params: Vec<Value> = users
+    let params: Vec<Value> = counts
         .iter()
-        .flat_map(|u| {
-            [
-                u.0.into(),
-                coupon.0.into(),
-                held.get(u).copied().unwrap_or(0).into(),
-            ]
-        })
+        .flat_map(|&((coupon, user), n)| [user.0.into(), coupon.0.into(), n.into()])
         .collect();
     tx.exec_drop(sql, params)
         .map_err(Error::from)
@@ -341,17 +347,34 @@ fn write_counts(
     Ok(())
 }
 
-/// Inserts one claim row per user, in order, and returns their ids in the same order.
+/// Takes `taken[c]` units off each coupon `c`'s stock, in one statement.
+fn take_stock(tx: &mut Transaction<'_>, taken: &HashMap<CouponId, u64>) -> Result<(), Error> {
+    let mut taken: Vec<(u64, u64)> = taken.iter().map(|(c, &n)| (c.0, n)).collect();
+    taken.sort_unstable();
+    let taken = padded(taken);
+    // A repeated pair changes nothing: CASE takes the first match, IN ignores repeats.
+    let sql = format!(
+        "UPDATE coupons SET available_count = available_count - CASE id {} END WHERE id IN ({})",
+        vec!["WHEN ? THEN ?"; taken.len()].join(" "),
+        placeholders(taken.len(), "?")
+    );
+    let params: Vec<Value> = taken
+        .iter()
+        .flat_map(|&(c, n)| [c.into(), n.into()])
+        .chain(taken.iter().map(|&(c, _)| c.into()))
+        .collect();
+    tx.exec_drop(sql, params)?;
+    Ok(())
+}
+
+/// Inserts one claim row per (user, coupon), in order, and returns their ids in the same order.
 fn insert_claims(
     tx: &mut Transaction<'_>,
-    code: &str,
-    name: Option<&str>,
-    coupon: CouponId,
     now: Timestamp,
-    users: &[UserId],
+    rows: &[(UserId, &Coupon)],
 ) -> Result<Vec<ClaimId>, Error> {
     let mut first = None;
-    let mut rest = users;
+    let mut rest = rows;
     // In chunks of 32, 16, ..., 1 rows: a handful of statements to prepare and cache.
     while !rest.is_empty() {
         let (chunk, more) = rest.split_at(1 << rest.len().ilog2());
@@ -361,13 +384,13 @@ fn insert_claims(
         );
         let params: Vec<Value> = chunk
             .iter()
-            .flat_map(|u| {
+            .flat_map(|&(u, c)| {
                 [
                     u.0.into(),
-                    coupon.0.into(),
+                    c.id.0.into(),
                     now.into(),
-                    code.into(),
-                    name.into(),
+                    c.code.as_str().into(),
+                    c.name.as_deref().into(),
                 ]
             })
             .collect();
@@ -378,15 +401,26 @@ fn insert_claims(
         rest = more;
     }
     let first = first.ok_or(Error::Internal("no id for the inserted claims".into()))?;
+    let mut coupons: Vec<u64> = rows.iter().map(|(_, c)| c.id.0).collect();
+    coupons.sort_unstable();
+    coupons.dedup();
+    let coupons = padded(coupons);
     // The ids rise in row order, but need not be consecutive (Galera steps them by the cluster
-    // size). No other claim of this coupon can come between: we hold its lock. By the primary
-    // key: the (coupon_id, id) index would be read from the coupon's oldest claim.
-    let ids: Vec<u64> = tx.exec(
-        "SELECT id FROM claims FORCE INDEX (PRIMARY) WHERE id >= ? AND coupon_id = ?
+    // size, and other lanes' claims interleave). No other claim of these coupons can come
+    // between: we hold their locks. By the primary key: the (coupon_id, id) index would be read
+    // from each coupon's oldest claim.
+    let sql = format!(
+        "SELECT id FROM claims FORCE INDEX (PRIMARY) WHERE id >= ? AND coupon_id IN ({})
          ORDER BY id LIMIT ?",
-        (first, coupon.0, users.len() as u64),
-    )?;
-    if ids.len() != users.len() {
+        placeholders(coupons.len(), "?")
+    );
+    let params: Vec<Value> = std::iter::once(first)
+        .chain(coupons)
+        .chain(std::iter::once(rows.len() as u64))
+        .map(Value::from)
+        .collect();
+    let ids: Vec<u64> = tx.exec(sql, params)?;
+    if ids.len() != rows.len() {
         return Err(Error::Internal("claim ids not found after insert".into()));
     }
     Ok(ids.into_iter().map(ClaimId).collect())
@@ -395,7 +429,6 @@ fn insert_claims(
 /// Records every keyed open request's answer in one statement (their rows are reserved).
 fn record_keys(
     tx: &mut Transaction<'_>,
-    request: &str,
     batch: &[&Ticket],
     open: &[usize],
     steps: &[Step],
@@ -420,7 +453,7 @@ fn record_keys(
         rows.push([
             batch[i].user.0.into(),
             key.as_str().into(),
-            request.into(),
+            request_of(batch[i].coupon).into(),
             outcome.into(),
             id.into(),
             count.into(),
@@ -441,21 +474,6 @@ fn record_keys(
     );
     tx.exec_drop(sql, rows.concat())?;
     Ok(())
-}
-
-/// `items` with its last item repeated up to a power of two, so that statements over a batch
-/// come in a few sizes (each size is one prepared statement per connection). Only for
-/// statements where a repeated row changes nothing.
-fn padded<T: Clone>(mut items: Vec<T>) -> Vec<T> {
-    if let Some(last) = items.last().cloned() {
-        items.resize(items.len().next_power_of_two(), last);
-    }
-    items
-}
-
-/// `n` copies of `one`, comma-separated.
-fn placeholders(n: usize, one: &str) -> String {
-    vec![one; n].join(", ")
 }
 
 /// The claim itself: everything that decides whether it succeeds.

@@ -1,10 +1,13 @@
-//! Claim combining: concurrent claims on one coupon in this process share one transaction.
+//! Claim combining: concurrent claims in this process share one transaction.
 //!
 //! A hot coupon is one row, and one transaction at a time can hold its lock; per-claim
-//! transactions are capped by how fast that row is locked, changed and committed. Here the
-//! first claim on a coupon runs at once (a quiet service waits for nothing). Claims that arrive
-//! while its transaction is in flight queue; when it ends, the first of them leads the next
-//! transaction for all of them (up to the limit), in arrival order. No timer, no window.
+//! transactions are capped by how fast that row is locked, changed and committed. Claims spread
+//! over many coupons are capped by the database's cost per transaction. So claims go in lanes
+//! (a coupon's lane is its id modulo the number of lanes, so one coupon is always in one lane),
+//! and a lane has at most one claim transaction in flight. The first claim in an idle lane runs
+//! at once (a quiet service waits for nothing). Claims that arrive while its transaction is in
+//! flight queue; when it ends, the first of them leads the next transaction for all of them (up
+//! to the limit), in arrival order, whatever their coupons. No timer, no window.
 //!
 //! Each request thread runs at most one transaction: the leader of a batch is one of its
 //! requests, and it hands the queue to the next leader before it hands out the answers.
@@ -16,9 +19,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// One claim request: who, and the idempotency key it came with.
+/// One claim request: which coupon, who, and the idempotency key it came with.
 #[derive(Debug)]
 pub(crate) struct Ticket {
+    pub coupon: CouponId,
     pub user: UserId,
     pub key: Option<IdempotencyKey>,
 }
@@ -31,11 +35,12 @@ impl Ticket {
     }
 }
 
-/// The queues of claims waiting for a coupon's transaction in flight. A coupon has an entry
-/// exactly while a transaction for it is in flight.
+/// The queues of claims waiting for their lane's transaction in flight. A lane has an entry
+/// exactly while a transaction of it is in flight.
 pub(crate) struct Combiner {
     max: usize,
-    queues: Mutex<HashMap<CouponId, Vec<Arc<Waiter>>>>,
+    lanes: u64,
+    queues: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
     /// Claims in a queue now.
     pub queued: AtomicU64,
     /// Claims that went in a batch of two or more, so far.
@@ -57,10 +62,11 @@ enum State {
 }
 
 impl Combiner {
-    /// Batches of at most `max` claims.
-    pub fn new(max: usize) -> Combiner {
+    /// Batches of at most `max` claims, in `lanes` lanes.
+    pub fn new(max: usize, lanes: u64) -> Combiner {
         Combiner {
             max: max.max(1),
+            lanes: lanes.max(1),
             queues: Mutex::default(),
             queued: AtomicU64::new(0),
             combined: AtomicU64::new(0),
@@ -68,14 +74,18 @@ impl Combiner {
         }
     }
 
-    /// Runs `ticket` on `coupon` together with concurrent tickets for it. `run` gets a batch in
-    /// arrival order and returns one answer for each; it runs on one of the batch's threads.
+    fn lane(&self, coupon: CouponId) -> u64 {
+        coupon.0 % self.lanes
+    }
+
+    /// Runs `ticket` together with concurrent tickets of its lane. `run` gets a batch in arrival
+    /// order and returns one answer for each; it runs on one of the batch's threads.
     pub fn submit(
         &self,
-        coupon: CouponId,
         ticket: Ticket,
         run: impl FnOnce(&[&Ticket]) -> Vec<Answer<Claimed>>,
     ) -> Answer<Claimed> {
+        let lane = self.lane(ticket.coupon);
         let me = Arc::new(Waiter {
             ticket,
             state: Mutex::new(State::Queued),
@@ -83,14 +93,14 @@ impl Combiner {
         });
         let leads_now = {
             let mut queues = lock(&self.queues);
-            match queues.get_mut(&coupon) {
+            match queues.get_mut(&lane) {
                 Some(queue) => {
                     queue.push(Arc::clone(&me));
                     self.queued.fetch_add(1, Ordering::Relaxed);
                     false
                 }
                 None => {
-                    queues.insert(coupon, Vec::new());
+                    queues.insert(lane, Vec::new());
                     true
                 }
             }
@@ -106,7 +116,7 @@ impl Combiner {
         };
         let mut lead = Lead {
             combiner: self,
-            coupon,
+            lane,
             batch,
         };
         let tickets: Vec<&Ticket> = lead.batch.iter().map(|w| &w.ticket).collect();
@@ -114,20 +124,20 @@ impl Combiner {
         lead.finish(answers)
     }
 
-    /// Whether a transaction for `coupon` is in flight: a claim now would queue.
+    /// Whether a transaction of `coupon`'s lane is in flight: a claim now would queue.
     pub fn in_flight(&self, coupon: CouponId) -> bool {
-        lock(&self.queues).contains_key(&coupon)
+        lock(&self.queues).contains_key(&self.lane(coupon))
     }
 
-    /// Passes the coupon's queue, if any, to its first request as the next batch.
-    fn hand_off(&self, coupon: CouponId) {
+    /// Passes the lane's queue, if any, to its first request as the next batch.
+    fn hand_off(&self, lane: u64) {
         let next = {
             let mut queues = lock(&self.queues);
-            let Some(queue) = queues.get_mut(&coupon) else {
+            let Some(queue) = queues.get_mut(&lane) else {
                 return;
             };
             if queue.is_empty() {
-                queues.remove(&coupon);
+                queues.remove(&lane);
                 return;
             }
             let mut batch: Vec<Arc<Waiter>> = Vec::new();
@@ -177,14 +187,14 @@ impl Waiter {
 /// and answers every other request, so no thread waits for ever.
 struct Lead<'a> {
     combiner: &'a Combiner,
-    coupon: CouponId,
+    lane: u64,
     batch: Vec<Arc<Waiter>>,
 }
 
 impl Lead<'_> {
     /// Hands off the queue, then gives each request its answer; returns the leader's own.
     fn finish(&mut self, answers: Vec<Answer<Claimed>>) -> Answer<Claimed> {
-        self.combiner.hand_off(self.coupon);
+        self.combiner.hand_off(self.lane);
         let batch = std::mem::take(&mut self.batch);
         // `run` owes one answer per request; should one be missing, that request still gets one.
         let mut answers = answers.into_iter();
@@ -201,7 +211,7 @@ impl Drop for Lead<'_> {
         if self.batch.is_empty() {
             return;
         }
-        self.combiner.hand_off(self.coupon);
+        self.combiner.hand_off(self.lane);
         for waiter in self.batch.iter().skip(1) {
             waiter.decide(State::Answered(missing()));
         }

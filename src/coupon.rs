@@ -1,7 +1,7 @@
 //! Coupons: create, change, delete, list. Stock only changes under the coupon row's lock.
 
 use crate::audit;
-use crate::db::{transaction, with_conn, Pool};
+use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey};
 use crate::{
@@ -9,6 +9,7 @@ use crate::{
 };
 use mysql::prelude::Queryable;
 use serde::{Serialize, Serializer};
+use std::collections::HashMap;
 
 /// A coupon as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -555,6 +556,27 @@ fn has_claims(tx: &mut impl Queryable, id: CouponId) -> Result<bool, Error> {
     let any: Option<u8> =
         tx.exec_first("SELECT 1 FROM claims WHERE coupon_id = ? LIMIT 1", (id.0,))?;
     Ok(any.is_some())
+}
+
+/// Locks the rows of those of `ids` that are live coupons until the transaction ends, in id
+/// order (two transactions locking some of the same coupons cannot deadlock on them), and reads
+/// them.
+pub(crate) fn lock_live_many(
+    tx: &mut impl Queryable,
+    ids: impl Iterator<Item = CouponId>,
+) -> Result<HashMap<CouponId, Coupon>, Error> {
+    let mut ids: Vec<u64> = ids.map(|c| c.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids = padded(ids);
+    // By the primary key, so that only these rows are locked, whatever the optimizer thinks.
+    let sql = format!(
+        "SELECT {COLUMNS} FROM coupons FORCE INDEX (PRIMARY)
+         WHERE id IN ({}) AND deleted_at IS NULL ORDER BY id FOR UPDATE",
+        placeholders(ids.len(), "?")
+    );
+    let rows: Vec<CouponRow> = tx.exec(sql, ids)?;
+    Ok(rows.into_iter().map(from_row).map(|c| (c.id, c)).collect())
 }
 
 /// Locks a live coupon's row until the transaction ends and reads it.

@@ -1,11 +1,11 @@
-//! Claim combining: concurrent claims on one coupon share one transaction. Each test makes the
-//! batches it needs by holding the coupon's row lock from a second connection while claims
-//! queue behind it, and checks the database afterwards.
+//! Claim combining: concurrent claims of one lane share one transaction. Each test makes the
+//! batches it needs by holding a coupon's row lock from a second connection while claims queue
+//! behind it, and checks the database afterwards.
 
 use crate::library::{limited_coupon, new_coupon, new_users};
 use crate::support::{auth, counter_mismatches, TestDb};
 use coupons::idempotency::{Answer, IdempotencyKey};
-use coupons::{claim, CouponId, Error, UserId};
+use coupons::{claim, coupon, CouponId, Error, UserId};
 use mysql::prelude::Queryable;
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
@@ -55,16 +55,29 @@ fn queued_claims(
     keys: &[Option<&str>],
     while_held: impl FnOnce(),
 ) -> Vec<Answer<claim::Claimed>> {
-    let mut holder = hold(db, coupon);
+    let claims: Vec<(UserId, CouponId)> = users.iter().map(|&u| (u, coupon)).collect();
+    queued_claims_on(db, &claims, keys, while_held)
+}
+
+/// [`queued_claims`] with a coupon for each claim: the first claim's coupon is held, and the
+/// others queue only if their coupons are in its lane.
+fn queued_claims_on(
+    db: &TestDb,
+    claims: &[(UserId, CouponId)],
+    keys: &[Option<&str>],
+    while_held: impl FnOnce(),
+) -> Vec<Answer<claim::Claimed>> {
+    let mut holder = hold(db, claims[0].1);
     let queued_before = db.pool.stats().claims_queued;
     let answers = std::thread::scope(|s| {
         let run = |i: usize| {
+            let (user, coupon) = claims[i];
             let key = keys.get(i).copied().flatten();
             let key = key.map(|k| IdempotencyKey::parse(k).unwrap());
             match &key {
-                Some(k) => claim::claim_once(&db.pool, users[i], coupon, k),
+                Some(k) => claim::claim_once(&db.pool, user, coupon, k),
                 None => Answer {
-                    result: claim::claim(&db.pool, users[i], coupon),
+                    result: claim::claim(&db.pool, user, coupon),
                     replayed: false,
                 },
             }
@@ -73,8 +86,8 @@ fn queued_claims(
         wait_until("the first claim to wait on the lock", || {
             lock_waiters(db).len() == 1
         });
-        // One at a time, so that the queue's order is `users` order.
-        let rest: Vec<_> = (1..users.len())
+        // One at a time, so that the queue's order is `claims` order.
+        let rest: Vec<_> = (1..claims.len())
             .map(|i| {
                 let h = s.spawn(move || run(i));
                 wait_until("a claim to queue", || {
@@ -142,6 +155,71 @@ fn thousands_of_parallel_claims_on_stock_k_give_exactly_k() {
         "no claims were combined: {:?}",
         db.pool.stats()
     );
+}
+
+#[test]
+fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock() {
+    let mut db = TestDb::new();
+    db.pool = db.pool.clone().with_claim_lanes(2);
+    let users = new_users(&db, &auth(), 100);
+    // Ten coupons, stock 100 each; the odd ones allow one claim per user.
+    let coupons: Vec<CouponId> = (0..10)
+        .map(|i| match i % 2 {
+            0 => new_coupon(&db, &format!("SPREAD{i}"), 100),
+            _ => limited_coupon(&db, &format!("SPREAD{i}"), 100, 1),
+        })
+        .collect();
+    // 3,000 attempts from 48 threads: 300 a coupon, by 100 users, 3 each.
+    let outcomes: Vec<(usize, Result<(), String>)> = rayon::ThreadPoolBuilder::new()
+        .num_threads(48)
+        .build()
+        .unwrap()
+        .install(|| {
+            (0..3000)
+                .into_par_iter()
+                .map(|i| {
+                    let c = i % 10;
+                    let result = match claim::claim(&db.pool, users[i / 30], coupons[c]) {
+                        Ok(_) => Ok(()),
+                        Err(Error::SoldOut) => Err("sold_out".to_owned()),
+                        Err(Error::LimitReached) => Err("limit".to_owned()),
+                        Err(e) => Err(format!("unexpected: {e}")),
+                    };
+                    (c, result)
+                })
+                .collect()
+        });
+    for (c, &coupon) in coupons.iter().enumerate() {
+        let mine = || {
+            outcomes
+                .iter()
+                .filter(move |(i, _)| *i == c)
+                .map(|(_, r)| r)
+        };
+        let won = mine().filter(|r| r.is_ok()).count();
+        let refused = |what: &str| {
+            mine()
+                .filter(|r| r.as_ref().err().is_some_and(|e| e == what))
+                .count()
+        };
+        assert_eq!(won, 100, "coupon {c}");
+        if c % 2 == 0 {
+            assert_eq!(refused("sold_out"), 200, "coupon {c}");
+        } else {
+            // A hundred users, one each: every user got one; the rest hit the limit or the end.
+            let n = refused("sold_out") + refused("limit");
+            assert_eq!(n, 200, "coupon {c}");
+        }
+        assert_eq!(db.stock(coupon.0), (0, 100, 100));
+    }
+    let per_user: i64 = db.scalar(
+        "SELECT COUNT(*) FROM (SELECT user_id, coupon_id FROM claims GROUP BY user_id, coupon_id
+         HAVING COUNT(*) > 1 AND coupon_id IN (SELECT id FROM coupons WHERE per_user_limit = 1)) t",
+    );
+    assert_eq!(per_user, 0, "a user holds two of a one-each coupon");
+    let mismatched = counter_mismatches(&mut db.conn());
+    assert!(mismatched.is_empty(), "{mismatched:?}");
+    assert!(db.pool.stats().claims_combined > 0);
 }
 
 #[test]
@@ -367,4 +445,72 @@ fn a_batch_chosen_as_deadlock_victim_is_retried_whole() {
         db.scalar("SELECT COUNT(*) FROM idempotency_keys WHERE outcome = 'claimed'"),
         8
     );
+}
+
+#[test]
+fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
+    let mut db = TestDb::new();
+    // One lane: every claim below queues behind the first, whatever its coupon.
+    db.pool = db.pool.clone().with_claim_lanes(1);
+    let users = new_users(&db, &auth(), 12);
+    let held = new_coupon(&db, "HELD", 100);
+    let small = new_coupon(&db, "SMALL", 2);
+    let limited = limited_coupon(&db, "ONEEACH", 100, 1);
+    let gone = new_coupon(&db, "GONE", 5);
+    coupon::delete(&db.pool, users[0], gone).unwrap();
+    let mut claims = vec![(users[0], held)];
+    for (i, &user) in users.iter().enumerate() {
+        claims.extend([(user, small), (users[i % 3], limited), (user, held)]);
+    }
+    claims.push((users[1], gone));
+    // Keys on a few, one of them sent twice (the second must replay in a later batch).
+    let mut keys: Vec<Option<&str>> = vec![None; claims.len()];
+    keys[1] = Some("small-1");
+    keys[6] = Some("held-2");
+    keys[9] = Some("held-3");
+    claims.push(claims[9]);
+    keys.push(Some("held-3"));
+    let batches_before = db.pool.stats().claim_batches;
+    let answers = queued_claims_on(&db, &claims, &keys, || {});
+    assert_eq!(db.pool.stats().claim_batches, batches_before + 1);
+    // Per coupon, in arrival order: what each claim got.
+    let mut left_seen: std::collections::HashMap<CouponId, Vec<u64>> = Default::default();
+    for (i, (a, &(user, c))) in answers.iter().zip(&claims).enumerate() {
+        match &a.result {
+            Ok(got) => {
+                assert_eq!(got.claim.coupon_id, c, "claim {i}");
+                let row: (u64, u64) = db
+                    .conn()
+                    .exec_first(
+                        "SELECT user_id, coupon_id FROM claims WHERE id = ?",
+                        (got.claim.id.0,),
+                    )
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(row, (user.0, c.0), "claim {i}'s row");
+                if !a.replayed {
+                    left_seen.entry(c).or_default().push(got.available_count);
+                }
+            }
+            Err(Error::SoldOut) => assert_eq!(c, small, "claim {i}"),
+            Err(Error::LimitReached) => assert_eq!(c, limited, "claim {i}"),
+            Err(Error::CouponNotFound) => assert_eq!(c, gone, "claim {i}"),
+            Err(e) => panic!("claim {i}: {e}"),
+        }
+    }
+    let last = answers.last().unwrap();
+    assert!(last.replayed, "the repeated key replays");
+    assert_eq!(
+        last.result.as_ref().unwrap().claim.id,
+        answers[9].result.as_ref().unwrap().claim.id
+    );
+    assert_eq!(left_seen[&small], vec![1, 0]);
+    assert_eq!(left_seen[&limited], vec![99, 98, 97]);
+    assert_eq!(left_seen[&held], (87..100).rev().collect::<Vec<u64>>());
+    assert_eq!(db.stock(held.0), (87, 13, 100));
+    assert_eq!(db.stock(small.0), (0, 2, 2));
+    assert_eq!(db.stock(limited.0), (97, 3, 100));
+    assert_eq!(db.stock(gone.0), (5, 0, 5));
+    let mismatched = counter_mismatches(&mut db.conn());
+    assert!(mismatched.is_empty(), "{mismatched:?}");
 }

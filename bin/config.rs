@@ -107,19 +107,22 @@ impl Config {
 /// `CLAIM_BATCHING` and `CLAIM_BATCH_MAX` as the pool's batch limit (1: off). Read by `serve`
 /// and `bench-db` alike, so both measure the same path.
 pub fn claim_batch() -> Result<usize, String> {
-    let max = number("CLAIM_BATCH_MAX", coupons::db::CLAIM_BATCH, 2..=1000)?;
+    let max = number(
+        "CLAIM_BATCH_MAX",
+        coupons::db::CLAIM_BATCH,
+        2..=coupons::db::CLAIM_BATCH_LIMIT,
+    )?;
     Ok(if on_off("CLAIM_BATCHING")? { max } else { 1 })
 }
 
 /// `CLAIM_LANES` as the pool's lanes; 0 gives each coupon a lane of its own. Read by `serve`
 /// and `bench-db` alike.
 pub fn claim_lanes() -> Result<u64, String> {
-    let lanes = number(
+    number(
         "CLAIM_LANES",
         coupons::db::default_claim_lanes(),
         0..=65_536,
-    )?;
-    Ok(if lanes == 0 { u64::MAX } else { lanes })
+    )
 }
 
 /// A switch that is `on` unless set to `off`.

@@ -248,7 +248,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Whether `path` claims a coupon that has a claim transaction in flight here: the claim
+/// Whether `path` claims a coupon whose lane has a claim transaction in flight here: the claim
 /// would wait for the next batch, and waits on a claim thread, leaving the worker free. (A
 /// claim that runs at once stays on the worker: no hand-over between threads.)
 fn claim_would_wait(app: &App, path: &str) -> bool {

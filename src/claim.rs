@@ -1,8 +1,8 @@
 //! The claim: everything that decides whether a claim succeeds is in [`claim`].
 
 use crate::audit;
-use crate::combine::Ticket;
-use crate::coupon::{lock_live, lock_live_many, Coupon};
+use crate::combine::{Outcome, Ticket};
+use crate::coupon::{lock_live, lock_live_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
@@ -59,9 +59,11 @@ pub struct HistoryEntry {
 /// from the check to the commit, so concurrent claims can never take more than the stock.
 /// A user may claim the same coupon again while stock lasts.
 ///
-/// Claims of one coupon that arrive while a claim transaction for it is in flight in this
-/// process wait, and then share the next transaction: it decides each of them in arrival order,
-/// exactly as alone, and commits them together (see [`crate::db::Pool::with_claim_batching`]).
+/// Claims that arrive while a claim transaction of their lane is in flight in this process wait,
+/// and then share the next transaction, whatever their coupons: it decides each of them in
+/// arrival order, exactly as alone, and commits them together (see
+/// [`crate::db::Pool::with_claim_batching`] and [`crate::db::Pool::with_claim_lanes`]). Claims
+/// of a coupon that another transaction holds wait for it by coupon, not in the lane.
 ///
 /// Errors: [`Error::CouponNotFound`] (unknown or deleted), [`Error::Inactive`],
 /// [`Error::SoldOut`], [`Error::Token`] if the user no longer exists, [`Error::Busy`] if
@@ -83,11 +85,14 @@ pub fn claim_once(
     claim_keyed(pool, user, coupon, Some(key))
 }
 
-/// Whether a claim transaction for `coupon` is in flight in this process, so that a claim now
-/// would wait to go in the next batch. A hint for scheduling (it may change at once); always
+/// Whether a claim transaction of `coupon`'s lane is in flight in this process, so that a claim
+/// now would wait to go in the next batch. A hint for scheduling (it may change at once); always
 /// false with combining off.
 pub fn in_flight(pool: &Pool, coupon: CouponId) -> bool {
-    pool.combiner().is_some_and(|c| c.in_flight(coupon))
+    pool.combiners().is_some_and(|c| match &c.lanes {
+        Some(lanes) => lanes.in_flight(coupon),
+        None => c.per_coupon.in_flight(coupon),
+    })
 }
 
 fn claim_keyed(
@@ -96,18 +101,31 @@ fn claim_keyed(
     coupon: CouponId,
     key: Option<&IdempotencyKey>,
 ) -> Answer<Claimed> {
-    let Some(combiner) = pool.combiner() else {
+    let Some(combiners) = pool.combiners() else {
         return claim_alone(pool, user, coupon, key);
     };
-    let ticket = Ticket {
+    let ticket = || Ticket {
         coupon,
         user,
         key: key.cloned(),
     };
-    combiner.submit(ticket, |batch| match batch {
-        [one] => vec![claim_alone(pool, one.user, one.coupon, one.key.as_ref())],
-        _ => claim_batch(pool, batch),
-    })
+    // A lane's batch never waits for a coupon locked elsewhere (it would hold up the lane's
+    // other coupons): it leaves those claims undecided, and they queue by coupon instead.
+    if let Some(lanes) = &combiners.lanes {
+        if let Some(answer) = lanes.submit(ticket(), |batch| claim_batch(pool, batch, Lock::Skip)) {
+            return answer;
+        }
+    }
+    let answer = combiners.per_coupon.submit(ticket(), |batch| match batch {
+        [one] => vec![Some(claim_alone(
+            pool,
+            one.user,
+            one.coupon,
+            one.key.as_ref(),
+        ))],
+        _ => claim_batch(pool, batch, Lock::Wait),
+    });
+    answer.unwrap_or_else(|| Answer::new(Err(Error::Internal("claim left undecided".into()))))
 }
 
 /// What an idempotency key records as the request of a claim on `coupon`.
@@ -148,18 +166,22 @@ fn claim_alone(
     done.unwrap_or_else(|e| Answer::new(Err(e)))
 }
 
-/// Claims that met in one lane, in one transaction: one answer each, in order. A fault of the
+/// Claims that met in one lane, in one transaction: one outcome each, in order. A fault of the
 /// transaction is every request's answer, as it would be alone. Only a user deleted since their
-/// token was checked fails the batch for one request (a foreign key): then each runs alone and
-/// gets its own answer; nothing was written, the error came before the commit.
-fn claim_batch(pool: &Pool, batch: &[&Ticket]) -> Vec<Answer<Claimed>> {
-    let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Answer::new(Err(f()))).collect();
-    match transaction(pool, |tx| take_many(tx, batch)) {
+/// token was checked fails the batch for one request (a foreign key): then each runs alone
+/// (after the lane's batch, by coupon) and gets its own answer; nothing was written, the error
+/// came before the commit.
+fn claim_batch(pool: &Pool, batch: &[&Ticket], lock: Lock) -> Vec<Outcome> {
+    let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Some(Answer::new(Err(f())))).collect();
+    match transaction(pool, |tx| take_many(tx, batch, lock)) {
         Ok(answers) => answers,
-        Err(Error::Token(TokenProblem::UnknownUser)) => batch
-            .iter()
-            .map(|t| claim_alone(pool, t.user, t.coupon, t.key.as_ref()))
-            .collect(),
+        Err(Error::Token(TokenProblem::UnknownUser)) => match lock {
+            Lock::Skip => batch.iter().map(|_| None).collect(),
+            Lock::Wait => batch
+                .iter()
+                .map(|t| Some(claim_alone(pool, t.user, t.coupon, t.key.as_ref())))
+                .collect(),
+        },
         Err(Error::Busy) => each(&|| Error::Busy),
         Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
         Err(e) => {
@@ -177,11 +199,18 @@ enum Step {
     Replay(Recorded),
     /// Decided.
     Done(Result<Claimed, Error>),
+    /// Its coupon was locked by another transaction: left for a transaction that waits.
+    Skipped,
 }
 
 /// The batch claim: the same decisions as [`take_one`], for each request in order, with each
-/// coupon locked once, one write of each kind, and one commit.
-fn take_many(tx: &mut Transaction<'_>, batch: &[&Ticket]) -> Result<Vec<Answer<Claimed>>, Error> {
+/// coupon locked once, one write of each kind, and one commit. With [`Lock::Skip`], requests
+/// whose coupons another transaction holds are left undecided (`None`), their keys released.
+fn take_many(
+    tx: &mut Transaction<'_>,
+    batch: &[&Ticket],
+    lock: Lock,
+) -> Result<Vec<Outcome>, Error> {
     let mut steps: Vec<Step> = batch.iter().map(|_| Step::Open).collect();
     // Keys are locked in one order (user, key), whatever the arrival order, so two batches
     // holding some of the same keys cannot deadlock on them.
@@ -202,16 +231,24 @@ fn take_many(tx: &mut Transaction<'_>, batch: &[&Ticket]) -> Result<Vec<Answer<C
         .filter(|&i| matches!(steps[i], Step::Open))
         .collect();
     if !open.is_empty() {
-        decide(tx, batch, &open, &mut steps)?;
+        decide(tx, batch, &open, &mut steps, lock)?;
         record_keys(tx, batch, &open, &steps)?;
+        for &i in &open {
+            if let (Step::Skipped, Some(key)) = (&steps[i], &batch[i].key) {
+                idempotency::release(tx, batch[i].user, key)?;
+            }
+        }
     }
     // Replays read last: the per-user counts above must be the transaction's first plain read.
     let mut answers = Vec::with_capacity(batch.len());
     for step in steps {
         answers.push(match step {
-            Step::Replay(first) => replay(tx, first)?,
-            Step::Done(result) => Answer::new(result),
-            Step::Open => Answer::new(Err(Error::Internal("claim left undecided".into()))),
+            Step::Replay(first) => Some(replay(tx, first)?),
+            Step::Done(result) => Some(Answer::new(result)),
+            Step::Skipped => None,
+            Step::Open => Some(Answer::new(Err(Error::Internal(
+                "claim left undecided".into(),
+            )))),
         });
     }
     Ok(answers)
@@ -223,30 +260,33 @@ fn decide(
     batch: &[&Ticket],
     open: &[usize],
     steps: &mut [Step],
+    lock: Lock,
 ) -> Result<(), Error> {
-    let coupons = lock_live_many(tx, open.iter().map(|&i| batch[i].coupon))?;
+    let coupons = lock_live_many(tx, open.iter().map(|&i| batch[i].coupon), lock)?;
     let now = Timestamp::now();
-    // Plain reads, after every lock: the snapshot starts here, and every change to these counts
-    // is made under a lock we hold, so they are current.
-    let mut held: HashMap<(CouponId, UserId), i64> = HashMap::new();
-    for c in coupons.values().filter(|c| c.per_user_limit.is_some()) {
-        let users = open.iter().filter(|&&i| batch[i].coupon == c.id);
-        for (user, n) in held_counts(tx, c.id, users.map(|&i| batch[i].user))? {
-            held.insert((c.id, user), n);
-        }
-    }
+    // A plain read, after every lock: the snapshot starts here, and every change to these
+    // counts is made under a lock we hold, so they are current.
+    let limited = open
+        .iter()
+        .map(|&i| (batch[i].user, batch[i].coupon))
+        .filter(|(_, c)| coupons.get(c).is_some_and(|c| c.per_user_limit.is_some()));
+    let mut held = held_counts(tx, limited)?;
     let mut taken: HashMap<CouponId, u64> = HashMap::new();
     let mut granted = Vec::new();
     for &i in open {
         let (coupon, user) = (batch[i].coupon, batch[i].user);
         let Some(c) = coupons.get(&coupon) else {
-            steps[i] = Step::Done(Err(Error::CouponNotFound));
+            // Not locked: gone, or (skipping) held by another transaction.
+            steps[i] = match lock {
+                Lock::Skip => Step::Skipped,
+                Lock::Wait => Step::Done(Err(Error::CouponNotFound)),
+            };
             continue;
         };
-        let taken = taken.entry(coupon).or_insert(0);
-        let held = held.entry((coupon, user)).or_insert(0);
+        let n = taken.get(&coupon).copied().unwrap_or(0);
+        let held = held.entry((user, coupon)).or_insert(0);
         let refusal = c.refusal_at(now).or_else(|| {
-            if c.available_count == *taken {
+            if c.available_count == n {
                 Some(Error::SoldOut)
             } else if c.per_user_limit.is_some_and(|l| *held >= i64::from(l)) {
                 Some(Error::LimitReached)
@@ -257,7 +297,7 @@ fn decide(
         match refusal {
             Some(e) => steps[i] = Step::Done(Err(e)),
             None => {
-                *taken += 1;
+                taken.insert(coupon, n + 1);
                 *held += 1;
                 granted.push(i);
             }
@@ -266,10 +306,10 @@ fn decide(
     if granted.is_empty() {
         return Ok(());
     }
-    let counted: Vec<((CouponId, UserId), i64)> = granted
+    let counted: Vec<((UserId, CouponId), i64)> = granted
         .iter()
-        .map(|&i| (batch[i].coupon, batch[i].user))
-        .filter(|(coupon, _)| coupons[coupon].per_user_limit.is_some())
+        .map(|&i| (batch[i].user, batch[i].coupon))
+        .filter(|(_, coupon)| coupons[coupon].per_user_limit.is_some())
         .map(|pair| (pair, held[&pair]))
         .collect();
     write_counts(tx, counted)?;
@@ -299,32 +339,44 @@ fn decide(
     Ok(())
 }
 
-/// How many claims of `coupon` each of `users` holds, as the per-user counters say.
+/// How many claims of the coupon each (user, coupon) pair holds, as the per-user counters say
+/// (pairs with no counter are missing), in one statement.
 fn held_counts(
     tx: &mut Transaction<'_>,
-    coupon: CouponId,
-    users: impl Iterator<Item = UserId>,
-) -> Result<HashMap<UserId, i64>, Error> {
-    let mut ids: Vec<u64> = users.map(|u| u.0).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let ids = padded(ids);
+    pairs: impl Iterator<Item = (UserId, CouponId)>,
+) -> Result<HashMap<(UserId, CouponId), i64>, Error> {
+    let pairs: Vec<(UserId, CouponId)> = pairs.collect();
+    if pairs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let distinct = |mut ids: Vec<u64>| {
+        ids.sort_unstable();
+        ids.dedup();
+        padded(ids)
+    };
+    let users = distinct(pairs.iter().map(|(u, _)| u.0).collect());
+    let coupons = distinct(pairs.iter().map(|(_, c)| c.0).collect());
+    // By the primary key (user_id, coupon_id): a point lookup for each combination.
     let sql = format!(
-        "SELECT user_id, claimed FROM user_coupon_claims WHERE coupon_id = ? AND user_id IN ({})",
-        placeholders(ids.len(), "?")
+        "SELECT user_id, coupon_id, claimed FROM user_coupon_claims
+         WHERE user_id IN ({}) AND coupon_id IN ({})",
+        placeholders(users.len(), "?"),
+        placeholders(coupons.len(), "?")
     );
-    let params: Vec<Value> = std::iter::once(coupon.0)
-        .chain(ids)
-        .map(Value::from)
-        .collect();
-    let rows: Vec<(u64, i64)> = tx.exec(sql, params)?;
-    Ok(rows.into_iter().map(|(u, n)| (UserId(u), n)).collect())
+    let params: Vec<Value> = users.into_iter().chain(coupons).map(Value::from).collect();
+    let rows: Vec<(u64, u64, i64)> = tx.exec(sql, params)?;
+    let wanted: std::collections::HashSet<(UserId, CouponId)> = pairs.into_iter().collect();
+    Ok(rows
+        .into_iter()
+        .map(|(u, c, n)| ((UserId(u), CouponId(c)), n))
+        .filter(|(pair, _)| wanted.contains(pair))
+        .collect())
 }
 
 /// Sets per-user counters to their new counts, in one statement.
 fn write_counts(
     tx: &mut Transaction<'_>,
-    mut counts: Vec<((CouponId, UserId), i64)>,
+    mut counts: Vec<((UserId, CouponId), i64)>,
 ) -> Result<(), Error> {
     if counts.is_empty() {
         return Ok(());
@@ -339,7 +391,7 @@ fn write_counts(
     );
     let params: Vec<Value> = counts
         .iter()
-        .flat_map(|&((coupon, user), n)| [user.0.into(), coupon.0.into(), n.into()])
+        .flat_map(|&((user, coupon), n)| [user.0.into(), coupon.0.into(), n.into()])
         .collect();
     tx.exec_drop(sql, params)
         .map_err(Error::from)
@@ -401,6 +453,9 @@ fn insert_claims(
         rest = more;
     }
     let first = first.ok_or(Error::Internal("no id for the inserted claims".into()))?;
+    if rows.len() == 1 {
+        return Ok(vec![ClaimId(first)]);
+    }
     let mut coupons: Vec<u64> = rows.iter().map(|(_, c)| c.id.0).collect();
     coupons.sort_unstable();
     coupons.dedup();

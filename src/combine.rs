@@ -3,11 +3,12 @@
 //! A hot coupon is one row, and one transaction at a time can hold its lock; per-claim
 //! transactions are capped by how fast that row is locked, changed and committed. Claims spread
 //! over many coupons are capped by the database's cost per transaction. So claims go in lanes
-//! (a coupon's lane is its id modulo the number of lanes, so one coupon is always in one lane),
-//! and a lane has at most one claim transaction in flight. The first claim in an idle lane runs
-//! at once (a quiet service waits for nothing). Claims that arrive while its transaction is in
-//! flight queue; when it ends, the first of them leads the next transaction for all of them (up
-//! to the limit), in arrival order, whatever their coupons. No timer, no window.
+//! (a coupon is always in the same lane, picked by a hash of its id), and a lane has at most one
+//! claim transaction in flight. The first claim in an idle lane runs at once (a quiet service
+//! waits for nothing). Claims that arrive while its transaction is in flight queue; when it
+//! ends, the first of them leads the next transaction for all of them (up to the limit), in
+//! arrival order, whatever their coupons. No timer, no window. A combiner may also give each
+//! coupon a lane of its own.
 //!
 //! Each request thread runs at most one transaction: the leader of a batch is one of its
 //! requests, and it hands the queue to the next leader before it hands out the answers.
@@ -18,6 +19,10 @@ use crate::{CouponId, Error, UserId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// What a claim request gets from its batch: an answer, or `None` when the batch left it
+/// undecided (its coupon was locked by another transaction, and the batch did not wait).
+pub(crate) type Outcome = Option<Answer<Claimed>>;
 
 /// One claim request: which coupon, who, and the idempotency key it came with.
 #[derive(Debug)]
@@ -39,7 +44,8 @@ impl Ticket {
 /// exactly while a transaction of it is in flight.
 pub(crate) struct Combiner {
     max: usize,
-    lanes: u64,
+    /// `None`: a lane per coupon.
+    lanes: Option<u64>,
     queues: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
     /// Claims in a queue now.
     pub queued: AtomicU64,
@@ -58,15 +64,15 @@ struct Waiter {
 enum State {
     Queued,
     Leads(Vec<Arc<Waiter>>),
-    Answered(Answer<Claimed>),
+    Answered(Outcome),
 }
 
 impl Combiner {
-    /// Batches of at most `max` claims, in `lanes` lanes.
-    pub fn new(max: usize, lanes: u64) -> Combiner {
+    /// Batches of at most `max` claims, in `lanes` lanes (`None`: a lane per coupon).
+    pub fn new(max: usize, lanes: Option<u64>) -> Combiner {
         Combiner {
             max: max.max(1),
-            lanes: lanes.max(1),
+            lanes: lanes.map(|n| n.max(1)),
             queues: Mutex::default(),
             queued: AtomicU64::new(0),
             combined: AtomicU64::new(0),
@@ -75,16 +81,15 @@ impl Combiner {
     }
 
     fn lane(&self, coupon: CouponId) -> u64 {
-        coupon.0 % self.lanes
+        // Hashed: ids stepped by a cluster's auto_increment_increment would share a remainder.
+        self.lanes.map_or(coupon.0, |n| {
+            (coupon.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n
+        })
     }
 
     /// Runs `ticket` together with concurrent tickets of its lane. `run` gets a batch in arrival
     /// order and returns one answer for each; it runs on one of the batch's threads.
-    pub fn submit(
-        &self,
-        ticket: Ticket,
-        run: impl FnOnce(&[&Ticket]) -> Vec<Answer<Claimed>>,
-    ) -> Answer<Claimed> {
+    pub fn submit(&self, ticket: Ticket, run: impl FnOnce(&[&Ticket]) -> Vec<Outcome>) -> Outcome {
         let lane = self.lane(ticket.coupon);
         let me = Arc::new(Waiter {
             ticket,
@@ -193,7 +198,7 @@ struct Lead<'a> {
 
 impl Lead<'_> {
     /// Hands off the queue, then gives each request its answer; returns the leader's own.
-    fn finish(&mut self, answers: Vec<Answer<Claimed>>) -> Answer<Claimed> {
+    fn finish(&mut self, answers: Vec<Outcome>) -> Outcome {
         self.combiner.hand_off(self.lane);
         let batch = std::mem::take(&mut self.batch);
         // `run` owes one answer per request; should one be missing, that request still gets one.
@@ -218,10 +223,10 @@ impl Drop for Lead<'_> {
     }
 }
 
-fn missing() -> Answer<Claimed> {
-    Answer::new(Err(Error::Internal(
+fn missing() -> Outcome {
+    Some(Answer::new(Err(Error::Internal(
         "the claim batch ended without an answer".into(),
-    )))
+    ))))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -558,12 +558,20 @@ fn has_claims(tx: &mut impl Queryable, id: CouponId) -> Result<bool, Error> {
     Ok(any.is_some())
 }
 
+/// Whether a lock waits for a row another transaction holds, or skips that row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lock {
+    Wait,
+    Skip,
+}
+
 /// Locks the rows of those of `ids` that are live coupons until the transaction ends, in id
 /// order (two transactions locking some of the same coupons cannot deadlock on them), and reads
-/// them.
+/// them. With [`Lock::Skip`], rows another transaction holds are left out too.
 pub(crate) fn lock_live_many(
     tx: &mut impl Queryable,
     ids: impl Iterator<Item = CouponId>,
+    lock: Lock,
 ) -> Result<HashMap<CouponId, Coupon>, Error> {
     let mut ids: Vec<u64> = ids.map(|c| c.0).collect();
     ids.sort_unstable();
@@ -572,8 +580,13 @@ pub(crate) fn lock_live_many(
     // By the primary key, so that only these rows are locked, whatever the optimizer thinks.
     let sql = format!(
         "SELECT {COLUMNS} FROM coupons FORCE INDEX (PRIMARY)
-         WHERE id IN ({}) AND deleted_at IS NULL ORDER BY id FOR UPDATE",
-        placeholders(ids.len(), "?")
+         WHERE id IN ({}) AND deleted_at IS NULL ORDER BY id FOR UPDATE{}",
+        placeholders(ids.len(), "?"),
+        if lock == Lock::Skip {
+            " SKIP LOCKED"
+        } else {
+            ""
+        }
     );
     let rows: Vec<CouponRow> = tx.exec(sql, ids)?;
     Ok(rows.into_iter().map(from_row).map(|c| (c.id, c)).collect())

@@ -21,9 +21,17 @@ pub struct Pool {
     stats: Arc<Counters>,
     // Here because claims reach the database through the pool: every clone of one pool
     // combines its claims in one place.
-    combiner: Option<Arc<Combiner>>,
+    combiners: Option<Arc<Combiners>>,
     claim_batch: usize,
     claim_lanes: u64,
+}
+
+/// A pool's claim combining: claims go in lanes; those whose coupons a lane's batch found
+/// locked elsewhere go in per-coupon queues that wait for the lock. With a lane per coupon,
+/// only the per-coupon queues.
+pub(crate) struct Combiners {
+    pub lanes: Option<Combiner>,
+    pub per_coupon: Combiner,
 }
 
 #[derive(Default)]
@@ -55,27 +63,45 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    /// This pool with claim combining set to batches of at most `max` claims (see
-    /// [`crate::claim`]); `max` of 0 or 1 turns combining off, so every claim runs in its own
-    /// transaction. Pools start with [`CLAIM_BATCH`].
+    /// This pool with claim combining set to batches of at most `max` claims, up to
+    /// [`CLAIM_BATCH_LIMIT`] (see [`crate::claim`]); `max` of 0 or 1 turns combining off, so
+    /// every claim runs in its own transaction. Pools start with [`CLAIM_BATCH`].
     pub fn with_claim_batching(mut self, max: usize) -> Pool {
+        let max = max.min(CLAIM_BATCH_LIMIT);
         self.claim_batch = max;
-        self.combiner = (max > 1).then(|| Arc::new(Combiner::new(max, self.claim_lanes)));
+        self.combiners = (max > 1).then(|| {
+            Arc::new(Combiners {
+                lanes: (self.claim_lanes > 0).then(|| Combiner::new(max, Some(self.claim_lanes))),
+                per_coupon: Combiner::new(max, None),
+            })
+        });
         self
     }
 
     /// This pool with claims combined in `lanes` lanes: at most that many claim transactions in
-    /// flight at once, each for any claims of its lane's coupons (a coupon's lane is its id
-    /// modulo `lanes`). `u64::MAX` gives each coupon a lane of its own, so only claims of one
-    /// coupon combine. Pools start with [`default_claim_lanes`].
+    /// flight at once (and those waiting for a coupon locked elsewhere), each for any claims of
+    /// its lane's coupons (a coupon is always in the same lane). 0 gives each coupon a lane of
+    /// its own, so only claims of one coupon combine. Pools start with
+    /// [`default_claim_lanes`].
     pub fn with_claim_lanes(mut self, lanes: u64) -> Pool {
-        self.claim_lanes = lanes.max(1);
+        self.claim_lanes = lanes;
         let max = self.claim_batch;
         self.with_claim_batching(max)
     }
 
-    pub(crate) fn combiner(&self) -> Option<&Combiner> {
-        self.combiner.as_deref()
+    pub(crate) fn combiners(&self) -> Option<&Combiners> {
+        self.combiners.as_deref()
+    }
+
+    /// One of the combiners' counters, over all of them.
+    fn claim_count(&self, counter: impl Fn(&Combiner) -> &AtomicU64) -> u64 {
+        self.combiners().map_or(0, |c| {
+            c.lanes
+                .iter()
+                .chain([&c.per_coupon])
+                .map(|c| counter(c).load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     /// The pool's numbers now.
@@ -87,21 +113,19 @@ impl Pool {
             waiting: self.stats.waiting.load(Ordering::Relaxed),
             errors: self.stats.errors.load(Ordering::Relaxed),
             retries: self.stats.retries.load(Ordering::Relaxed),
-            claims_queued: self
-                .combiner()
-                .map_or(0, |c| c.queued.load(Ordering::Relaxed)),
-            claims_combined: self
-                .combiner()
-                .map_or(0, |c| c.combined.load(Ordering::Relaxed)),
-            claim_batches: self
-                .combiner()
-                .map_or(0, |c| c.batches.load(Ordering::Relaxed)),
+            claims_queued: self.claim_count(|c| &c.queued),
+            claims_combined: self.claim_count(|c| &c.combined),
+            claim_batches: self.claim_count(|c| &c.batches),
         }
     }
 }
 
 /// The most claims a pool combines into one transaction, unless told otherwise.
 pub const CLAIM_BATCH: usize = 64;
+/// The most claims a pool combines into one transaction at all: a batch's statements list up to
+/// this many values (padded to a power of two), and MariaDB turns `IN` lists of 1,000 and more
+/// into a join.
+pub const CLAIM_BATCH_LIMIT: usize = 512;
 /// Claim lanes, unless told otherwise: this machine's cores. Fewer lanes make bigger batches and
 /// fewer transactions; more let a larger database run more of them at once. Measured on two
 /// cores (BENCHMARKS.md): 2 lanes did best, 8 gave 30% fewer claims/s over 1,000 coupons.
@@ -208,9 +232,11 @@ pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
         .read_timeout(Some(Duration::from_secs(60)))
         .write_timeout(Some(Duration::from_secs(60)))
         .init(init)
-        // Room for every statement, claim batches' power-of-two sizes included (about 50).
+        // Room for every statement, claim batches' power-of-two sizes included (about 90 with
+        // batches of up to 64). The server's limit is 16,382 in all: 128 x 36 connections
+        // leaves room for three processes.
         // The server's max_prepared_stmt_count (16,382) is shared by all connections.
-        .stmt_cache_size(64);
+        .stmt_cache_size(128);
     if !url.contains("prefer_socket=") {
         b = b.prefer_socket(false);
     }
@@ -258,7 +284,7 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
         inner,
         gate: Arc::new(Gate::new(size as usize)),
         stats: Arc::default(),
-        combiner: None,
+        combiners: None,
         claim_batch: CLAIM_BATCH,
         claim_lanes: default_claim_lanes(),
     }

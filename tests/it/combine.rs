@@ -1,6 +1,8 @@
-//! Claim combining: concurrent claims of one lane share one transaction. Each test makes the
-//! batches it needs by holding a coupon's row lock from a second connection while claims queue
-//! behind it, and checks the database afterwards.
+//! Claim combining: concurrent claims of one lane share one transaction, and claims of a
+//! coupon locked elsewhere share one per coupon. Each test makes the batches it needs by holding
+//! a row lock from a second connection while claims queue behind it: a coupon's (its claims
+//! queue by coupon) or an idempotency key's (the lane's transaction waits for it, and claims
+//! queue in the lane). Then it checks the database.
 
 use crate::library::{limited_coupon, new_coupon, new_users};
 use crate::support::{auth, counter_mismatches, TestDb};
@@ -32,17 +34,46 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A connection holding `user`'s idempotency key `key` as if a request with it were in flight
+/// (rolled back on drop): a claim with that key waits for it.
+fn hold_key(db: &TestDb, user: UserId, key: &str) -> mysql::Conn {
+    let mut conn = db.conn();
+    conn.query_drop("START TRANSACTION").unwrap();
+    conn.exec_drop(
+        "INSERT INTO idempotency_keys (user_id, idem_key, request, outcome, created_at)
+         VALUES (?, ?, 'held', 'pending', NOW())",
+        (user.0, key),
+    )
+    .unwrap();
+    conn
+}
+
 /// Server connection ids of this test database's statements that wait for a row lock: with the
 /// coupon held, any `FOR UPDATE` still running is waiting. (Not `information_schema.innodb_trx`:
 /// the server refreshes it only after 100 ms without a read, so polling would freeze it.)
 fn lock_waiters(db: &TestDb) -> Vec<u64> {
+    waiting(db, "%FOR UPDATE")
+}
+
+/// Server connection ids of this test database's statements running now whose text is `like`.
+fn waiting(db: &TestDb, like: &str) -> Vec<u64> {
     db.conn()
         .exec(
             "SELECT id FROM information_schema.processlist
-             WHERE db = ? AND info LIKE '%FOR UPDATE' AND id <> CONNECTION_ID() ORDER BY id",
-            (&db.name,),
+             WHERE db = ? AND info LIKE ? AND id <> CONNECTION_ID() ORDER BY id",
+            (&db.name, like),
         )
         .unwrap()
+}
+
+/// What a test holds so that claims queue.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// The first claim's coupon: its claims queue by coupon, waiting for the lock.
+    Coupon,
+    /// The first claim's key: the lane's transaction waits for it, and claims of the lane's
+    /// coupons queue in the lane.
+    Key,
 }
 
 /// Claims by `users` (one thread each) while the coupon is held: the first claim waits on the
@@ -56,18 +87,28 @@ fn queued_claims(
     while_held: impl FnOnce(),
 ) -> Vec<Answer<claim::Claimed>> {
     let claims: Vec<(UserId, CouponId)> = users.iter().map(|&u| (u, coupon)).collect();
-    queued_claims_on(db, &claims, keys, while_held)
+    queued_claims_on(db, Hold::Coupon, &claims, keys, while_held)
 }
 
-/// [`queued_claims`] with a coupon for each claim: the first claim's coupon is held, and the
-/// others queue only if their coupons are in its lane.
+/// [`queued_claims`] with a coupon for each claim and a choice of what is held. With a key
+/// held (`keys[0]`), the others queue only if their coupons are in the first claim's lane.
 fn queued_claims_on(
     db: &TestDb,
+    held: Hold,
     claims: &[(UserId, CouponId)],
     keys: &[Option<&str>],
     while_held: impl FnOnce(),
 ) -> Vec<Answer<claim::Claimed>> {
-    let mut holder = hold(db, claims[0].1);
+    let (mut holder, waits_with) = match held {
+        Hold::Coupon => (hold(db, claims[0].1), "%FOR UPDATE"),
+        Hold::Key => {
+            let key = keys[0].expect("the first claim's key to hold");
+            (
+                hold_key(db, claims[0].0, key),
+                "INSERT INTO idempotency_keys%",
+            )
+        }
+    };
     let queued_before = db.pool.stats().claims_queued;
     let answers = std::thread::scope(|s| {
         let run = |i: usize| {
@@ -84,7 +125,7 @@ fn queued_claims_on(
         };
         let first = s.spawn(move || run(0));
         wait_until("the first claim to wait on the lock", || {
-            lock_waiters(db).len() == 1
+            waiting(db, waits_with).len() == 1
         });
         // One at a time, so that the queue's order is `claims` order.
         let rest: Vec<_> = (1..claims.len())
@@ -170,39 +211,59 @@ fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock(
         })
         .collect();
     // 3,000 attempts from 48 threads: 300 a coupon, by 100 users, 3 each.
-    let outcomes: Vec<(usize, Result<(), String>)> = rayon::ThreadPoolBuilder::new()
-        .num_threads(48)
-        .build()
+    let outcomes: Vec<(UserId, usize, Result<claim::Claimed, String>)> =
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(48)
+            .build()
+            .unwrap()
+            .install(|| {
+                (0..3000)
+                    .into_par_iter()
+                    .map(|i| {
+                        let (user, c) = (users[i / 30], i % 10);
+                        let result = match claim::claim(&db.pool, user, coupons[c]) {
+                            Ok(got) => Ok(got),
+                            Err(Error::SoldOut) => Err("sold_out".to_owned()),
+                            Err(Error::LimitReached) => Err("limit".to_owned()),
+                            Err(e) => Err(format!("unexpected: {e}")),
+                        };
+                        (user, c, result)
+                    })
+                    .collect()
+            });
+    // Every success names its own row: this user's claim of this coupon.
+    let rows: std::collections::HashMap<u64, (u64, u64)> = db
+        .conn()
+        .query_map("SELECT id, user_id, coupon_id FROM claims", |(id, u, c)| {
+            (id, (u, c))
+        })
         .unwrap()
-        .install(|| {
-            (0..3000)
-                .into_par_iter()
-                .map(|i| {
-                    let c = i % 10;
-                    let result = match claim::claim(&db.pool, users[i / 30], coupons[c]) {
-                        Ok(_) => Ok(()),
-                        Err(Error::SoldOut) => Err("sold_out".to_owned()),
-                        Err(Error::LimitReached) => Err("limit".to_owned()),
-                        Err(e) => Err(format!("unexpected: {e}")),
-                    };
-                    (c, result)
-                })
-                .collect()
-        });
+        .into_iter()
+        .collect();
+    for (user, c, result) in &outcomes {
+        if let Ok(got) = result {
+            assert_eq!(got.claim.coupon_id, coupons[*c]);
+            assert_eq!(rows[&got.claim.id.0], (user.0, coupons[*c].0));
+        }
+    }
     for (c, &coupon) in coupons.iter().enumerate() {
         let mine = || {
             outcomes
                 .iter()
-                .filter(move |(i, _)| *i == c)
-                .map(|(_, r)| r)
+                .filter(move |(_, i, _)| *i == c)
+                .map(|(_, _, r)| r)
         };
-        let won = mine().filter(|r| r.is_ok()).count();
+        // Each success saw its own count of what was left: exactly 99, 98, ..., 0.
+        let mut left: Vec<u64> = mine()
+            .filter_map(|r| r.as_ref().ok().map(|g| g.available_count))
+            .collect();
+        left.sort_unstable();
+        assert_eq!(left, (0..100).collect::<Vec<u64>>(), "coupon {c}");
         let refused = |what: &str| {
             mine()
                 .filter(|r| r.as_ref().err().is_some_and(|e| e == what))
                 .count()
         };
-        assert_eq!(won, 100, "coupon {c}");
         if c % 2 == 0 {
             assert_eq!(refused("sold_out"), 200, "coupon {c}");
         } else {
@@ -212,6 +273,7 @@ fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock(
         }
         assert_eq!(db.stock(coupon.0), (0, 100, 100));
     }
+    assert_eq!(rows.len(), 1000, "claim ids are distinct");
     let per_user: i64 = db.scalar(
         "SELECT COUNT(*) FROM (SELECT user_id, coupon_id FROM claims GROUP BY user_id, coupon_id
          HAVING COUNT(*) > 1 AND coupon_id IN (SELECT id FROM coupons WHERE per_user_limit = 1)) t",
@@ -224,32 +286,51 @@ fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock(
 
 #[test]
 fn per_user_limits_hold_inside_one_batch() {
-    let db = TestDb::new();
+    let mut db = TestDb::new();
+    // One lane: the claims on both coupons queue behind the first, and share one batch.
+    db.pool = db.pool.clone().with_claim_lanes(1);
     let users = new_users(&db, &auth(), 10);
-    let coupon = limited_coupon(&db, "TWOEACH", 100, 2);
-    // User 0 holds one already: one more is all they may have.
-    claim::claim(&db.pool, users[0], coupon).unwrap();
-    // Sixty claims, six per user, all in one batch behind the first.
-    let who: Vec<UserId> = (0..60).map(|i| users[i % 10]).collect();
+    let two = limited_coupon(&db, "TWOEACH", 100, 2);
+    let one = limited_coupon(&db, "ONEEACH", 100, 1);
+    // User 0 holds one of `two` already: one more is all they may have.
+    claim::claim(&db.pool, users[0], two).unwrap();
+    // The first claim (user 9 on `one`, its key held) runs alone; then sixty claims in one
+    // batch: three rounds of ten users on `two`, three on `one`, interleaved.
+    let claims: Vec<(UserId, CouponId)> = std::iter::once((users[9], one))
+        .chain((0..60).map(|i| (users[i % 10], if (i / 10) % 2 == 0 { two } else { one })))
+        .collect();
+    let mut keys = vec![None; claims.len()];
+    keys[0] = Some("first");
     let combined_before = db.pool.stats().claims_combined;
-    let answers = queued_claims(&db, coupon, &who, &[], || {});
-    assert_eq!(db.pool.stats().claims_combined - combined_before, 59);
+    let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
+    assert_eq!(db.pool.stats().claims_combined - combined_before, 60);
+    assert!(answers[0].result.is_ok());
     for (u, user) in users.iter().enumerate() {
-        let mine: Vec<&Answer<claim::Claimed>> = answers
-            .iter()
-            .zip(&who)
-            .filter(|(_, w)| *w == user)
-            .map(|(a, _)| a)
-            .collect();
-        let won = mine.iter().filter(|a| a.result.is_ok()).count();
-        let refused = mine
-            .iter()
-            .filter(|a| matches!(a.result, Err(Error::LimitReached)))
-            .count();
-        let expected = if u == 0 { 1 } else { 2 };
-        assert_eq!((won, refused), (expected, 6 - expected), "user {u}");
+        for (coupon, limit, before) in
+            [(two, 2, usize::from(u == 0)), (one, 1, usize::from(u == 9))]
+        {
+            let mine: Vec<&Answer<claim::Claimed>> = answers
+                .iter()
+                .zip(&claims)
+                .skip(1)
+                .filter(|(_, c)| **c == (*user, coupon))
+                .map(|(a, _)| a)
+                .collect();
+            let won = mine.iter().filter(|a| a.result.is_ok()).count();
+            let refused = mine
+                .iter()
+                .filter(|a| matches!(a.result, Err(Error::LimitReached)))
+                .count();
+            let expected = limit - before;
+            assert_eq!(
+                (won, refused),
+                (expected, 3 - expected),
+                "user {u}, {coupon}"
+            );
+        }
     }
-    assert_eq!(db.stock(coupon.0), (80, 20, 100));
+    assert_eq!(db.stock(two.0), (80, 20, 100));
+    assert_eq!(db.stock(one.0), (90, 10, 100));
     let mismatched = counter_mismatches(&mut db.conn());
     assert!(mismatched.is_empty(), "{mismatched:?}");
 }
@@ -453,29 +534,45 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
     // One lane: every claim below queues behind the first, whatever its coupon.
     db.pool = db.pool.clone().with_claim_lanes(1);
     let users = new_users(&db, &auth(), 12);
-    let held = new_coupon(&db, "HELD", 100);
+    let big = new_coupon(&db, "BIG", 100);
     let small = new_coupon(&db, "SMALL", 2);
     let limited = limited_coupon(&db, "ONEEACH", 100, 1);
     let gone = new_coupon(&db, "GONE", 5);
     coupon::delete(&db.pool, users[0], gone).unwrap();
-    let mut claims = vec![(users[0], held)];
+    let mut claims = vec![(users[0], big)];
     for (i, &user) in users.iter().enumerate() {
-        claims.extend([(user, small), (users[i % 3], limited), (user, held)]);
+        claims.extend([(user, small), (users[i % 3], limited), (user, big)]);
     }
     claims.push((users[1], gone));
-    // Keys on a few, one of them sent twice (the second must replay in a later batch).
+    // Keys on a few. One is sent twice (the second replays, in a later batch), and once more
+    // by the same user for another coupon (a key reused: refused).
     let mut keys: Vec<Option<&str>> = vec![None; claims.len()];
+    keys[0] = Some("first");
     keys[1] = Some("small-1");
-    keys[6] = Some("held-2");
-    keys[9] = Some("held-3");
-    claims.push(claims[9]);
-    keys.push(Some("held-3"));
+    keys[6] = Some("big-2");
+    keys[9] = Some("big-3");
+    claims.extend([claims[9], (claims[9].0, small)]);
+    keys.extend([Some("big-3"), Some("big-3")]);
     let batches_before = db.pool.stats().claim_batches;
-    let answers = queued_claims_on(&db, &claims, &keys, || {});
+    let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
     assert_eq!(db.pool.stats().claim_batches, batches_before + 1);
-    // Per coupon, in arrival order: what each claim got.
+    let (n, reused) = (answers.len(), answers.last().unwrap());
+    assert!(
+        matches!(reused.result, Err(Error::KeyReused)),
+        "{:?}",
+        reused.result
+    );
+    let replay = &answers[n - 2];
+    assert!(replay.replayed, "the repeated key replays");
+    assert_eq!(
+        replay.result.as_ref().unwrap().claim.id,
+        answers[9].result.as_ref().unwrap().claim.id
+    );
+    // Per coupon, in arrival order: what each claim got. In the batch, ids rise in arrival
+    // order, whatever the coupon.
     let mut left_seen: std::collections::HashMap<CouponId, Vec<u64>> = Default::default();
-    for (i, (a, &(user, c))) in answers.iter().zip(&claims).enumerate() {
+    let mut last_id = 0;
+    for (i, (a, &(user, c))) in answers.iter().zip(&claims).enumerate().take(n - 2) {
         match &a.result {
             Ok(got) => {
                 assert_eq!(got.claim.coupon_id, c, "claim {i}");
@@ -488,9 +585,9 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
                     .unwrap()
                     .unwrap();
                 assert_eq!(row, (user.0, c.0), "claim {i}'s row");
-                if !a.replayed {
-                    left_seen.entry(c).or_default().push(got.available_count);
-                }
+                assert!(got.claim.id.0 > last_id, "claim {i}'s id rises");
+                last_id = got.claim.id.0;
+                left_seen.entry(c).or_default().push(got.available_count);
             }
             Err(Error::SoldOut) => assert_eq!(c, small, "claim {i}"),
             Err(Error::LimitReached) => assert_eq!(c, limited, "claim {i}"),
@@ -498,19 +595,73 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
             Err(e) => panic!("claim {i}: {e}"),
         }
     }
-    let last = answers.last().unwrap();
-    assert!(last.replayed, "the repeated key replays");
-    assert_eq!(
-        last.result.as_ref().unwrap().claim.id,
-        answers[9].result.as_ref().unwrap().claim.id
-    );
     assert_eq!(left_seen[&small], vec![1, 0]);
     assert_eq!(left_seen[&limited], vec![99, 98, 97]);
-    assert_eq!(left_seen[&held], (87..100).rev().collect::<Vec<u64>>());
-    assert_eq!(db.stock(held.0), (87, 13, 100));
+    assert_eq!(left_seen[&big], (87..100).rev().collect::<Vec<u64>>());
+    assert_eq!(db.stock(big.0), (87, 13, 100));
     assert_eq!(db.stock(small.0), (0, 2, 2));
     assert_eq!(db.stock(limited.0), (97, 3, 100));
     assert_eq!(db.stock(gone.0), (5, 0, 5));
     let mismatched = counter_mismatches(&mut db.conn());
     assert!(mismatched.is_empty(), "{mismatched:?}");
+}
+
+#[test]
+fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
+    let mut db = TestDb::new();
+    db.pool = db.pool.clone().with_claim_lanes(1);
+    let users = new_users(&db, &auth(), 8);
+    let locked = new_coupon(&db, "LOCKED", 10);
+    let free: Vec<CouponId> = (0..4)
+        .map(|i| new_coupon(&db, &format!("FREE{i}"), 10))
+        .collect();
+    let keys: Vec<IdempotencyKey> = (0..3)
+        .map(|i| IdempotencyKey::parse(&format!("locked-{i}")).unwrap())
+        .collect();
+    let mut holder = hold(&db, locked);
+    let (db, users, keys) = (&db, &users, &keys);
+    let waited = std::thread::scope(|s| {
+        // Keyed claims on the held coupon: the lane's batch skips it, and they wait for the
+        // lock by coupon, the first alone, the others queued behind it.
+        let queued_before = db.pool.stats().claims_queued;
+        let waiting: Vec<_> = (0..3)
+            .map(|i| s.spawn(move || claim::claim_once(&db.pool, users[i], locked, &keys[i])))
+            .collect();
+        wait_until("the claims to wait for the held coupon", || {
+            lock_waiters(db).len() == 1 && db.pool.stats().claims_queued == queued_before + 2
+        });
+        // Meanwhile the one lane serves every other coupon: nothing waits for the held one
+        // (a batch that did would time out while it is held, and answer 503).
+        let done: Vec<Result<claim::Claimed, Error>> = (0..40)
+            .into_par_iter()
+            .map(|i| claim::claim(&db.pool, users[i % 8], free[i % 4]))
+            .collect();
+        for (i, r) in done.iter().enumerate() {
+            assert!(r.is_ok(), "claim {i}: {r:?}");
+        }
+        assert_eq!(
+            lock_waiters(db).len(),
+            1,
+            "the held coupon's claims still wait"
+        );
+        holder.query_drop("ROLLBACK").unwrap();
+        waiting
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (i, a) in waited.iter().enumerate() {
+        assert!(a.result.is_ok() && !a.replayed, "claim {i}: {a:?}");
+        // The key the skipping batch had reserved was given back, then used once, for real.
+        let again = claim::claim_once(&db.pool, users[i], locked, &keys[i]);
+        assert!(again.replayed);
+        assert_eq!(
+            again.result.unwrap().claim.id,
+            a.result.as_ref().unwrap().claim.id
+        );
+    }
+    assert_eq!(db.stock(locked.0), (7, 3, 10));
+    for c in free {
+        assert_eq!(db.stock(c.0), (0, 10, 10));
+    }
 }

@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -129,22 +129,24 @@ pub fn serve(
     let (claim_tx, claim_rx) = sync_channel::<Request>(CLAIM_QUEUE);
     let (slow_rx, claim_rx) = (Mutex::new(slow_rx), Mutex::new(claim_rx));
     let order = Mutex::new(());
+    let claim_threads = Backlog::default();
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
         for _ in 0..threads.bcrypt {
             s.spawn(|| {
                 lower_priority();
-                lane_worker(&app, &slow_rx)
+                lane_worker(&app, &slow_rx, None)
             });
         }
         for _ in 0..threads.claims {
-            s.spawn(|| lane_worker(&app, &claim_rx));
+            s.spawn(|| lane_worker(&app, &claim_rx, Some(&claim_threads)));
         }
         for _ in 0..threads.workers {
             let lanes = Lanes {
                 slow: slow_tx.clone(),
                 claims: claim_tx.clone(),
                 order: &order,
+                claim_threads: &claim_threads,
             };
             let (app, server) = (&app, &server);
             s.spawn(move || worker(app, server, &lanes, stopping));
@@ -172,6 +174,21 @@ struct Lanes<'a> {
     claims: SyncSender<Request>,
     /// Held from taking a request to passing it on.
     order: &'a Mutex<()>,
+    claim_threads: &'a Backlog,
+}
+
+/// How a lane's threads keep up: requests passed on and not yet taken, threads waiting for one.
+#[derive(Default)]
+struct Backlog {
+    queued: AtomicUsize,
+    idle: AtomicUsize,
+}
+
+impl Backlog {
+    /// Whether a request passed on now would find a thread free.
+    fn keeps_up(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) < self.idle.load(Ordering::SeqCst)
+    }
 }
 
 /// Deletes expired idempotency keys once an hour, until the server stops.
@@ -229,7 +246,8 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
         // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
         let (lane, what) = if post && matches!(p, "/login" | "/register") {
             (&lanes.slow, "login queue")
-        } else if post && claim_would_wait(app, p) {
+        } else if post && to_claim_thread(app, p, lanes.claim_threads) {
+            lanes.claim_threads.queued.fetch_add(1, Ordering::SeqCst);
             (&lanes.claims, "claim queue")
         } else {
             drop(order);
@@ -239,6 +257,9 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
         let refused = lane.try_send(rq);
         drop(order);
         if let Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) = refused {
+            if what == "claim queue" {
+                lanes.claim_threads.queued.fetch_sub(1, Ordering::SeqCst);
+            }
             respond(rq, ApiError::Overloaded.reply(what))
         }
     }
@@ -248,21 +269,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Whether `path` claims a coupon whose lane has a claim transaction in flight here: the claim
-/// would wait for the next batch, and waits on a claim thread, leaving the worker free. (A
-/// claim that runs at once stays on the worker: no hand-over between threads.)
-fn claim_would_wait(app: &App, path: &str) -> bool {
+/// Whether a claim on `path` goes to a claim thread: when it would wait for a batch, its
+/// worker stays free. A claim that runs at once stays on the worker (no hand-over between
+/// threads). So does one whose coupon has no claims waiting while every claim thread is taken:
+/// in the claim queue it would wait behind a busy coupon's backlog; here it waits for its lane's
+/// next batch only.
+fn to_claim_thread(app: &App, path: &str, claim_threads: &Backlog) -> bool {
     let id = path
         .strip_prefix("/coupons/")
         .and_then(|rest| rest.strip_suffix("/claim"))
         .and_then(|id| id.parse().ok());
-    id.is_some_and(|id| coupons::claim::in_flight(&app.pool, id))
+    id.is_some_and(|id| {
+        coupons::claim::busy(&app.pool, id)
+            || (claim_threads.keeps_up() && coupons::claim::in_flight(&app.pool, id))
+    })
 }
 
-/// Serves the requests passed to one lane until the workers stop.
-fn lane_worker(app: &App, queue: &Mutex<Receiver<Request>>) {
+/// Serves the requests passed to one lane until the workers stop, keeping `backlog`.
+fn lane_worker(app: &App, queue: &Mutex<Receiver<Request>>, backlog: Option<&Backlog>) {
     loop {
+        backlog.map(|b| b.idle.fetch_add(1, Ordering::SeqCst));
         let next = queue.lock().map(|rx| rx.recv());
+        if let Some(b) = backlog {
+            b.idle.fetch_sub(1, Ordering::SeqCst);
+            if matches!(next, Ok(Ok(_))) {
+                b.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         match next {
             Ok(Ok(rq)) => handle(app, rq),
             _ => return,

@@ -95,6 +95,14 @@ pub fn in_flight(pool: &Pool, coupon: CouponId) -> bool {
     })
 }
 
+/// Whether claims of `coupon` itself are queued or in a transaction in this process now: a
+/// claim now would wait behind them. A hint for scheduling, like [`in_flight`].
+pub fn busy(pool: &Pool, coupon: CouponId) -> bool {
+    pool.combiners().is_some_and(|c| {
+        c.per_coupon.active(coupon) > 0 || c.lanes.as_ref().is_some_and(|l| l.active(coupon) > 0)
+    })
+}
+
 fn claim_keyed(
     pool: &Pool,
     user: UserId,

@@ -40,19 +40,26 @@ impl Ticket {
     }
 }
 
-/// The queues of claims waiting for their lane's transaction in flight. A lane has an entry
-/// exactly while a transaction of it is in flight.
+/// The queues of claims waiting for their lane's transaction in flight.
 pub(crate) struct Combiner {
     max: usize,
     /// `None`: a lane per coupon.
     lanes: Option<u64>,
-    queues: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
+    inner: Mutex<Inner>,
     /// Claims in a queue now.
     pub queued: AtomicU64,
     /// Claims that went in a batch of two or more, so far.
     pub combined: AtomicU64,
     /// Batches of two or more, so far.
     pub batches: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// A lane has an entry exactly while a transaction of it is in flight.
+    queues: HashMap<u64, Vec<Arc<Waiter>>>,
+    /// Claims of each coupon in this combiner now, queued or in a transaction.
+    active: HashMap<CouponId, usize>,
 }
 
 struct Waiter {
@@ -73,7 +80,7 @@ impl Combiner {
         Combiner {
             max: max.max(1),
             lanes: lanes.map(|n| n.max(1)),
-            queues: Mutex::default(),
+            inner: Mutex::default(),
             queued: AtomicU64::new(0),
             combined: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -96,20 +103,23 @@ impl Combiner {
             state: Mutex::new(State::Queued),
             changed: Condvar::new(),
         });
+        let coupon = me.ticket.coupon;
         let leads_now = {
-            let mut queues = lock(&self.queues);
-            match queues.get_mut(&lane) {
+            let mut inner = lock(&self.inner);
+            *inner.active.entry(coupon).or_default() += 1;
+            match inner.queues.get_mut(&lane) {
                 Some(queue) => {
                     queue.push(Arc::clone(&me));
                     self.queued.fetch_add(1, Ordering::Relaxed);
                     false
                 }
                 None => {
-                    queues.insert(lane, Vec::new());
+                    inner.queues.insert(lane, Vec::new());
                     true
                 }
             }
         };
+        let _active = Active(self, coupon);
         let batch = if leads_now {
             vec![me]
         } else {
@@ -131,32 +141,49 @@ impl Combiner {
 
     /// Whether a transaction of `coupon`'s lane is in flight: a claim now would queue.
     pub fn in_flight(&self, coupon: CouponId) -> bool {
-        lock(&self.queues).contains_key(&self.lane(coupon))
+        lock(&self.inner).queues.contains_key(&self.lane(coupon))
+    }
+
+    /// Claims of `coupon` in this combiner now, queued or in a transaction.
+    pub fn active(&self, coupon: CouponId) -> usize {
+        lock(&self.inner).active.get(&coupon).copied().unwrap_or(0)
     }
 
     /// Passes the lane's queue, if any, to its first request as the next batch.
     fn hand_off(&self, lane: u64) {
         let next = {
-            let mut queues = lock(&self.queues);
-            let Some(queue) = queues.get_mut(&lane) else {
+            let mut inner = lock(&self.inner);
+            let Some(queue) = inner.queues.get_mut(&lane) else {
                 return;
             };
             if queue.is_empty() {
-                queues.remove(&lane);
+                inner.queues.remove(&lane);
                 return;
             }
-            let mut batch: Vec<Arc<Waiter>> = Vec::new();
-            let mut later = Vec::new();
-            for w in queue.drain(..) {
-                let fits =
-                    batch.len() < self.max && !batch.iter().any(|b| b.ticket.same_key(&w.ticket));
-                if fits {
-                    batch.push(w);
-                } else {
-                    later.push(w);
+            // Coupons take turns for places in the batch (a coupon's claims in arrival order), so
+            // that a busy coupon cannot keep a quiet one out; the batch keeps arrival order.
+            let mut turn: HashMap<CouponId, usize> = HashMap::new();
+            let mut by_turn: Vec<(usize, usize)> = (0..queue.len())
+                .map(|i| {
+                    let t = turn.entry(queue[i].ticket.coupon).or_default();
+                    *t += 1;
+                    (*t, i)
+                })
+                .collect();
+            by_turn.sort_unstable();
+            let mut taken = vec![false; queue.len()];
+            let mut chosen: Vec<&Ticket> = Vec::new();
+            for (_, i) in by_turn {
+                let t = &queue[i].ticket;
+                if chosen.len() < self.max && !chosen.iter().any(|c| c.same_key(t)) {
+                    chosen.push(t);
+                    taken[i] = true;
                 }
             }
-            *queue = later;
+            let (batch, later): (Vec<_>, Vec<_>) =
+                queue.drain(..).zip(taken).partition(|(_, taken)| *taken);
+            let batch: Vec<Arc<Waiter>> = batch.into_iter().map(|(w, _)| w).collect();
+            *queue = later.into_iter().map(|(w, _)| w).collect();
             self.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             if batch.len() > 1 {
                 self.combined
@@ -185,6 +212,21 @@ impl Waiter {
     fn decide(&self, decision: State) {
         *lock(&self.state) = decision;
         self.changed.notify_one();
+    }
+}
+
+/// A claim counted in [`Inner::active`] until it has its outcome.
+struct Active<'a>(&'a Combiner, CouponId);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.0.inner);
+        if let Some(n) = inner.active.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                inner.active.remove(&self.1);
+            }
+        }
     }
 }
 

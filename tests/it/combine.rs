@@ -665,3 +665,28 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
         assert_eq!(db.stock(c.0), (0, 10, 10));
     }
 }
+
+#[test]
+fn a_busy_coupon_cannot_keep_a_quiet_one_out_of_the_next_batch() {
+    let mut db = TestDb::new();
+    // One lane, batches of four.
+    db.pool = db.pool.clone().with_claim_lanes(1).with_claim_batching(4);
+    let users = new_users(&db, &auth(), 8);
+    let busy = new_coupon(&db, "BUSY", 100);
+    let quiet = new_coupon(&db, "QUIET", 100);
+    // Behind the first claim: seven on the busy coupon, then one on the quiet one.
+    let claims: Vec<(UserId, CouponId)> = (0..8)
+        .map(|i| (users[i], busy))
+        .chain([(users[0], quiet)])
+        .collect();
+    let mut keys = vec![None; claims.len()];
+    keys[0] = Some("first");
+    let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
+    let id = |i: usize| answers[i].result.as_ref().unwrap().claim.id.0;
+    // The next batch takes the busy coupon's first three and the quiet one's (their turns
+    // come first), not the busy coupon's first four.
+    assert!(id(8) < id(4), "the quiet claim went in the next batch");
+    assert!(id(3) < id(8) && id(4) < id(5));
+    assert_eq!(db.stock(busy.0), (92, 8, 100));
+    assert_eq!(db.stock(quiet.0), (99, 1, 100));
+}

@@ -130,6 +130,7 @@ pub fn serve(
     let (slow_rx, claim_rx) = (Mutex::new(slow_rx), Mutex::new(claim_rx));
     let order = Mutex::new(());
     let claim_threads = Backlog::default();
+    let workers_waiting = AtomicUsize::new(0);
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
         for _ in 0..threads.bcrypt {
@@ -147,6 +148,8 @@ pub fn serve(
                 claims: claim_tx.clone(),
                 order: &order,
                 claim_threads: &claim_threads,
+                workers_waiting: &workers_waiting,
+                max_workers_waiting: threads.workers / 2,
             };
             let (app, server) = (&app, &server);
             s.spawn(move || worker(app, server, &lanes, stopping));
@@ -175,6 +178,9 @@ struct Lanes<'a> {
     /// Held from taking a request to passing it on.
     order: &'a Mutex<()>,
     claim_threads: &'a Backlog,
+    /// Workers waiting for a batch now, and at most.
+    workers_waiting: &'a AtomicUsize,
+    max_workers_waiting: usize,
 }
 
 /// How a lane's threads keep up: requests passed on and not yet taken, threads waiting for one.
@@ -244,14 +250,26 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
         let post = *rq.method() == Method::Post;
         let p = path(rq.url());
         // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
+        let route = if post {
+            claim_route(app, p, lanes)
+        } else {
+            Route::Here
+        };
         let (lane, what) = if post && matches!(p, "/login" | "/register") {
             (&lanes.slow, "login queue")
-        } else if post && to_claim_thread(app, p, lanes.claim_threads) {
+        } else if route == Route::ClaimThread {
             lanes.claim_threads.queued.fetch_add(1, Ordering::SeqCst);
             (&lanes.claims, "claim queue")
         } else {
             drop(order);
+            let waits = route == Route::HereWaiting;
+            if waits {
+                lanes.workers_waiting.fetch_add(1, Ordering::SeqCst);
+            }
             handle(app, rq);
+            if waits {
+                lanes.workers_waiting.fetch_sub(1, Ordering::SeqCst);
+            }
             continue;
         };
         let refused = lane.try_send(rq);
@@ -269,20 +287,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Whether a claim on `path` goes to a claim thread: when it would wait for a batch, its
-/// worker stays free. A claim that runs at once stays on the worker (no hand-over between
-/// threads). So does one whose coupon has no claims waiting while every claim thread is taken:
-/// in the claim queue it would wait behind a busy coupon's backlog; here it waits for its lane's
-/// next batch only.
-fn to_claim_thread(app: &App, path: &str, claim_threads: &Backlog) -> bool {
+/// Where a request runs.
+#[derive(PartialEq)]
+enum Route {
+    /// On its worker.
+    Here,
+    /// On its worker, though it waits for its lane's next batch.
+    HereWaiting,
+    /// On a claim thread.
+    ClaimThread,
+}
+
+/// Where a claim on `path` runs. One that would wait for a batch goes to a claim thread, so its
+/// worker stays free; one that runs at once stays on the worker (no hand-over between threads).
+/// But when every claim thread is taken, a claim on a coupon with no claims waiting would wait
+/// in the claim queue behind a busy coupon's backlog: it waits for its lane's next batch on its
+/// worker instead, while at most half the workers do.
+fn claim_route(app: &App, path: &str, lanes: &Lanes<'_>) -> Route {
     let id = path
         .strip_prefix("/coupons/")
         .and_then(|rest| rest.strip_suffix("/claim"))
         .and_then(|id| id.parse().ok());
-    id.is_some_and(|id| {
-        coupons::claim::busy(&app.pool, id)
-            || (claim_threads.keeps_up() && coupons::claim::in_flight(&app.pool, id))
-    })
+    let Some(id) = id else {
+        return Route::Here;
+    };
+    if coupons::claim::busy(&app.pool, id) {
+        Route::ClaimThread
+    } else if !coupons::claim::in_flight(&app.pool, id) {
+        Route::Here
+    } else if lanes.claim_threads.keeps_up()
+        || lanes.workers_waiting.load(Ordering::SeqCst) >= lanes.max_workers_waiting
+    {
+        Route::ClaimThread
+    } else {
+        Route::HereWaiting
+    }
 }
 
 /// Serves the requests passed to one lane until the workers stop, keeping `backlog`.

@@ -2,7 +2,7 @@
 
 use crate::audit;
 use crate::combine::{Outcome, Ticket};
-use crate::coupon::{lock_live, lock_live_many, Coupon, Lock};
+use crate::coupon::{lock_live, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
@@ -118,13 +118,19 @@ fn claim_keyed(
         key: key.cloned(),
     };
     // A lane's batch never waits for a coupon locked elsewhere (it would hold up the lane's
-    // other coupons): it leaves those claims undecided, and they queue by coupon instead.
-    if let Some(lanes) = &combiners.lanes {
+    // other coupons): it leaves those claims undecided, and they queue by coupon instead. While
+    // claims of this coupon queue so, the next ones join them at once, in arrival order.
+    let per_coupon = &combiners.per_coupon;
+    if let Some(lanes) = combiners
+        .lanes
+        .as_ref()
+        .filter(|_| per_coupon.active(coupon) == 0)
+    {
         if let Some(answer) = lanes.submit(ticket(), |batch| claim_batch(pool, batch, Lock::Skip)) {
             return answer;
         }
     }
-    let answer = combiners.per_coupon.submit(ticket(), |batch| match batch {
+    let answer = per_coupon.submit(ticket(), |batch| match batch {
         [one] => vec![Some(claim_alone(
             pool,
             one.user,
@@ -207,22 +213,39 @@ enum Step {
     Replay(Recorded),
     /// Decided.
     Done(Result<Claimed, Error>),
-    /// Its coupon was locked by another transaction: left for a transaction that waits.
+    /// Its coupon was locked by another transaction (or has no row): left, untouched, for a
+    /// transaction that waits.
     Skipped,
 }
 
 /// The batch claim: the same decisions as [`take_one`], for each request in order, with each
-/// coupon locked once, one write of each kind, and one commit. With [`Lock::Skip`], requests
-/// whose coupons another transaction holds are left undecided (`None`), their keys released.
+/// coupon locked once, one write of each kind, and one commit.
+///
+/// With [`Lock::Wait`], keys are reserved first, then the coupons locked, waiting for them, as
+/// a lone claim does. With [`Lock::Skip`] (a lane's batch), the coupons are locked first,
+/// skipping those another transaction holds, and only the claims on coupons held reserve their
+/// keys: a skipped claim is left undecided (`None`) having touched nothing, so a lane's batch
+/// never waits for a coupon locked elsewhere, nor for the key of a claim waiting for one.
 fn take_many(
     tx: &mut Transaction<'_>,
     batch: &[&Ticket],
     lock: Lock,
 ) -> Result<Vec<Outcome>, Error> {
     let mut steps: Vec<Step> = batch.iter().map(|_| Step::Open).collect();
+    let mut coupons = None;
+    if lock == Lock::Skip {
+        let held = lock_many(tx, batch.iter().map(|t| t.coupon), Lock::Skip)?;
+        for (i, t) in batch.iter().enumerate() {
+            if !held.contains_key(&t.coupon) {
+                steps[i] = Step::Skipped;
+            }
+        }
+        coupons = Some(held);
+    }
     // Keys are locked in one order (user, key), whatever the arrival order, so two batches
     // holding some of the same keys cannot deadlock on them.
     let mut keyed: Vec<(usize, &IdempotencyKey)> = (0..batch.len())
+        .filter(|&i| matches!(steps[i], Step::Open))
         .filter_map(|i| batch[i].key.as_ref().map(|k| (i, k)))
         .collect();
     keyed.sort_by_key(|&(i, k)| (batch[i].user, k.as_str()));
@@ -239,13 +262,12 @@ fn take_many(
         .filter(|&i| matches!(steps[i], Step::Open))
         .collect();
     if !open.is_empty() {
-        decide(tx, batch, &open, &mut steps, lock)?;
+        let coupons = match coupons {
+            Some(held) => held,
+            None => lock_many(tx, open.iter().map(|&i| batch[i].coupon), Lock::Wait)?,
+        };
+        decide(tx, batch, &open, &mut steps, &coupons)?;
         record_keys(tx, batch, &open, &steps)?;
-        for &i in &open {
-            if let (Step::Skipped, Some(key)) = (&steps[i], &batch[i].key) {
-                idempotency::release(tx, batch[i].user, key)?;
-            }
-        }
     }
     // Replays read last: the per-user counts above must be the transaction's first plain read.
     let mut answers = Vec::with_capacity(batch.len());
@@ -268,9 +290,13 @@ fn decide(
     batch: &[&Ticket],
     open: &[usize],
     steps: &mut [Step],
-    lock: Lock,
+    locked: &HashMap<CouponId, Option<Coupon>>,
 ) -> Result<(), Error> {
-    let coupons = lock_live_many(tx, open.iter().map(|&i| batch[i].coupon), lock)?;
+    // Live coupons only: a deleted one (locked all the same) or one with no row is not found.
+    let coupons: HashMap<CouponId, &Coupon> = locked
+        .iter()
+        .filter_map(|(&id, c)| c.as_ref().map(|c| (id, c)))
+        .collect();
     let now = Timestamp::now();
     // A plain read, after every lock: the snapshot starts here, and every change to these
     // counts is made under a lock we hold, so they are current.
@@ -284,11 +310,7 @@ fn decide(
     for &i in open {
         let (coupon, user) = (batch[i].coupon, batch[i].user);
         let Some(c) = coupons.get(&coupon) else {
-            // Not locked: gone, or (skipping) held by another transaction.
-            steps[i] = match lock {
-                Lock::Skip => Step::Skipped,
-                Lock::Wait => Step::Done(Err(Error::CouponNotFound)),
-            };
+            steps[i] = Step::Done(Err(Error::CouponNotFound));
             continue;
         };
         let n = taken.get(&coupon).copied().unwrap_or(0);
@@ -324,7 +346,7 @@ fn decide(
     take_stock(tx, &taken)?;
     let rows: Vec<(UserId, &Coupon)> = granted
         .iter()
-        .map(|&i| (batch[i].user, &coupons[&batch[i].coupon]))
+        .map(|&i| (batch[i].user, coupons[&batch[i].coupon]))
         .collect();
     let ids = insert_claims(tx, now, &rows)?;
     // Each coupon's stock right after each of its claims, in order.

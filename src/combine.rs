@@ -16,7 +16,7 @@
 use crate::claim::Claimed;
 use crate::idempotency::{Answer, IdempotencyKey};
 use crate::{CouponId, Error, UserId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -30,14 +30,6 @@ pub(crate) struct Ticket {
     pub coupon: CouponId,
     pub user: UserId,
     pub key: Option<IdempotencyKey>,
-}
-
-impl Ticket {
-    /// Two requests with one user's key must not share a transaction: the second replays the
-    /// first's committed answer.
-    fn same_key(&self, other: &Ticket) -> bool {
-        self.key.is_some() && self.user == other.user && self.key == other.key
-    }
 }
 
 /// The queues of claims waiting for their lane's transaction in flight.
@@ -162,8 +154,19 @@ impl Combiner {
             }
             // Coupons take turns for places in the batch (a coupon's claims in arrival order), so
             // that a busy coupon cannot keep a quiet one out; the batch keeps arrival order.
+            // Two requests with one user's key must not share a transaction (the second replays
+            // the first's committed answer, or is refused): only the first to arrive may go.
+            let mut keys = HashSet::new();
+            let first_of_key: Vec<bool> = queue
+                .iter()
+                .map(|w| match &w.ticket.key {
+                    Some(key) => keys.insert((w.ticket.user, key.as_str())),
+                    None => true,
+                })
+                .collect();
             let mut turn: HashMap<CouponId, usize> = HashMap::new();
             let mut by_turn: Vec<(usize, usize)> = (0..queue.len())
+                .filter(|&i| first_of_key[i])
                 .map(|i| {
                     let t = turn.entry(queue[i].ticket.coupon).or_default();
                     *t += 1;
@@ -171,14 +174,10 @@ impl Combiner {
                 })
                 .collect();
             by_turn.sort_unstable();
+            by_turn.truncate(self.max);
             let mut taken = vec![false; queue.len()];
-            let mut chosen: Vec<&Ticket> = Vec::new();
             for (_, i) in by_turn {
-                let t = &queue[i].ticket;
-                if chosen.len() < self.max && !chosen.iter().any(|c| c.same_key(t)) {
-                    chosen.push(t);
-                    taken[i] = true;
-                }
+                taken[i] = true;
             }
             let (batch, later): (Vec<_>, Vec<_>) =
                 queue.drain(..).zip(taken).partition(|(_, taken)| *taken);

@@ -565,22 +565,23 @@ pub(crate) enum Lock {
     Skip,
 }
 
-/// Locks the rows of those of `ids` that are live coupons until the transaction ends, in id
-/// order (two transactions locking some of the same coupons cannot deadlock on them), and reads
-/// them. With [`Lock::Skip`], rows another transaction holds are left out too.
-pub(crate) fn lock_live_many(
+/// Locks the rows of `ids` until the transaction ends, in id order (two transactions locking
+/// some of the same coupons cannot deadlock on them), and reads them: `Some` a live coupon,
+/// `None` a deleted one. Ids with no row are left out, and with [`Lock::Skip`] so are rows
+/// another transaction holds.
+pub(crate) fn lock_many(
     tx: &mut impl Queryable,
     ids: impl Iterator<Item = CouponId>,
     lock: Lock,
-) -> Result<HashMap<CouponId, Coupon>, Error> {
+) -> Result<HashMap<CouponId, Option<Coupon>>, Error> {
     let mut ids: Vec<u64> = ids.map(|c| c.0).collect();
     ids.sort_unstable();
     ids.dedup();
     let ids = padded(ids);
     // By the primary key, so that only these rows are locked, whatever the optimizer thinks.
     let sql = format!(
-        "SELECT {COLUMNS} FROM coupons FORCE INDEX (PRIMARY)
-         WHERE id IN ({}) AND deleted_at IS NULL ORDER BY id FOR UPDATE{}",
+        "SELECT {COLUMNS}, deleted_at FROM coupons FORCE INDEX (PRIMARY)
+         WHERE id IN ({}) ORDER BY id FOR UPDATE{}",
         placeholders(ids.len(), "?"),
         if lock == Lock::Skip {
             " SKIP LOCKED"
@@ -588,8 +589,13 @@ pub(crate) fn lock_live_many(
             ""
         }
     );
-    let rows: Vec<CouponRow> = tx.exec(sql, ids)?;
-    Ok(rows.into_iter().map(from_row).map(|c| (c.id, c)).collect())
+    let rows: Vec<mysql::Row> = tx.exec(sql, ids)?;
+    rows.into_iter()
+        .map(|row| {
+            let a = admin_row(row)?;
+            Ok((a.coupon.id, a.deleted_at.is_none().then_some(a.coupon)))
+        })
+        .collect()
 }
 
 /// Locks a live coupon's row until the transaction ends and reads it.

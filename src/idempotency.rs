@@ -120,20 +120,6 @@ pub(crate) fn record(
     Ok(())
 }
 
-/// Gives back a key this transaction reserved and will not answer: the row goes, so the
-/// request may be sent again.
-pub(crate) fn release(
-    tx: &mut impl Queryable,
-    user: UserId,
-    key: &IdempotencyKey,
-) -> Result<(), Error> {
-    tx.exec_drop(
-        "DELETE FROM idempotency_keys WHERE user_id = ? AND idem_key = ? AND outcome = 'pending'",
-        (user.0, &key.0),
-    )?;
-    Ok(())
-}
-
 /// Deletes keys older than `age`, a thousand at a time, and returns how many went. It walks
 /// the `created_at` index, so it never waits on the rows that claims lock.
 pub fn purge(pool: &Pool, age: Duration) -> Result<u64, Error> {

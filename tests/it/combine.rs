@@ -618,41 +618,55 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
     let keys: Vec<IdempotencyKey> = (0..3)
         .map(|i| IdempotencyKey::parse(&format!("locked-{i}")).unwrap())
         .collect();
+    // A second pool on the same database: another process, with its own lanes.
+    let other = coupons::db::pool(
+        coupons::db::opts_from_url(&db.url).unwrap(),
+        16,
+        coupons::db::CHECKOUT_TIMEOUT,
+    )
+    .unwrap()
+    .with_claim_lanes(1);
     let mut holder = hold(&db, locked);
-    let (db, users, keys) = (&db, &users, &keys);
-    let waited = std::thread::scope(|s| {
+    let (db, users, keys, other) = (&db, &users, &keys, &other);
+    let (waited, retried) = std::thread::scope(|s| {
         // Keyed claims on the held coupon: the lane's batch skips it, and they wait for the
         // lock by coupon, the first alone, the others queued behind it.
         let queued_before = db.pool.stats().claims_queued;
-        let waiting: Vec<_> = (0..3)
+        let first: Vec<_> = (0..3)
             .map(|i| s.spawn(move || claim::claim_once(&db.pool, users[i], locked, &keys[i])))
             .collect();
         wait_until("the claims to wait for the held coupon", || {
             lock_waiters(db).len() == 1 && db.pool.stats().claims_queued == queued_before + 2
         });
-        // Meanwhile the one lane serves every other coupon: nothing waits for the held one
-        // (a batch that did would time out while it is held, and answer 503).
+        // A client gives up on the first and retries through the other process, with its key
+        // (reserved by the waiting claim): that lane's batch skips the coupon before it touches
+        // the key, and the retry waits for the key by coupon.
+        let key_waiters = || waiting(db, "INSERT INTO idempotency_keys%").len();
+        let retry = s.spawn(move || claim::claim_once(other, users[0], locked, &keys[0]));
+        wait_until("the retry to wait for the key", || key_waiters() == 1);
+        // Meanwhile both processes' lanes serve every other coupon: nothing waits for the held
+        // one (a batch that did would time out while it is held, and answer 503).
         let done: Vec<Result<claim::Claimed, Error>> = (0..40)
             .into_par_iter()
-            .map(|i| claim::claim(&db.pool, users[i % 8], free[i % 4]))
+            .map(|i| {
+                let pool = if i % 2 == 0 { &db.pool } else { other };
+                claim::claim(pool, users[i % 8], free[i % 4])
+            })
             .collect();
         for (i, r) in done.iter().enumerate() {
             assert!(r.is_ok(), "claim {i}: {r:?}");
         }
         assert_eq!(
-            lock_waiters(db).len(),
-            1,
+            (lock_waiters(db).len(), key_waiters()),
+            (1, 1),
             "the held coupon's claims still wait"
         );
         holder.query_drop("ROLLBACK").unwrap();
-        waiting
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+        let waited: Vec<_> = first.into_iter().map(|h| h.join().unwrap()).collect();
+        (waited, retry.join().unwrap())
     });
     for (i, a) in waited.iter().enumerate() {
         assert!(a.result.is_ok() && !a.replayed, "claim {i}: {a:?}");
-        // The key the skipping batch had reserved was given back, then used once, for real.
         let again = claim::claim_once(&db.pool, users[i], locked, &keys[i]);
         assert!(again.replayed);
         assert_eq!(
@@ -660,10 +674,44 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
             a.result.as_ref().unwrap().claim.id
         );
     }
+    // The retry got the first request's claim, not a second one.
+    assert!(retried.replayed, "{retried:?}");
+    assert_eq!(
+        retried.result.unwrap().claim.id,
+        waited[0].result.as_ref().unwrap().claim.id
+    );
     assert_eq!(db.stock(locked.0), (7, 3, 10));
     for c in free {
         assert_eq!(db.stock(c.0), (0, 10, 10));
     }
+}
+
+#[test]
+fn of_two_queued_requests_with_one_key_the_first_to_arrive_goes_first() {
+    let mut db = TestDb::new();
+    db.pool = db.pool.clone().with_claim_lanes(1);
+    let users = new_users(&db, &auth(), 3);
+    let busy = new_coupon(&db, "BUSY", 100);
+    let other = new_coupon(&db, "OTHER", 100);
+    // Behind the first claim: two on the busy coupon, then user 0's key on it (its third
+    // turn), then the same key on the other coupon (its first turn, but it arrived later).
+    let claims = [
+        (users[2], busy),
+        (users[1], busy),
+        (users[2], busy),
+        (users[0], busy),
+        (users[0], other),
+    ];
+    let keys = [Some("first"), None, None, Some("k"), Some("k")];
+    let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
+    assert!(answers[3].result.is_ok(), "{:?}", answers[3].result);
+    assert!(
+        matches!(answers[4].result, Err(Error::KeyReused)),
+        "{:?}",
+        answers[4].result
+    );
+    assert_eq!(db.stock(busy.0), (96, 4, 100));
+    assert_eq!(db.stock(other.0), (100, 0, 100));
 }
 
 #[test]

@@ -163,16 +163,8 @@ fn claim_alone(
         }
         let result = take_one(tx, user, coupon);
         // A refusal is an answer too: recorded, so that a retry gets the same one.
-        let (outcome, id, count) = match &result {
-            Ok(c) => (
-                "claimed",
-                Some(c.claim.id.0),
-                Some(c.available_count as i64),
-            ),
-            Err(e) => match e.outcome() {
-                Some(name) => (name, None, None),
-                None => return Err(result.err().unwrap_or(Error::Busy)),
-            },
+        let Some((outcome, id, count)) = to_record(&result) else {
+            return Err(result.err().unwrap_or(Error::Busy));
         };
         idempotency::record(tx, user, key, outcome, id, count)?;
         Ok(Answer::new(result))
@@ -511,6 +503,19 @@ fn insert_claims(
     Ok(ids.into_iter().map(ClaimId).collect())
 }
 
+/// What an idempotency key records of a claim's result: the outcome, the claim's id and the
+/// stock left. `None` for an error that is no answer (the transaction fails with it instead).
+fn to_record(result: &Result<Claimed, Error>) -> Option<(&'static str, Option<u64>, Option<i64>)> {
+    match result {
+        Ok(c) => Some((
+            "claimed",
+            Some(c.claim.id.0),
+            Some(c.available_count as i64),
+        )),
+        Err(e) => e.outcome().map(|name| (name, None, None)),
+    }
+}
+
 /// Records every keyed open request's answer in one statement (their rows are reserved).
 fn record_keys(
     tx: &mut Transaction<'_>,
@@ -524,16 +529,13 @@ fn record_keys(
         let (Some(key), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
             continue;
         };
-        let (outcome, id, count) = match result {
-            Ok(c) => (
-                "claimed",
-                Some(c.claim.id.0),
-                Some(c.available_count as i64),
-            ),
-            Err(e) => match e.outcome() {
-                Some(name) => (name, None, None),
-                None => return Err(Error::Internal(format!("no outcome to record for {e}"))),
-            },
+        let Some((outcome, id, count)) = to_record(result) else {
+            let e = result
+                .as_ref()
+                .err()
+                .map(Error::to_string)
+                .unwrap_or_default();
+            return Err(Error::Internal(format!("no outcome to record for {e}")));
         };
         rows.push([
             batch[i].user.0.into(),

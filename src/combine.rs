@@ -95,10 +95,9 @@ impl Combiner {
             state: Mutex::new(State::Queued),
             changed: Condvar::new(),
         });
-        let coupon = me.ticket.coupon;
         let leads_now = {
             let mut inner = lock(&self.inner);
-            *inner.active.entry(coupon).or_default() += 1;
+            *inner.active.entry(me.ticket.coupon).or_default() += 1;
             match inner.queues.get_mut(&lane) {
                 Some(queue) => {
                     queue.push(Arc::clone(&me));
@@ -111,7 +110,6 @@ impl Combiner {
                 }
             }
         };
-        let _active = Active(self, coupon);
         let batch = if leads_now {
             vec![me]
         } else {
@@ -141,10 +139,20 @@ impl Combiner {
         lock(&self.inner).active.get(&coupon).copied().unwrap_or(0)
     }
 
-    /// Passes the lane's queue, if any, to its first request as the next batch.
-    fn hand_off(&self, lane: u64) {
+    /// Counts `done` out of the active claims, and passes the lane's queue, if any, to its first
+    /// request as the next batch.
+    fn hand_off(&self, lane: u64, done: &[Arc<Waiter>]) {
         let next = {
             let mut inner = lock(&self.inner);
+            for w in done {
+                let coupon = w.ticket.coupon;
+                if let Some(n) = inner.active.get_mut(&coupon) {
+                    *n -= 1;
+                    if *n == 0 {
+                        inner.active.remove(&coupon);
+                    }
+                }
+            }
             let Some(queue) = inner.queues.get_mut(&lane) else {
                 return;
             };
@@ -214,21 +222,6 @@ impl Waiter {
     }
 }
 
-/// A claim counted in [`Inner::active`] until it has its outcome.
-struct Active<'a>(&'a Combiner, CouponId);
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        let mut inner = lock(&self.0.inner);
-        if let Some(n) = inner.active.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                inner.active.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// The batch a thread leads. Dropped without `finish` (a panic), it still hands off the queue
 /// and answers every other request, so no thread waits for ever.
 struct Lead<'a> {
@@ -240,8 +233,8 @@ struct Lead<'a> {
 impl Lead<'_> {
     /// Hands off the queue, then gives each request its answer; returns the leader's own.
     fn finish(&mut self, answers: Vec<Outcome>) -> Outcome {
-        self.combiner.hand_off(self.lane);
         let batch = std::mem::take(&mut self.batch);
+        self.combiner.hand_off(self.lane, &batch);
         // `run` owes one answer per request; should one be missing, that request still gets one.
         let mut answers = answers.into_iter();
         let own = answers.next().unwrap_or_else(missing);
@@ -257,7 +250,7 @@ impl Drop for Lead<'_> {
         if self.batch.is_empty() {
             return;
         }
-        self.combiner.hand_off(self.lane);
+        self.combiner.hand_off(self.lane, &self.batch);
         for waiter in self.batch.iter().skip(1) {
             waiter.decide(State::Answered(missing()));
         }

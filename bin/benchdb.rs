@@ -48,10 +48,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let fail = |e: Error| e.to_string();
     let opts = db::opts_from_url(&url).map_err(fail)?;
     db::create_database(&opts).map_err(fail)?;
-    let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT)
-        .map_err(fail)?
-        .with_claim_batching(crate::config::claim_batch()?)
-        .with_claim_lanes(crate::config::claim_lanes()?);
+    let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT).map_err(fail)?;
+    let claims = claim::Claims::new(pool.clone())
+        .with_lanes(crate::config::claim_lanes()?)
+        .with_batching(crate::config::claim_batch()?);
     db::migrate(&pool).map_err(fail)?;
 
     let auth = Auth::new(&Secret::generate().map_err(fail)?, 60, 4).map_err(fail)?;
@@ -82,7 +82,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let record = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let (pool, users, coupons) = (&pool, &users, &coupons);
+                let (claims, users, coupons) = (&claims, &users, &coupons);
                 s.spawn(move || {
                     let mut record = Record::default();
                     let mut rng = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -92,7 +92,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                         rng ^= rng << 17;
                         let c = coupons[rng as usize % coupons.len()];
                         let t = Instant::now();
-                        let status = match claim::claim(pool, users[i], c) {
+                        let status = match claims.claim(users[i], c) {
                             Ok(_) => 201,
                             Err(Error::SoldOut | Error::Inactive) => 409,
                             Err(Error::Busy | Error::Unavailable(_)) => 503,
@@ -112,10 +112,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     let mut summary = record.summary(started.elapsed());
     summary["scenario"] = json!(if spread { "spread" } else { "hot" });
     summary["threads"] = json!(threads);
-    let pool_stats = pool.stats();
+    let claim_stats = claims.stats();
     summary["claim_batch"] = json!(crate::config::claim_batch()?);
-    summary["claims_combined"] = json!(pool_stats.claims_combined);
-    summary["claim_batches"] = json!(pool_stats.claim_batches);
+    summary["claims_combined"] = json!(claim_stats.combined);
+    summary["claim_batches"] = json!(claim_stats.batches);
     let ok = summary["errors"] == 0;
     summary["invariant_ok"] = json!(ok);
     stats::print_human(

@@ -22,10 +22,8 @@ pub struct Config {
     pub token_ttl_secs: u64,
     /// `BCRYPT_COST`: bcrypt work factor, 4 to 31.
     pub bcrypt_cost: u32,
-    /// `WORKERS`: threads serving requests (bcrypt work and claims run on their own threads).
+    /// `WORKERS`: threads taking requests (bcrypt work runs on threads of its own).
     pub workers: usize,
-    /// `CLAIM_WORKERS`: threads running claims.
-    pub claim_workers: usize,
     /// `DB_POOL_SIZE`: the most database connections the service opens.
     pub db_pool_size: u32,
     /// `DB_POOL_WAIT_MS`: how long a request waits for a free connection before a 503.
@@ -52,7 +50,6 @@ pub struct Config {
 impl Config {
     pub fn from_env() -> Result<Config, String> {
         let workers = number("WORKERS", 16, 1..=1024)?;
-        let claim_workers = number("CLAIM_WORKERS", 80, 1..=4096)?;
         Ok(Config {
             database_url: var("DATABASE_URL"),
             data_dir: var("COUPONS_DATA_DIR")
@@ -70,12 +67,12 @@ impl Config {
             token_ttl_secs: number("TOKEN_TTL_SECS", 7200, 1..=31_536_000)?,
             bcrypt_cost: number("BCRYPT_COST", 12, 4..=31)?,
             workers,
-            claim_workers,
             db_pool_size: number(
                 "DB_POOL_SIZE",
-                // The workers, the bcrypt threads, and as many claim threads again; claims that
-                // wait for a batch hold no connection, and callers beyond the pool wait their
-                // turn (first come, first served) for at most DB_POOL_WAIT_MS.
+                // The workers (some leading claim batches), the bcrypt threads, and as many
+                // again for claims waiting on coupons locked elsewhere (threads of their own);
+                // callers beyond the pool wait their turn, first come first served, for at
+                // most DB_POOL_WAIT_MS. Claims queued for a batch hold no connection.
                 (2 * workers + bcrypt_threads()) as u32 + 2,
                 1..=1000,
             )?,
@@ -109,8 +106,8 @@ impl Config {
 pub fn claim_batch() -> Result<usize, String> {
     let max = number(
         "CLAIM_BATCH_MAX",
-        coupons::db::CLAIM_BATCH,
-        2..=coupons::db::CLAIM_BATCH_LIMIT,
+        coupons::claim::CLAIM_BATCH,
+        2..=coupons::claim::CLAIM_BATCH_LIMIT,
     )?;
     Ok(if on_off("CLAIM_BATCHING")? { max } else { 1 })
 }
@@ -120,7 +117,7 @@ pub fn claim_batch() -> Result<usize, String> {
 pub fn claim_lanes() -> Result<u64, String> {
     number(
         "CLAIM_LANES",
-        coupons::db::default_claim_lanes(),
+        coupons::claim::default_claim_lanes(),
         0..=65_536,
     )
 }

@@ -11,21 +11,21 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{Header, Request, Response, Server};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Logins and registrations waiting for a bcrypt thread; more are refused with 503.
 const SLOW_QUEUE: usize = 256;
-/// Claims waiting for a claim thread; past it, 503 `overloaded`.
-const CLAIM_QUEUE: usize = 4096;
 
 /// What the handlers need: the pool and the auth settings. Built once in `main`.
 pub struct App {
     pub pool: Pool,
+    /// Every claim goes through it (claim combining lives here).
+    pub claims: coupons::claim::Claims,
     pub auth: Auth,
     /// False until the schema is applied (a service started before its database).
     pub ready: Arc<AtomicBool>,
@@ -35,6 +35,8 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// Whether to write one access-log line per request to stderr.
     pub access_log: bool,
+    /// Claims handed to `claims` and not answered yet.
+    pub claims_pending: AtomicUsize,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers.
@@ -57,31 +59,24 @@ impl Reply {
 /// Raises this process's open-file limit to its hard limit (Debian's soft default is 1,024,
 /// fewer than a thousand clients) and returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
-    #[repr(C)]
-    struct Rlimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn getrlimit(resource: i32, rlim: *mut Rlimit) -> i32;
-        fn setrlimit(resource: i32, rlim: *const Rlimit) -> i32;
-    }
-    const RLIMIT_NOFILE: i32 = 7;
-    let mut lim = Rlimit { cur: 0, max: 0 };
-    // SAFETY: plain libc calls on a properly laid out `struct rlimit` (two u64 on Linux).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid `struct rlimit`.
     unsafe {
-        if getrlimit(RLIMIT_NOFILE, &mut lim) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 1024;
         }
-        let raised = Rlimit {
-            cur: lim.max,
-            max: lim.max,
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
         };
-        if lim.cur < lim.max && setrlimit(RLIMIT_NOFILE, &raised) == 0 {
-            lim.cur = lim.max;
+        if lim.rlim_cur < lim.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            lim.rlim_cur = lim.rlim_max;
         }
     }
-    lim.cur
+    lim.rlim_cur
 }
 
 /// Binds with TCP_NODELAY set on the listener (accepted sockets inherit it): tiny_http never
@@ -117,6 +112,15 @@ impl Shutdown {
 }
 
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
+///
+/// Which thread does what: tiny_http reads each connection on a thread of its own and hands
+/// on one request of a connection at a time. `threads.workers` workers loop on `recv()` and
+/// answer every request themselves, but two kinds. Logins and registrations go to the bcrypt
+/// threads (nice 10), so a login flood slows logins, not claims. A claim is read and checked
+/// on its worker and left with [`coupons::claim::Claims`]: the worker goes on to the next
+/// request, and the claim is answered by the thread that runs its batch (a worker that found
+/// the claim's lane idle, and runs the lane's batches until it is idle again). So a claim
+/// waits in one place only, its lane's queue, and holds no thread while it waits.
 pub fn serve(
     app: App,
     listener: TcpListener,
@@ -124,77 +128,41 @@ pub fn serve(
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
+    let app = Arc::new(app);
     let stopping = &shutdown.requested;
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
-    let (claim_tx, claim_rx) = sync_channel::<Request>(CLAIM_QUEUE);
-    let (slow_rx, claim_rx) = (Mutex::new(slow_rx), Mutex::new(claim_rx));
-    let order = Mutex::new(());
-    let claim_threads = Backlog::default();
-    let workers_waiting = AtomicUsize::new(0);
+    let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
         for _ in 0..threads.bcrypt {
             s.spawn(|| {
                 lower_priority();
-                lane_worker(&app, &slow_rx, None)
+                while let Ok(rq) = lock(&slow_rx).recv() {
+                    handle(&app, rq);
+                }
             });
         }
-        for _ in 0..threads.claims {
-            s.spawn(|| lane_worker(&app, &claim_rx, Some(&claim_threads)));
-        }
         for _ in 0..threads.workers {
-            let lanes = Lanes {
-                slow: slow_tx.clone(),
-                claims: claim_tx.clone(),
-                order: &order,
-                claim_threads: &claim_threads,
-                workers_waiting: &workers_waiting,
-                max_workers_waiting: threads.workers / 2,
-            };
-            let (app, server) = (&app, &server);
-            s.spawn(move || worker(app, server, &lanes, stopping));
+            let (app, server, slow) = (&app, &server, slow_tx.clone());
+            s.spawn(move || worker(app, server, &slow, stopping));
         }
-        // Workers hold the only senders now: when they stop, the lanes' threads stop too.
-        drop((slow_tx, claim_tx));
+        // Workers hold the only senders now: when they stop, the bcrypt threads stop too.
+        drop(slow_tx);
     });
+    // Claims waiting for a lock elsewhere run on threads of their own: let them answer too.
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while app.claims_pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(())
 }
 
 /// How many threads of each kind serve requests.
 pub struct Threads {
-    /// Parse every request and answer all but logins, registrations and claims.
+    /// Take every request, and answer all but logins and registrations.
     pub workers: usize,
     /// Run bcrypt (logins and registrations), at nice 10.
     pub bcrypt: usize,
-    /// Run claims. A claim on a hot coupon mostly waits for its turn in a combined
-    /// transaction; many such threads make big batches without crowding the other requests.
-    pub claims: usize,
-}
-
-/// Where workers pass requests that have threads of their own.
-struct Lanes<'a> {
-    slow: SyncSender<Request>,
-    claims: SyncSender<Request>,
-    /// Held from taking a request to passing it on.
-    order: &'a Mutex<()>,
-    claim_threads: &'a Backlog,
-    /// Workers waiting for a batch now, and at most.
-    workers_waiting: &'a AtomicUsize,
-    max_workers_waiting: usize,
-}
-
-/// How a lane's threads keep up: requests passed on and not yet taken, threads waiting for one.
-#[derive(Default)]
-struct Backlog {
-    queued: AtomicUsize,
-    idle: AtomicUsize,
-}
-
-impl Backlog {
-    /// Whether a request passed on now would find a thread free.
-    fn keeps_up(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) < self.idle.load(Ordering::SeqCst)
-    }
 }
 
 /// Deletes expired idempotency keys once an hour, until the server stops.
@@ -217,7 +185,7 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) {
+fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
     let mut drain_until = None;
     loop {
         let stop = stopping.load(Ordering::SeqCst);
@@ -229,10 +197,6 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
             }
             return;
         }
-        // Requests are taken and passed to the lanes in one order: tiny_http answers a
-        // connection's pipelined requests in order, so request N+1 of a connection must never
-        // sit ahead of request N in a lane's queue (N+1's thread would wait for N for ever).
-        let order = lock(lanes.order);
         let next = if stop {
             server.try_recv()
         } else {
@@ -247,38 +211,17 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
                 continue;
             }
         };
-        let post = *rq.method() == Method::Post;
-        let p = path(rq.url());
-        // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
-        let route = if post {
-            claim_route(app, p, lanes)
-        } else {
-            Route::Here
-        };
-        let (lane, what) = if post && matches!(p, "/login" | "/register") {
-            (&lanes.slow, "login queue")
-        } else if route == Route::ClaimThread {
-            lanes.claim_threads.queued.fetch_add(1, Ordering::SeqCst);
-            (&lanes.claims, "claim queue")
-        } else {
-            drop(order);
-            let waits = route == Route::HereWaiting;
-            if waits {
-                lanes.workers_waiting.fetch_add(1, Ordering::SeqCst);
+        match routes::class(rq.method(), path(rq.url())) {
+            // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
+            routes::Class::Bcrypt => {
+                if let Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) =
+                    slow.try_send(rq)
+                {
+                    respond(rq, ApiError::Overloaded.reply("login queue"));
+                }
             }
-            handle(app, rq);
-            if waits {
-                lanes.workers_waiting.fetch_sub(1, Ordering::SeqCst);
-            }
-            continue;
-        };
-        let refused = lane.try_send(rq);
-        drop(order);
-        if let Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) = refused {
-            if what == "claim queue" {
-                lanes.claim_threads.queued.fetch_sub(1, Ordering::SeqCst);
-            }
-            respond(rq, ApiError::Overloaded.reply(what))
+            routes::Class::Claim => claim(app, rq),
+            routes::Class::Inline => handle(app, rq),
         }
     }
 }
@@ -287,87 +230,61 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Where a request runs.
-#[derive(PartialEq)]
-enum Route {
-    /// On its worker.
-    Here,
-    /// On its worker, though it waits for its lane's next batch.
-    HereWaiting,
-    /// On a claim thread.
-    ClaimThread,
-}
-
-/// Where a claim on `path` runs. One that would wait for a batch goes to a claim thread, so its
-/// worker stays free; one that runs at once stays on the worker (no hand-over between threads).
-/// But when every claim thread is taken, a claim on a coupon with no claims waiting would wait
-/// in the claim queue behind a busy coupon's backlog: it waits for its lane's next batch on its
-/// worker instead, while at most half the workers do.
-fn claim_route(app: &App, path: &str, lanes: &Lanes<'_>) -> Route {
-    let id = path
-        .strip_prefix("/coupons/")
-        .and_then(|rest| rest.strip_suffix("/claim"))
-        .and_then(|id| id.parse().ok());
-    let Some(id) = id else {
-        return Route::Here;
-    };
-    if coupons::claim::busy(&app.pool, id) {
-        Route::ClaimThread
-    } else if !coupons::claim::in_flight(&app.pool, id) {
-        Route::Here
-    } else if lanes.claim_threads.keeps_up()
-        || lanes.workers_waiting.load(Ordering::SeqCst) >= lanes.max_workers_waiting
-    {
-        Route::ClaimThread
-    } else {
-        Route::HereWaiting
-    }
-}
-
-/// Serves the requests passed to one lane until the workers stop, keeping `backlog`.
-fn lane_worker(app: &App, queue: &Mutex<Receiver<Request>>, backlog: Option<&Backlog>) {
-    loop {
-        backlog.map(|b| b.idle.fetch_add(1, Ordering::SeqCst));
-        let next = queue.lock().map(|rx| rx.recv());
-        if let Some(b) = backlog {
-            b.idle.fetch_sub(1, Ordering::SeqCst);
-            if matches!(next, Ok(Ok(_))) {
-                b.queued.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        match next {
-            Ok(Ok(rq)) => handle(app, rq),
-            _ => return,
-        }
-    }
-}
-
 /// Makes this thread yield the CPU to the others (nice 10): a flood of logins then slows
 /// logins, not claims.
 fn lower_priority() {
-    extern "C" {
-        fn gettid() -> i32;
-        fn setpriority(which: i32, who: u32, prio: i32) -> i32;
-    }
-    const PRIO_PROCESS: i32 = 0;
     // SAFETY: plain libc calls; on Linux a thread id names one thread for setpriority.
     unsafe {
-        setpriority(PRIO_PROCESS, gettid() as u32, 10);
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
     }
 }
 
-/// Routes one request and sends the answer. A panic in a handler becomes a 500 and the
-/// worker lives on.
+/// Routes one request on this thread and sends the answer. A panic in a handler becomes a 500
+/// and the thread lives on.
 pub fn handle(app: &App, mut rq: Request) {
     let started = Instant::now();
-    let what = format!("{} {}", rq.method(), path(rq.url()));
-    let id = request_id(&rq);
-    let mut reply = guarded(&what, || routes::route(app, &mut rq));
+    let what = what(&rq);
+    let reply = guarded(&what, || routes::route(app, &mut rq));
+    finish(app, rq, reply, &what, started);
+}
+
+/// A claim: read and checked here, then left with the claims, which answer it when its batch
+/// commits, on whichever thread runs the batch (this one, if it finds the lane idle).
+fn claim(app: &Arc<App>, mut rq: Request) {
+    let started = Instant::now();
+    let what = what(&rq);
+    let ticket = match catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq))) {
+        Ok(Ok(ticket)) => ticket,
+        Ok(Err(e)) => return finish(app, rq, e.reply(&what), &what, started),
+        Err(_) => return finish(app, rq, ApiError::Panic.reply(&what), &what, started),
+    };
+    app.claims_pending.fetch_add(1, Ordering::SeqCst);
+    let answering = Arc::clone(app);
+    app.claims.submit(
+        ticket.user,
+        ticket.coupon,
+        ticket.key.as_ref(),
+        move |answer| {
+            let app = answering;
+            let reply = guarded(&what, || routes::claim_reply(&app, answer));
+            finish(&app, rq, reply, &what, started);
+            app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+        },
+    );
+}
+
+/// Method and path, for logs: never the query string (the seed's clients send passwords there).
+fn what(rq: &Request) -> String {
+    format!("{} {}", rq.method(), path(rq.url()))
+}
+
+/// Counts and logs a request's answer, and sends it.
+fn finish(app: &App, rq: Request, mut reply: Reply, what: &str, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
     let route = routes::route_name(rq.method(), rq.url());
     app.metrics.request(route, reply.status, secs);
+    let id = request_id(&rq);
     if app.access_log {
-        // Method and path only: tokens and the seed's query-string passwords never reach a log.
         eprintln!("{id} {what} {} {:.1}ms", reply.status, secs * 1000.0);
     }
     reply.headers.push(("X-Request-Id", id));

@@ -142,10 +142,7 @@ fn open_database(config: &Config, pool_size: u32, serving: bool) -> Result<Datab
             return Err(e.to_string());
         }
     }
-    let pool = db::pool(opts.clone(), pool_size, config.db_pool_wait)
-        .map_err(|e| e.to_string())?
-        .with_claim_batching(config.claim_batch)
-        .with_claim_lanes(config.claim_lanes);
+    let pool = db::pool(opts.clone(), pool_size, config.db_pool_wait).map_err(|e| e.to_string())?;
     let ready = Arc::new(AtomicBool::new(false));
     match db::migrate(&pool) {
         Ok(()) => ready.store(true, Ordering::SeqCst),
@@ -243,6 +240,9 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
     }
     let app = http::App {
         pool: database.pool.clone(),
+        claims: coupons::claim::Claims::new(database.pool.clone())
+            .with_lanes(config.claim_lanes)
+            .with_batching(config.claim_batch),
         auth,
         ready: database.ready.clone(),
         limits: limits::Limits {
@@ -253,11 +253,11 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
         },
         metrics: metrics::Metrics::default(),
         access_log: config.access_log,
+        claims_pending: Default::default(),
     };
     let threads = http::Threads {
         workers: config.workers,
         bcrypt: config::bcrypt_threads(),
-        claims: config.claim_workers,
     };
     http::serve(app, listener, threads, shutdown)?;
     println!("coupons: stopped");

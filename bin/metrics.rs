@@ -1,6 +1,7 @@
 //! Prometheus metrics, kept in this process: requests by route and status, a latency
 //! histogram by route, claims by outcome, and the pool's numbers.
 
+use coupons::claim::ClaimStats;
 use coupons::db::PoolStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -56,7 +57,7 @@ impl Metrics {
     }
 
     /// The Prometheus text format.
-    pub fn render(&self, pool: PoolStats) -> String {
+    pub fn render(&self, pool: PoolStats, claims: ClaimStats) -> String {
         let mut out = String::new();
         self.with(|m| {
             out += "# HELP coupons_http_requests_total HTTP requests answered, by route and status.\n";
@@ -98,8 +99,8 @@ impl Metrics {
             ),
             (
                 "coupons_claims_queued",
-                "Claims queued behind their coupon's transaction in flight.",
-                pool.claims_queued,
+                "Claims queued behind their lane's transaction in flight.",
+                claims.queued,
             ),
         ];
         for (name, help, v) in gauges {
@@ -121,13 +122,13 @@ impl Metrics {
             ),
             (
                 "coupons_claims_combined_total",
-                "Claims that shared one transaction with other claims of their coupon.",
-                pool.claims_combined,
+                "Claims that shared one transaction with other claims.",
+                claims.combined,
             ),
             (
                 "coupons_claim_batches_total",
                 "Transactions that carried two or more claims.",
-                pool.claim_batches,
+                claims.batches,
             ),
         ];
         for (name, help, v) in counters {

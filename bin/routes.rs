@@ -88,7 +88,15 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         (["register"], Post) => register(app, rq, &url),
         (["login"], Post) => login(app, rq, &url),
         (["coupons"], Get) => list(app, rq, &url),
-        (["coupons", id, "claim"], Post) => claim(app, rq, id),
+        // The server hands claims to `http::claim`, which does not wait; the same, waiting:
+        (["coupons", _, "claim"], Post) => {
+            let t = claim_ticket(app, rq)?;
+            let answer = match &t.key {
+                Some(key) => app.claims.claim_once(t.user, t.coupon, key),
+                None => Answer::new(app.claims.claim(t.user, t.coupon)),
+            };
+            claim_reply(app, answer)
+        }
         (["users", "me", "history"], Get) => history(app, rq, &url),
         (["admin", "coupons"], Post) => create(app, rq, &url),
         (["admin", "coupons"], Get) => admin_list(app, rq, &url),
@@ -106,7 +114,10 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         }),
         (["metrics"], Get) => Ok(Reply {
             status: 200,
-            body: app.metrics.render(app.pool.stats()).into_bytes(),
+            body: app
+                .metrics
+                .render(app.pool.stats(), app.claims.stats())
+                .into_bytes(),
             headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
         }),
         (["healthz"], Get) => {
@@ -398,16 +409,49 @@ fn answered<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Reply) -> Result<Reply> 
     Ok(reply)
 }
 
-fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
-    let who = principal(app, rq)?;
-    let id: CouponId = id.parse()?;
-    let answer = match idempotency_key(rq)? {
-        Some(key) => claim::claim_once(&app.pool, who.user_id, id, &key),
-        None => Answer {
-            result: claim::claim(&app.pool, who.user_id, id),
-            replayed: false,
-        },
+/// Which threads answer a route (see `http::serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The worker that took it.
+    Inline,
+    /// A bcrypt thread: logins and registrations.
+    Bcrypt,
+    /// The claims: whichever thread runs the claim's batch.
+    Claim,
+}
+
+/// The class of the route `method` and `path` name.
+pub fn class(method: &Method, path: &str) -> Class {
+    match (method, path) {
+        (Method::Post, "/login" | "/register") => Class::Bcrypt,
+        (Method::Post, p) if p.starts_with("/coupons/") && p.ends_with("/claim") => Class::Claim,
+        _ => Class::Inline,
+    }
+}
+
+/// A claim request, read and checked: who claims which coupon, with which key.
+pub struct ClaimTicket {
+    pub user: coupons::UserId,
+    pub coupon: CouponId,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// Reads and checks `POST /coupons/{id}/claim` (the claim itself is the claims' to make).
+pub fn claim_ticket(app: &App, rq: &mut Request) -> Result<ClaimTicket> {
+    let segments: Vec<&str> = path(rq.url()).split('/').collect();
+    let ["", "coupons", id, "claim"] = segments[..] else {
+        return Err(ApiError::RouteNotFound);
     };
+    let who = principal(app, rq)?;
+    Ok(ClaimTicket {
+        user: who.user_id,
+        coupon: id.parse()?,
+        key: idempotency_key(rq)?,
+    })
+}
+
+/// The answer to a claim request.
+pub fn claim_reply(app: &App, answer: Answer<claim::Claimed>) -> Result<Reply> {
     let outcome = match &answer.result {
         Ok(_) => "claimed".to_owned(),
         Err(e) => crate::error::app_parts(e).1,

@@ -1,16 +1,19 @@
-//! The claim: everything that decides whether a claim succeeds is in [`claim`].
+//! The claim: [`Claims`] makes every claim, alone or combined with others (see
+//! `combine.rs`), in one transaction of [`take_many`]'s; [`verdict`] decides each one.
 
 use crate::audit;
-use crate::combine::{Outcome, Ticket};
-use crate::coupon::{lock_live, lock_many, Coupon, Lock};
+use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
+use crate::coupon::{lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
-use crate::{ClaimId, CouponId, Error, Label, Page, Timestamp, UserId};
+use crate::{ClaimId, CouponId, Error, Label, Page, Status, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// One granted unit of a coupon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,91 +58,233 @@ pub struct HistoryEntry {
     pub void_reason: Option<String>,
 }
 
-/// Claims one unit of `coupon` for `user`, in one transaction that holds the coupon row's lock
-/// from the check to the commit, so concurrent claims can never take more than the stock.
-/// A user may claim the same coupon again while stock lasts.
+/// The most claims combined into one transaction, unless told otherwise.
+pub const CLAIM_BATCH: usize = 64;
+/// The most claims combined into one transaction at all: a batch's statements list up to this
+/// many values (padded to a power of two), and MariaDB turns `IN` lists of 1,000 and more into
+/// a join.
+pub const CLAIM_BATCH_LIMIT: usize = 512;
+
+/// Claim lanes, unless told otherwise: this machine's cores. Fewer lanes make bigger batches and
+/// fewer transactions; more let a larger database run more of them at once. Measured on two
+/// cores (BENCHMARKS.md): 2 lanes did best, 8 gave 30% fewer claims/s over 1,000 coupons.
+pub fn default_claim_lanes() -> u64 {
+    std::thread::available_parallelism().map_or(2, |n| n.get() as u64)
+}
+
+/// How claims are made: the pool, and the combining of concurrent claims into shared
+/// transactions. Every claim goes through [`Claims::claim_once`]'s path, alone or combined,
+/// and is decided by [`verdict`]. Cheap to clone; clones share their queues, so a process
+/// should make one and share it.
 ///
-/// Claims that arrive while a claim transaction of their lane is in flight in this process wait,
-/// and then share the next transaction, whatever their coupons: it decides each of them in
-/// arrival order, exactly as alone, and commits them together (see
-/// [`crate::db::Pool::with_claim_batching`] and [`crate::db::Pool::with_claim_lanes`]). Claims
-/// of a coupon that another transaction holds wait for it by coupon, not in the lane.
-///
-/// Errors: [`Error::CouponNotFound`] (unknown or deleted), [`Error::Inactive`],
-/// [`Error::SoldOut`], [`Error::Token`] if the user no longer exists, [`Error::Busy`] if
-/// deadlocks or lock-wait timeouts outlast the retries.
-pub fn claim(pool: &Pool, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
-    claim_keyed(pool, user, coupon, None).result
+/// Claims that arrive while a claim transaction of their lane is in flight wait, and then
+/// share the next transaction, whatever their coupons: it decides each of them in arrival
+/// order, exactly as alone, and commits them together. A lane's transaction never waits for a
+/// coupon locked elsewhere (another process, an admin's change): those claims wait by coupon
+/// instead, so one locked coupon holds up only its own claims.
+#[derive(Clone)]
+pub struct Claims {
+    pool: Pool,
+    max: usize,
+    lanes: u64,
+    /// `None`: combining off, every claim a batch of one on its caller's thread.
+    combining: Option<Combining>,
 }
 
-/// [`claim`] guarded by an idempotency key: the first request with `key` claims (or is refused)
-/// and records its answer in the same transaction; every later one with the same key gets that
-/// answer again (`replayed`), never a second claim. The key with another coupon is
-/// [`Error::KeyReused`].
-pub fn claim_once(
-    pool: &Pool,
-    user: UserId,
-    coupon: CouponId,
-    key: &IdempotencyKey,
-) -> Answer<Claimed> {
-    claim_keyed(pool, user, coupon, Some(key))
+#[derive(Clone)]
+struct Combining {
+    /// `None`: a lane per coupon (only the per-coupon queues).
+    lanes: Option<Arc<Combiner>>,
+    /// Claims of coupons a lane's batch found locked elsewhere, waiting for the lock.
+    per_coupon: Arc<Combiner>,
 }
 
-/// Whether a claim transaction of `coupon`'s lane is in flight in this process, so that a claim
-/// now would wait to go in the next batch. A hint for scheduling (it may change at once); always
-/// false with combining off.
-pub fn in_flight(pool: &Pool, coupon: CouponId) -> bool {
-    pool.combiners().is_some_and(|c| match &c.lanes {
-        Some(lanes) => lanes.in_flight(coupon),
-        None => c.per_coupon.in_flight(coupon),
-    })
+/// What the claim combining has been doing, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClaimStats {
+    /// Claims queued now behind a transaction in flight in their lane.
+    pub queued: u64,
+    /// Claims so far that shared a transaction with others.
+    pub combined: u64,
+    /// Transactions so far that carried two or more claims.
+    pub batches: u64,
 }
 
-/// Whether claims of `coupon` itself are queued or in a transaction in this process now: a
-/// claim now would wait behind them. A hint for scheduling, like [`in_flight`].
-pub fn busy(pool: &Pool, coupon: CouponId) -> bool {
-    pool.combiners().is_some_and(|c| {
-        c.per_coupon.active(coupon) > 0 || c.lanes.as_ref().is_some_and(|l| l.active(coupon) > 0)
-    })
-}
+impl Claims {
+    /// Claims over `pool`, combined in batches of up to [`CLAIM_BATCH`] in
+    /// [`default_claim_lanes`] lanes.
+    pub fn new(pool: Pool) -> Claims {
+        Claims {
+            pool,
+            max: CLAIM_BATCH,
+            lanes: default_claim_lanes(),
+            combining: None,
+        }
+        .with_batching(CLAIM_BATCH)
+    }
 
-fn claim_keyed(
-    pool: &Pool,
-    user: UserId,
-    coupon: CouponId,
-    key: Option<&IdempotencyKey>,
-) -> Answer<Claimed> {
-    let Some(combiners) = pool.combiners() else {
-        return claim_alone(pool, user, coupon, key);
-    };
-    let ticket = || Ticket {
-        coupon,
-        user,
-        key: key.cloned(),
-    };
-    // A lane's batch never waits for a coupon locked elsewhere (it would hold up the lane's
-    // other coupons): it leaves those claims undecided, and they queue by coupon instead. While
-    // claims of this coupon queue so, the next ones join them at once, in arrival order.
-    let per_coupon = &combiners.per_coupon;
-    if let Some(lanes) = combiners
-        .lanes
-        .as_ref()
-        .filter(|_| per_coupon.active(coupon) == 0)
-    {
-        if let Some(answer) = lanes.submit(ticket(), |batch| claim_batch(pool, batch, Lock::Skip)) {
-            return answer;
+    /// These claims with batches of at most `max` claims, up to [`CLAIM_BATCH_LIMIT`]; `max`
+    /// of 0 or 1 turns combining off, so every claim runs in a transaction of its own (the same
+    /// code, a batch of one). Starts new queues: keep the result, not a mix of both.
+    pub fn with_batching(mut self, max: usize) -> Claims {
+        self.max = max.min(CLAIM_BATCH_LIMIT);
+        let run = |lock: Lock| -> Box<Run> {
+            let pool = self.pool.clone();
+            Box::new(move |batch: &[&Ticket]| claim_batch(&pool, batch, lock))
+        };
+        self.combining = (self.max > 1).then(|| Combining {
+            lanes: (self.lanes > 0).then(|| {
+                let lanes = Some(self.lanes);
+                Arc::new(Combiner::new(
+                    self.max,
+                    lanes,
+                    Leader::Here,
+                    run(Lock::Skip),
+                ))
+            }),
+            per_coupon: Arc::new(Combiner::new(
+                self.max,
+                None,
+                Leader::Spawn,
+                run(Lock::Wait),
+            )),
+        });
+        self
+    }
+
+    /// These claims in `lanes` lanes: at most that many claim transactions in flight at once
+    /// (and those waiting for a coupon locked elsewhere), each for any claims of its lane's
+    /// coupons (a coupon is always in the same lane). 0 gives each coupon a lane of its own, so
+    /// only claims of one coupon combine. Starts new queues, as [`Claims::with_batching`].
+    pub fn with_lanes(mut self, lanes: u64) -> Claims {
+        self.lanes = lanes;
+        let max = self.max;
+        self.with_batching(max)
+    }
+
+    /// The pool these claims use.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Claims one unit of `coupon` for `user`, in a transaction that holds the coupon row's
+    /// lock from the decision to the commit, so concurrent claims can never take more than the
+    /// stock. A user may claim the same coupon again while stock lasts and their limit allows.
+    ///
+    /// Errors: [`Error::CouponNotFound`] (unknown or deleted), [`Error::Inactive`],
+    /// [`Error::NotStarted`], [`Error::Expired`], [`Error::SoldOut`], [`Error::LimitReached`],
+    /// [`Error::Token`] if the user no longer exists, [`Error::Busy`] if deadlocks or lock-wait
+    /// timeouts outlast the retries, [`Error::Unavailable`] without a database.
+    pub fn claim(&self, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
+        self.wait_for(Ticket {
+            coupon,
+            user,
+            key: None,
+        })
+        .result
+    }
+
+    /// [`Claims::claim`] guarded by an idempotency key: the first request with `key` claims (or
+    /// is refused) and records its answer in the same transaction; every later one with the
+    /// same key gets that answer again (`replayed`), never a second claim. The key with another
+    /// coupon is [`Error::KeyReused`].
+    pub fn claim_once(
+        &self,
+        user: UserId,
+        coupon: CouponId,
+        key: &IdempotencyKey,
+    ) -> Answer<Claimed> {
+        self.wait_for(Ticket {
+            coupon,
+            user,
+            key: Some(key.clone()),
+        })
+    }
+
+    /// [`Claims::claim_once`] (or [`Claims::claim`] without a key) for a caller that does not
+    /// wait: `reply` gets the answer, on whichever thread runs the claim's batch. Returns at
+    /// once, unless this thread finds the claim's lane idle: then it runs the lane's batches
+    /// until no claim is left queued in it. A server answers requests so without a thread per
+    /// waiting claim.
+    pub fn submit(
+        &self,
+        user: UserId,
+        coupon: CouponId,
+        key: Option<&IdempotencyKey>,
+        reply: impl FnOnce(Answer<Claimed>) + Send + 'static,
+    ) {
+        let ticket = Ticket {
+            coupon,
+            user,
+            key: key.cloned(),
+        };
+        let Some(c) = &self.combining else {
+            return reply(alone(&self.pool, &ticket));
+        };
+        let per_coupon = Arc::clone(&c.per_coupon);
+        let by_coupon = move |ticket: Ticket, reply: Box<dyn FnOnce(Answer<Claimed>) + Send>| {
+            per_coupon.submit_with(
+                ticket,
+                Box::new(move |o| reply(o.unwrap_or_else(undecided))),
+            )
+        };
+        match c
+            .lanes
+            .as_ref()
+            .filter(|_| c.per_coupon.active(coupon) == 0)
+        {
+            Some(lanes) => {
+                let again = ticket.clone();
+                lanes.submit_with(
+                    ticket,
+                    Box::new(move |outcome| match outcome {
+                        Some(answer) => reply(answer),
+                        None => by_coupon(again, Box::new(reply)),
+                    }),
+                );
+            }
+            None => by_coupon(ticket, Box::new(reply)),
         }
     }
-    let answer = per_coupon.submit(ticket(), |batch| match batch {
-        [one] => vec![Some(claim_alone(
-            pool,
-            one.user,
-            one.coupon,
-            one.key.as_ref(),
-        ))],
-        _ => claim_batch(pool, batch, Lock::Wait),
-    });
-    answer.unwrap_or_else(|| Answer::new(Err(Error::Internal("claim left undecided".into()))))
+
+    fn wait_for(&self, ticket: Ticket) -> Answer<Claimed> {
+        let Some(c) = &self.combining else {
+            return alone(&self.pool, &ticket);
+        };
+        // A lane's batch never waits for a coupon locked elsewhere (it would hold up the lane's
+        // other coupons): it leaves those claims undecided, and they queue by coupon instead.
+        // While claims of this coupon queue so, the next ones join them at once, in order.
+        if let Some(lanes) = c
+            .lanes
+            .as_ref()
+            .filter(|_| c.per_coupon.active(ticket.coupon) == 0)
+        {
+            if let Some(answer) = lanes.submit(ticket.clone()) {
+                return answer;
+            }
+        }
+        c.per_coupon.submit(ticket).unwrap_or_else(undecided)
+    }
+
+    /// What the combining has done so far.
+    pub fn stats(&self) -> ClaimStats {
+        let Some(c) = &self.combining else {
+            return ClaimStats::default();
+        };
+        let all = || c.lanes.iter().chain([&c.per_coupon]);
+        let sum = |counter: fn(&Combiner) -> &AtomicU64| {
+            all().map(|c| counter(c).load(Ordering::Relaxed)).sum()
+        };
+        ClaimStats {
+            queued: sum(|c| &c.queued),
+            combined: sum(|c| &c.combined),
+            batches: sum(|c| &c.batches),
+        }
+    }
+}
+
+fn undecided() -> Answer<Claimed> {
+    Answer::new(Err(Error::Internal("claim left undecided".into())))
 }
 
 /// What an idempotency key records as the request of a claim on `coupon`.
@@ -147,49 +292,30 @@ fn request_of(coupon: CouponId) -> String {
     format!("claim {coupon}")
 }
 
-/// One claim in its own transaction: the path of a claim that meets no other.
-fn claim_alone(
-    pool: &Pool,
-    user: UserId,
-    coupon: CouponId,
-    key: Option<&IdempotencyKey>,
-) -> Answer<Claimed> {
-    let done = transaction(pool, |tx| {
-        let Some(key) = key else {
-            return Ok(Answer::new(Ok(take_one(tx, user, coupon)?)));
-        };
-        if let Some(first) = idempotency::reserve(tx, user, key, &request_of(coupon))? {
-            return replay(tx, first);
-        }
-        let result = take_one(tx, user, coupon);
-        // A refusal is an answer too: recorded, so that a retry gets the same one.
-        let Some((outcome, id, count)) = to_record(&result) else {
-            return Err(result.err().unwrap_or(Error::Busy));
-        };
-        idempotency::record(tx, user, key, outcome, id, count)?;
-        Ok(Answer::new(result))
-    });
-    done.unwrap_or_else(|e| Answer::new(Err(e)))
+/// A claim that meets no other: a batch of one, waiting for its coupon's lock.
+fn alone(pool: &Pool, ticket: &Ticket) -> Answer<Claimed> {
+    claim_batch(pool, &[ticket], Lock::Wait)
+        .pop()
+        .flatten()
+        .unwrap_or_else(undecided)
 }
 
-/// Claims that met in one lane, in one transaction: one outcome each, in order. A fault of the
-/// transaction is every request's answer, as it would be alone. Only a user deleted since their
-/// token was checked fails the batch for one request (a foreign key): then each runs alone
-/// (after the lane's batch, by coupon) and gets its own answer; nothing was written, the error
-/// came before the commit.
+/// Claims in one transaction: one outcome each, in order. A fault of the transaction is every
+/// request's answer, as it would be alone. Only a user deleted since their token was checked
+/// fails a batch of several for one request (a foreign key): then each runs alone (after a
+/// lane's batch, by coupon) and gets its own answer; nothing was written, the error came
+/// before the commit.
 fn claim_batch(pool: &Pool, batch: &[&Ticket], lock: Lock) -> Vec<Outcome> {
     let each = |f: &dyn Fn() -> Error| batch.iter().map(|_| Some(Answer::new(Err(f())))).collect();
     match transaction(pool, |tx| take_many(tx, batch, lock)) {
         Ok(answers) => answers,
-        Err(Error::Token(TokenProblem::UnknownUser)) => match lock {
+        Err(Error::Token(TokenProblem::UnknownUser)) if batch.len() > 1 => match lock {
             Lock::Skip => batch.iter().map(|_| None).collect(),
-            Lock::Wait => batch
-                .iter()
-                .map(|t| Some(claim_alone(pool, t.user, t.coupon, t.key.as_ref())))
-                .collect(),
+            Lock::Wait => batch.iter().map(|t| Some(alone(pool, t))).collect(),
         },
         Err(Error::Busy) => each(&|| Error::Busy),
         Err(Error::Unavailable(e)) => each(&|| Error::Unavailable(e.clone())),
+        Err(Error::Token(p)) => each(&|| Error::Token(p)),
         Err(e) => {
             let e = e.to_string();
             each(&|| Error::Internal(format!("claim batch: {e}")))
@@ -276,7 +402,39 @@ fn take_many(
     Ok(answers)
 }
 
-/// Decides the `open` requests under their coupons' locks and writes the granted claims.
+/// The decision, the only one: whether `user` gets one more unit of `coupon` at `now`, given
+/// the claims they hold of it (`held`, counting those granted earlier in the same batch) and
+/// the units the batch has granted of it so far (`taken`). `None`: no live coupon. Pure, so
+/// that a lone claim and every claim of a batch are decided alike, under the coupon's lock.
+pub fn verdict(
+    coupon: Option<&Coupon>,
+    now: Timestamp,
+    held: u64,
+    taken: u64,
+) -> Result<(), Error> {
+    let c = coupon.ok_or(Error::CouponNotFound)?;
+    if c.status != Status::Active {
+        Err(Error::Inactive)
+    } else if c.starts_at.is_some_and(|s| now < s) {
+        Err(Error::NotStarted)
+    } else if c.ends_at.is_some_and(|e| now >= e) {
+        Err(Error::Expired)
+    } else if c.available_count <= taken {
+        Err(Error::SoldOut)
+    } else if limit_reached(c, held) {
+        Err(Error::LimitReached)
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a user holding `held` claims of `c` has reached its per-user limit.
+pub(crate) fn limit_reached(c: &Coupon, held: u64) -> bool {
+    c.per_user_limit.is_some_and(|l| held >= u64::from(l))
+}
+
+/// Decides the `open` requests in order under their coupons' locks, then writes the granted
+/// claims.
 fn decide(
     tx: &mut Transaction<'_>,
     batch: &[&Ticket],
@@ -285,66 +443,46 @@ fn decide(
     locked: &HashMap<CouponId, Option<Coupon>>,
 ) -> Result<(), Error> {
     // Live coupons only: a deleted one (locked all the same) or one with no row is not found.
-    let coupons: HashMap<CouponId, &Coupon> = locked
-        .iter()
-        .filter_map(|(&id, c)| c.as_ref().map(|c| (id, c)))
-        .collect();
+    let coupon = |i: usize| locked.get(&batch[i].coupon).and_then(Option::as_ref);
     let now = Timestamp::now();
     // A plain read, after every lock: the snapshot starts here, and every change to these
     // counts is made under a lock we hold, so they are current.
     let limited = open
         .iter()
-        .map(|&i| (batch[i].user, batch[i].coupon))
-        .filter(|(_, c)| coupons.get(c).is_some_and(|c| c.per_user_limit.is_some()));
+        .filter(|&&i| coupon(i).is_some_and(|c| c.per_user_limit.is_some()))
+        .map(|&i| (batch[i].user, batch[i].coupon));
     let mut held = held_counts(tx, limited)?;
     let mut taken: HashMap<CouponId, u64> = HashMap::new();
     let mut granted = Vec::new();
     for &i in open {
-        let (coupon, user) = (batch[i].coupon, batch[i].user);
-        let Some(c) = coupons.get(&coupon) else {
-            steps[i] = Step::Done(Err(Error::CouponNotFound));
-            continue;
-        };
-        let n = taken.get(&coupon).copied().unwrap_or(0);
-        let held = held.entry((user, coupon)).or_insert(0);
-        let refusal = c.refusal_at(now).or_else(|| {
-            if c.available_count == n {
-                Some(Error::SoldOut)
-            } else if c.per_user_limit.is_some_and(|l| *held >= i64::from(l)) {
-                Some(Error::LimitReached)
-            } else {
-                None
-            }
-        });
-        match refusal {
-            Some(e) => steps[i] = Step::Done(Err(e)),
-            None => {
-                taken.insert(coupon, n + 1);
+        let pair = (batch[i].user, batch[i].coupon);
+        let n = taken.get(&pair.1).copied().unwrap_or(0);
+        let held = held.entry(pair).or_insert(0);
+        match verdict(coupon(i), now, *held, n) {
+            Ok(()) => {
+                taken.insert(pair.1, n + 1);
                 *held += 1;
-                granted.push(i);
+                granted.push((i, coupon(i).ok_or(Error::CouponNotFound)?));
             }
+            Err(refusal) => steps[i] = Step::Done(Err(refusal)),
         }
     }
     if granted.is_empty() {
         return Ok(());
     }
-    let counted: Vec<((UserId, CouponId), i64)> = granted
+    let counted: Vec<((UserId, CouponId), u64)> = granted
         .iter()
-        .map(|&i| (batch[i].user, batch[i].coupon))
-        .filter(|(_, coupon)| coupons[coupon].per_user_limit.is_some())
+        .filter(|(_, c)| c.per_user_limit.is_some())
+        .map(|&(i, _)| (batch[i].user, batch[i].coupon))
         .map(|pair| (pair, held[&pair]))
         .collect();
     write_counts(tx, counted)?;
     take_stock(tx, &taken)?;
-    let rows: Vec<(UserId, &Coupon)> = granted
-        .iter()
-        .map(|&i| (batch[i].user, coupons[&batch[i].coupon]))
-        .collect();
+    let rows: Vec<(UserId, &Coupon)> = granted.iter().map(|&(i, c)| (batch[i].user, c)).collect();
     let ids = insert_claims(tx, now, &rows)?;
     // Each coupon's stock right after each of its claims, in order.
     let mut left: HashMap<CouponId, u64> = HashMap::new();
-    for (&i, id) in granted.iter().zip(ids) {
-        let c = &coupons[&batch[i].coupon];
+    for (&(i, c), id) in granted.iter().zip(ids) {
         let left = left.entry(c.id).or_insert(c.available_count);
         *left -= 1;
         steps[i] = Step::Done(Ok(Claimed {
@@ -366,7 +504,7 @@ fn decide(
 fn held_counts(
     tx: &mut Transaction<'_>,
     pairs: impl Iterator<Item = (UserId, CouponId)>,
-) -> Result<HashMap<(UserId, CouponId), i64>, Error> {
+) -> Result<HashMap<(UserId, CouponId), u64>, Error> {
     let pairs: Vec<(UserId, CouponId)> = pairs.collect();
     if pairs.is_empty() {
         return Ok(HashMap::new());
@@ -386,7 +524,7 @@ fn held_counts(
         placeholders(coupons.len(), "?")
     );
     let params: Vec<Value> = users.into_iter().chain(coupons).map(Value::from).collect();
-    let rows: Vec<(u64, u64, i64)> = tx.exec(sql, params)?;
+    let rows: Vec<(u64, u64, u64)> = tx.exec(sql, params)?;
     let wanted: std::collections::HashSet<(UserId, CouponId)> = pairs.into_iter().collect();
     Ok(rows
         .into_iter()
@@ -398,7 +536,7 @@ fn held_counts(
 /// Sets per-user counters to their new counts, in one statement.
 fn write_counts(
     tx: &mut Transaction<'_>,
-    mut counts: Vec<((UserId, CouponId), i64)>,
+    mut counts: Vec<((UserId, CouponId), u64)>,
 ) -> Result<(), Error> {
     if counts.is_empty() {
         return Ok(());
@@ -561,53 +699,6 @@ fn record_keys(
     );
     tx.exec_drop(sql, rows.concat())?;
     Ok(())
-}
-
-/// The claim itself: everything that decides whether it succeeds.
-fn take_one(tx: &mut Transaction<'_>, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
-    // From here to the commit, this coupon's row is ours: every check below stays true.
-    let c = lock_live(tx, coupon)?.ok_or(Error::CouponNotFound)?;
-    let claimed_at = Timestamp::now();
-    if let Some(refusal) = c.refusal_at(claimed_at) {
-        return Err(refusal);
-    }
-    if c.available_count == 0 {
-        return Err(Error::SoldOut);
-    }
-    if let Some(limit) = c.per_user_limit {
-        // One statement: count this claim unless the user already holds `limit`. No row is
-        // changed (0 affected) exactly when the limit is reached.
-        tx.exec_drop(
-            "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed) VALUES (?, ?, 1)
-             ON DUPLICATE KEY UPDATE claimed = IF(claimed < ?, claimed + 1, claimed)",
-            (user.0, coupon.0, limit),
-        )
-        .map_err(Error::from)
-        .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
-        if tx.affected_rows() == 0 {
-            return Err(Error::LimitReached);
-        }
-    }
-    tx.exec_drop(
-        "UPDATE coupons SET available_count = available_count - 1 WHERE id = ?",
-        (coupon.0,),
-    )?;
-    tx.exec_drop(
-        "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES (?, ?, ?, ?, ?)",
-        (user.0, coupon.0, claimed_at, &c.code, &c.name),
-    )
-    .map_err(Error::from)
-    .on_foreign_key(Error::Token(TokenProblem::UnknownUser))?;
-    Ok(Claimed {
-        claim: Claim {
-            id: ClaimId(tx.last_insert_id().unwrap_or(0)),
-            coupon_id: coupon,
-            code: c.code,
-            name: c.name,
-            claimed_at,
-        },
-        available_count: c.available_count - 1,
-    })
 }
 
 /// The answer recorded for an idempotency key, again.
@@ -799,4 +890,130 @@ pub fn history(pool: &Pool, user: UserId, page: Page) -> Result<Vec<HistoryEntry
             )
             .collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn coupon() -> Coupon {
+        Coupon {
+            id: CouponId(1),
+            code: "WELCOME".into(),
+            available_count: 3,
+            total_count: 10,
+            status: Status::Active,
+            name: None,
+            description: None,
+            per_user_limit: None,
+            starts_at: None,
+            ends_at: None,
+            version: 1,
+        }
+    }
+
+    #[track_caller]
+    fn check(
+        case: &str,
+        c: Option<&Coupon>,
+        now: Timestamp,
+        held: u64,
+        taken: u64,
+        want: Result<(), &str>,
+    ) {
+        let got = verdict(c, now, held, taken).map_err(|e| e.outcome().unwrap_or("no outcome"));
+        assert_eq!(got, want, "{case}");
+    }
+
+    #[test]
+    fn the_verdict_decides_every_claim_the_same_way() {
+        let now = Timestamp::now();
+        let hour = Duration::from_secs(3600);
+        let with = |f: &dyn Fn(&mut Coupon)| {
+            let mut c = coupon();
+            f(&mut c);
+            c
+        };
+        let plain = coupon();
+        let inactive = with(&|c| c.status = Status::Inactive);
+        let later = with(&|c| c.starts_at = Some(now.plus(hour)));
+        let started = with(&|c| c.starts_at = Some(now));
+        let ended = with(&|c| c.ends_at = Some(now));
+        let ending = with(&|c| c.ends_at = Some(now.plus(hour)));
+        let limited = with(&|c| c.per_user_limit = Some(2));
+        let empty = with(&|c| c.available_count = 0);
+        // Inactive and outside the window beat sold out; sold out beats the user's limit.
+        let inactive_empty = with(&|c| {
+            c.status = Status::Inactive;
+            c.available_count = 0
+        });
+        let ended_empty = with(&|c| {
+            c.ends_at = Some(now.minus(hour));
+            c.available_count = 0
+        });
+        let empty_limited = with(&|c| {
+            c.available_count = 0;
+            c.per_user_limit = Some(1)
+        });
+        check("no live coupon", None, now, 0, 0, Err("coupon_not_found"));
+        check("plain", Some(&plain), now, 0, 0, Ok(()));
+        check("plain, held many", Some(&plain), now, 99, 0, Ok(()));
+        check("the last unit", Some(&plain), now, 0, 2, Ok(()));
+        check(
+            "sold out in the batch",
+            Some(&plain),
+            now,
+            0,
+            3,
+            Err("sold_out"),
+        );
+        check("sold out", Some(&empty), now, 0, 0, Err("sold_out"));
+        check("inactive", Some(&inactive), now, 0, 0, Err("inactive"));
+        check("not started", Some(&later), now, 0, 0, Err("not_started"));
+        check("starts now", Some(&started), now, 0, 0, Ok(()));
+        check("ends now", Some(&ended), now, 0, 0, Err("expired"));
+        check("ends later", Some(&ending), now, 0, 0, Ok(()));
+        check("under the limit", Some(&limited), now, 1, 0, Ok(()));
+        check(
+            "at the limit",
+            Some(&limited),
+            now,
+            2,
+            0,
+            Err("limit_reached"),
+        );
+        check(
+            "over the limit",
+            Some(&limited),
+            now,
+            3,
+            1,
+            Err("limit_reached"),
+        );
+        check(
+            "inactive first",
+            Some(&inactive_empty),
+            now,
+            0,
+            0,
+            Err("inactive"),
+        );
+        check(
+            "expired first",
+            Some(&ended_empty),
+            now,
+            0,
+            0,
+            Err("expired"),
+        );
+        check(
+            "sold out first",
+            Some(&empty_limited),
+            now,
+            5,
+            0,
+            Err("sold_out"),
+        );
+    }
 }

@@ -1,22 +1,26 @@
-//! Claim combining: concurrent claims in this process share one transaction.
+//! Claim combining: concurrent claims share one transaction.
 //!
 //! A hot coupon is one row, and one transaction at a time can hold its lock; per-claim
 //! transactions are capped by how fast that row is locked, changed and committed. Claims spread
 //! over many coupons are capped by the database's cost per transaction. So claims go in lanes
-//! (a coupon is always in the same lane, picked by a hash of its id), and a lane has at most one
-//! claim transaction in flight. The first claim in an idle lane runs at once (a quiet service
-//! waits for nothing). Claims that arrive while its transaction is in flight queue; when it
-//! ends, the first of them leads the next transaction for all of them (up to the limit), in
-//! arrival order, whatever their coupons. No timer, no window. A combiner may also give each
-//! coupon a lane of its own.
+//! (a coupon is always in the same lane), and a lane has at most one claim transaction in
+//! flight. The first claim in an idle lane runs at once (a quiet service waits for nothing).
+//! Claims that arrive while its transaction is in flight queue; when it ends, the next
+//! transaction takes them all (up to the limit), in arrival order, whatever their coupons. No
+//! timer, no window.
 //!
-//! Each request thread runs at most one transaction: the leader of a batch is one of its
-//! requests, and it hands the queue to the next leader before it hands out the answers.
+//! This is the only place a claim waits. A request either waits on its own thread (a blocking
+//! caller), or leaves a callback and its thread goes on (the server). A batch runs on a thread
+//! that is there anyway: the one that found the lane idle, or a waiting caller of the batch.
+//! When only callbacks are queued, the thread that ran the last batch runs the next one, and
+//! so on until the lane is idle; a combiner whose batches may wait for a lock
+//! ([`Leader::Spawn`]) starts a thread for that instead of taking the caller's.
 
 use crate::claim::Claimed;
 use crate::idempotency::{Answer, IdempotencyKey};
 use crate::{CouponId, Error, UserId};
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -24,12 +28,27 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// undecided (its coupon was locked by another transaction, and the batch did not wait).
 pub(crate) type Outcome = Option<Answer<Claimed>>;
 
+/// Where an answer goes when its caller did not wait for it.
+pub(crate) type Callback = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Runs one batch: a claim transaction for the tickets, one outcome each, in order.
+pub(crate) type Run = dyn Fn(&[&Ticket]) -> Vec<Outcome> + Send + Sync;
+
 /// One claim request: which coupon, who, and the idempotency key it came with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Ticket {
     pub coupon: CouponId,
     pub user: UserId,
     pub key: Option<IdempotencyKey>,
+}
+
+/// Which thread runs a batch when only callbacks are there to run it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leader {
+    /// The caller's: a lane's batches never wait for a lock held elsewhere.
+    Here,
+    /// A new thread: these batches wait for locks, and the caller may be a lane's leader.
+    Spawn,
 }
 
 /// The queues of claims waiting for their lane's transaction in flight.
@@ -37,6 +56,8 @@ pub(crate) struct Combiner {
     max: usize,
     /// `None`: a lane per coupon.
     lanes: Option<u64>,
+    leader: Leader,
+    run: Box<Run>,
     inner: Mutex<Inner>,
     /// Claims in a queue now.
     pub queued: AtomicU64,
@@ -56,8 +77,17 @@ struct Inner {
 
 struct Waiter {
     ticket: Ticket,
-    state: Mutex<State>,
-    changed: Condvar,
+    reply: Reply,
+}
+
+enum Reply {
+    /// A caller waiting on its thread; it may be told to lead a batch.
+    Thread {
+        state: Mutex<State>,
+        changed: Condvar,
+    },
+    /// A caller that went on; taken when the answer comes.
+    Call(Mutex<Option<Callback>>),
 }
 
 enum State {
@@ -67,11 +97,14 @@ enum State {
 }
 
 impl Combiner {
-    /// Batches of at most `max` claims, in `lanes` lanes (`None`: a lane per coupon).
-    pub fn new(max: usize, lanes: Option<u64>) -> Combiner {
+    /// Batches of at most `max` claims, in `lanes` lanes (`None`: a lane per coupon), each run
+    /// by `run`.
+    pub fn new(max: usize, lanes: Option<u64>, leader: Leader, run: Box<Run>) -> Combiner {
         Combiner {
             max: max.max(1),
             lanes: lanes.map(|n| n.max(1)),
+            leader,
+            run,
             inner: Mutex::default(),
             queued: AtomicU64::new(0),
             combined: AtomicU64::new(0),
@@ -86,52 +119,100 @@ impl Combiner {
         })
     }
 
-    /// Runs `ticket` together with concurrent tickets of its lane. `run` gets a batch in arrival
-    /// order and returns one answer for each; it runs on one of the batch's threads.
-    pub fn submit(&self, ticket: Ticket, run: impl FnOnce(&[&Ticket]) -> Vec<Outcome>) -> Outcome {
-        let lane = self.lane(ticket.coupon);
+    /// Runs `ticket` together with concurrent tickets of its lane, waiting for its answer.
+    pub fn submit(&self, ticket: Ticket) -> Outcome {
         let me = Arc::new(Waiter {
             ticket,
-            state: Mutex::new(State::Queued),
-            changed: Condvar::new(),
+            reply: Reply::Thread {
+                state: Mutex::new(State::Queued),
+                changed: Condvar::new(),
+            },
         });
-        let leads_now = {
-            let mut inner = lock(&self.inner);
-            *inner.active.entry(me.ticket.coupon).or_default() += 1;
-            match inner.queues.get_mut(&lane) {
-                Some(queue) => {
-                    queue.push(Arc::clone(&me));
-                    self.queued.fetch_add(1, Ordering::Relaxed);
-                    false
-                }
-                None => {
-                    inner.queues.insert(lane, Vec::new());
-                    true
-                }
-            }
-        };
-        let batch = if leads_now {
-            vec![me]
-        } else {
-            match me.wait() {
+        let lane = self.lane(me.ticket.coupon);
+        let batch = match self.enqueue(lane, &me) {
+            Some(batch) => batch,
+            None => match me.wait() {
                 State::Leads(batch) => batch,
                 State::Answered(answer) => return answer,
                 State::Queued => unreachable!("wait returns only a decision"),
-            }
+            },
         };
-        let mut lead = Lead {
-            combiner: self,
-            lane,
-            batch,
-        };
-        let tickets: Vec<&Ticket> = lead.batch.iter().map(|w| &w.ticket).collect();
-        let answers = run(&tickets);
-        lead.finish(answers)
+        self.lead(lane, batch, Some(&me))
     }
 
-    /// Whether a transaction of `coupon`'s lane is in flight: a claim now would queue.
-    pub fn in_flight(&self, coupon: CouponId) -> bool {
-        lock(&self.inner).queues.contains_key(&self.lane(coupon))
+    /// Runs `ticket` together with concurrent tickets of its lane; `reply` gets the answer.
+    /// Returns at once, unless this thread is the one to run the lane's batches.
+    pub fn submit_with(self: &Arc<Self>, ticket: Ticket, reply: Callback) {
+        let me = Arc::new(Waiter {
+            ticket,
+            reply: Reply::Call(Mutex::new(Some(reply))),
+        });
+        let lane = self.lane(me.ticket.coupon);
+        if let Some(batch) = self.enqueue(lane, &me) {
+            self.lead_callbacks(lane, batch);
+        }
+    }
+
+    /// Queues `me` in `lane`; `Some` batch of it alone when the lane was idle (then the caller
+    /// leads).
+    fn enqueue(&self, lane: u64, me: &Arc<Waiter>) -> Option<Vec<Arc<Waiter>>> {
+        let mut inner = lock(&self.inner);
+        *inner.active.entry(me.ticket.coupon).or_default() += 1;
+        match inner.queues.get_mut(&lane) {
+            Some(queue) => {
+                queue.push(Arc::clone(me));
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => {
+                inner.queues.insert(lane, Vec::new());
+                Some(vec![Arc::clone(me)])
+            }
+        }
+    }
+
+    /// Runs a batch of callbacks only, here or on a new thread.
+    fn lead_callbacks(self: &Arc<Self>, lane: u64, batch: Vec<Arc<Waiter>>) {
+        match self.leader {
+            Leader::Here => {
+                self.lead(lane, batch, None);
+            }
+            Leader::Spawn => {
+                let (this, mine) = (Arc::clone(self), batch.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("coupons-claim-wait".into())
+                    .spawn(move || this.lead(lane, mine, None));
+                if spawned.is_err() {
+                    // No thread to be had: slower here than never.
+                    self.lead(lane, batch, None);
+                }
+            }
+        }
+    }
+
+    /// Runs `batch`, then the lane's next batches as long as no waiting caller is in them to
+    /// run them; answers everyone but `me`, and returns `me`'s answer.
+    fn lead(&self, lane: u64, batch: Vec<Arc<Waiter>>, me: Option<&Arc<Waiter>>) -> Outcome {
+        let mut own = None;
+        let mut lead = Lead::new(self, lane, batch);
+        loop {
+            let tickets: Vec<&Ticket> = lead.batch.iter().map(|w| &w.ticket).collect();
+            let answers = (self.run)(&tickets);
+            let (done, next) = lead.next();
+            lead.batch = next.map(pass_on).unwrap_or_default();
+            let mut answers = answers.into_iter();
+            for w in done {
+                let answer = answers.next().unwrap_or_else(missing);
+                match me {
+                    Some(me) if Arc::ptr_eq(me, &w) => own = Some(answer),
+                    _ => w.answer(answer),
+                }
+            }
+            if lead.batch.is_empty() {
+                break;
+            }
+        }
+        own.unwrap_or_else(missing)
     }
 
     /// Claims of `coupon` in this combiner now, queued or in a transaction.
@@ -139,121 +220,150 @@ impl Combiner {
         lock(&self.inner).active.get(&coupon).copied().unwrap_or(0)
     }
 
-    /// Counts `done` out of the active claims, and passes the lane's queue, if any, to its first
-    /// request as the next batch.
-    fn hand_off(&self, lane: u64, done: &[Arc<Waiter>]) {
-        let next = {
-            let mut inner = lock(&self.inner);
-            for w in done {
-                let coupon = w.ticket.coupon;
-                if let Some(n) = inner.active.get_mut(&coupon) {
-                    *n -= 1;
-                    if *n == 0 {
-                        inner.active.remove(&coupon);
-                    }
+    /// Counts `done` out of the active claims, and takes the lane's next batch from its queue,
+    /// if any (else the lane is idle).
+    fn hand_off(&self, lane: u64, done: &[Arc<Waiter>]) -> Option<Vec<Arc<Waiter>>> {
+        let mut inner = lock(&self.inner);
+        for w in done {
+            let coupon = w.ticket.coupon;
+            if let Some(n) = inner.active.get_mut(&coupon) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.active.remove(&coupon);
                 }
             }
-            let Some(queue) = inner.queues.get_mut(&lane) else {
-                return;
+        }
+        let queue = inner.queues.get_mut(&lane)?;
+        if queue.is_empty() {
+            inner.queues.remove(&lane);
+            return None;
+        }
+        // Coupons take turns for places in the batch (a coupon's claims in arrival order), so
+        // that a busy coupon cannot keep a quiet one out; the batch keeps arrival order.
+        // Two requests with one user's key must not share a transaction (the second replays
+        // the first's committed answer, or is refused): only the first to arrive may go.
+        let mut keys = HashSet::new();
+        let mut turn: HashMap<CouponId, usize> = HashMap::new();
+        let mut by_turn: Vec<(usize, usize)> = Vec::with_capacity(queue.len());
+        for (i, w) in queue.iter().enumerate() {
+            let first_of_key = match &w.ticket.key {
+                Some(key) => keys.insert((w.ticket.user, key.as_str())),
+                None => true,
             };
-            if queue.is_empty() {
-                inner.queues.remove(&lane);
-                return;
+            if first_of_key {
+                let t = turn.entry(w.ticket.coupon).or_default();
+                *t += 1;
+                by_turn.push((*t, i));
             }
-            // Coupons take turns for places in the batch (a coupon's claims in arrival order), so
-            // that a busy coupon cannot keep a quiet one out; the batch keeps arrival order.
-            // Two requests with one user's key must not share a transaction (the second replays
-            // the first's committed answer, or is refused): only the first to arrive may go.
-            let mut keys = HashSet::new();
-            let first_of_key: Vec<bool> = queue
-                .iter()
-                .map(|w| match &w.ticket.key {
-                    Some(key) => keys.insert((w.ticket.user, key.as_str())),
-                    None => true,
-                })
-                .collect();
-            let mut turn: HashMap<CouponId, usize> = HashMap::new();
-            let mut by_turn: Vec<(usize, usize)> = (0..queue.len())
-                .filter(|&i| first_of_key[i])
-                .map(|i| {
-                    let t = turn.entry(queue[i].ticket.coupon).or_default();
-                    *t += 1;
-                    (*t, i)
-                })
-                .collect();
-            by_turn.sort_unstable();
-            by_turn.truncate(self.max);
-            let mut taken = vec![false; queue.len()];
-            for (_, i) in by_turn {
-                taken[i] = true;
-            }
-            let (batch, later): (Vec<_>, Vec<_>) =
-                queue.drain(..).zip(taken).partition(|(_, taken)| *taken);
-            let batch: Vec<Arc<Waiter>> = batch.into_iter().map(|(w, _)| w).collect();
-            *queue = later.into_iter().map(|(w, _)| w).collect();
-            self.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            if batch.len() > 1 {
-                self.combined
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                self.batches.fetch_add(1, Ordering::Relaxed);
-            }
-            batch
-        };
-        let leader = Arc::clone(&next[0]);
-        leader.decide(State::Leads(next));
+        }
+        by_turn.sort_unstable();
+        by_turn.truncate(self.max);
+        let mut taken = vec![false; queue.len()];
+        for (_, i) in by_turn {
+            taken[i] = true;
+        }
+        let (batch, later): (Vec<_>, Vec<_>) =
+            queue.drain(..).zip(taken).partition(|(_, taken)| *taken);
+        let batch: Vec<Arc<Waiter>> = batch.into_iter().map(|(w, _)| w).collect();
+        *queue = later.into_iter().map(|(w, _)| w).collect();
+        self.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        if batch.len() > 1 {
+            self.combined
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(batch)
     }
 }
 
 impl Waiter {
     fn wait(&self) -> State {
-        let mut state = lock(&self.state);
+        let Reply::Thread { state, changed } = &self.reply else {
+            unreachable!("only a waiting caller waits");
+        };
+        let mut state = lock(state);
         while matches!(*state, State::Queued) {
-            state = self
-                .changed
+            state = changed
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         std::mem::replace(&mut *state, State::Queued)
     }
 
-    fn decide(&self, decision: State) {
-        *lock(&self.state) = decision;
-        self.changed.notify_one();
+    fn set(&self, decision: State) {
+        if let Reply::Thread { state, changed } = &self.reply {
+            *lock(state) = decision;
+            changed.notify_one();
+        }
+    }
+
+    fn answer(&self, outcome: Outcome) {
+        match &self.reply {
+            Reply::Thread { .. } => self.set(State::Answered(outcome)),
+            Reply::Call(call) => {
+                if let Some(call) = lock(call).take() {
+                    // A callback's panic is its caller's; the lead thread goes on.
+                    let _ = catch_unwind(AssertUnwindSafe(|| call(outcome)));
+                }
+            }
+        }
     }
 }
 
-/// The batch a thread leads. Dropped without `finish` (a panic), it still hands off the queue
-/// and answers every other request, so no thread waits for ever.
+/// The batch a thread leads. Dropped before its batch was answered (a panic), it answers that
+/// batch and the callbacks queued behind it with an error, or hands the lane to a waiting
+/// caller, so no request waits for ever.
 struct Lead<'a> {
     combiner: &'a Combiner,
     lane: u64,
     batch: Vec<Arc<Waiter>>,
 }
 
-impl Lead<'_> {
-    /// Hands off the queue, then gives each request its answer; returns the leader's own.
-    fn finish(&mut self, answers: Vec<Outcome>) -> Outcome {
-        let batch = std::mem::take(&mut self.batch);
-        self.combiner.hand_off(self.lane, &batch);
-        // `run` owes one answer per request; should one be missing, that request still gets one.
-        let mut answers = answers.into_iter();
-        let own = answers.next().unwrap_or_else(missing);
-        for waiter in batch.iter().skip(1) {
-            waiter.decide(State::Answered(answers.next().unwrap_or_else(missing)));
+impl<'a> Lead<'a> {
+    fn new(combiner: &'a Combiner, lane: u64, batch: Vec<Arc<Waiter>>) -> Lead<'a> {
+        Lead {
+            combiner,
+            lane,
+            batch,
         }
-        own
+    }
+
+    /// The batch just run, to answer, and the lane's next one (handed off first, so that it
+    /// starts while this one's answers go out).
+    fn next(&mut self) -> (Vec<Arc<Waiter>>, Option<Vec<Arc<Waiter>>>) {
+        let done = std::mem::take(&mut self.batch);
+        let next = self.combiner.hand_off(self.lane, &done);
+        (done, next)
     }
 }
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        if self.batch.is_empty() {
-            return;
+        while !self.batch.is_empty() {
+            let (done, next) = self.next();
+            for w in done {
+                w.answer(missing());
+            }
+            if let Some(next) = next {
+                self.batch = pass_on(next);
+            }
         }
-        self.combiner.hand_off(self.lane, &self.batch);
-        for waiter in self.batch.iter().skip(1) {
-            waiter.decide(State::Answered(missing()));
+    }
+}
+
+/// A caller waiting on its thread runs its own batch: it is told so, and nothing is left here.
+/// A batch of callbacks only is returned, to run on this thread.
+fn pass_on(batch: Vec<Arc<Waiter>>) -> Vec<Arc<Waiter>> {
+    match batch
+        .iter()
+        .find(|w| matches!(w.reply, Reply::Thread { .. }))
+    {
+        Some(waiter) => {
+            let waiter = Arc::clone(waiter);
+            waiter.set(State::Leads(batch));
+            Vec::new()
         }
+        None => batch,
     }
 }
 

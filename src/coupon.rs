@@ -39,21 +39,6 @@ pub struct Coupon {
     pub version: u32,
 }
 
-impl Coupon {
-    /// Why it cannot be claimed at `now`, if it cannot (the stock and the user aside).
-    pub fn refusal_at(&self, now: Timestamp) -> Option<Error> {
-        if self.status != Status::Active {
-            Some(Error::Inactive)
-        } else if self.starts_at.is_some_and(|s| now < s) {
-            Some(Error::NotStarted)
-        } else if self.ends_at.is_some_and(|e| now >= e) {
-            Some(Error::Expired)
-        } else {
-            None
-        }
-    }
-}
-
 /// The optional rules of a coupon: its name and description, a per-user limit, a validity
 /// window. The default is none of them, as the original service had.
 #[derive(Debug, Clone, Default)]
@@ -520,7 +505,7 @@ pub fn limits_reached(
         return Ok(Vec::new());
     }
     with_conn(pool, |conn| {
-        let rows: Vec<(u64, i64)> = conn.exec(
+        let rows: Vec<(u64, u64)> = conn.exec(
             "SELECT coupon_id, claimed FROM user_coupon_claims WHERE user_id = ?",
             (user.0,),
         )?;
@@ -528,7 +513,7 @@ pub fn limits_reached(
             .iter()
             .filter(|c| {
                 let held = rows.iter().find(|(id, _)| *id == c.id.0).map_or(0, |r| r.1);
-                c.per_user_limit.is_some_and(|l| held >= i64::from(l))
+                crate::claim::limit_reached(c, held)
             })
             .map(|c| c.id)
             .collect())
@@ -599,7 +584,7 @@ pub(crate) fn lock_many(
 }
 
 /// Locks a live coupon's row until the transaction ends and reads it.
-pub(crate) fn lock_live(tx: &mut impl Queryable, id: CouponId) -> Result<Option<Coupon>, Error> {
+fn lock_live(tx: &mut impl Queryable, id: CouponId) -> Result<Option<Coupon>, Error> {
     let row: Option<CouponRow> = tx.exec_first(
         format!("SELECT {COLUMNS} FROM coupons WHERE id = ? AND deleted_at IS NULL FOR UPDATE"),
         (id.0,),

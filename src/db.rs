@@ -1,7 +1,6 @@
 //! The connection pool, the schema, and the two ways library code touches the database:
 //! `with_conn` for plain reads and writes, `transaction` for a unit of work that retries.
 
-use crate::combine::Combiner;
 use crate::gate::Gate;
 use crate::Error;
 use mysql::prelude::Queryable;
@@ -19,19 +18,6 @@ pub struct Pool {
     inner: r2d2::Pool<Manager>,
     gate: Arc<Gate>,
     stats: Arc<Counters>,
-    // Here because claims reach the database through the pool: every clone of one pool
-    // combines its claims in one place.
-    combiners: Option<Arc<Combiners>>,
-    claim_batch: usize,
-    claim_lanes: u64,
-}
-
-/// A pool's claim combining: claims go in lanes; those whose coupons a lane's batch found
-/// locked elsewhere go in per-coupon queues that wait for the lock. With a lane per coupon,
-/// only the per-coupon queues.
-pub(crate) struct Combiners {
-    pub lanes: Option<Combiner>,
-    pub per_coupon: Combiner,
 }
 
 #[derive(Default)]
@@ -54,56 +40,9 @@ pub struct PoolStats {
     pub errors: u64,
     /// Transactions retried so far after a deadlock or lock-wait timeout.
     pub retries: u64,
-    /// Claims queued now behind a transaction in flight in their lane.
-    pub claims_queued: u64,
-    /// Claims so far that shared a transaction with others (claim combining).
-    pub claims_combined: u64,
-    /// Transactions so far that carried two or more claims.
-    pub claim_batches: u64,
 }
 
 impl Pool {
-    /// This pool with claim combining set to batches of at most `max` claims, up to
-    /// [`CLAIM_BATCH_LIMIT`] (see [`crate::claim`]); `max` of 0 or 1 turns combining off, so
-    /// every claim runs in its own transaction. Pools start with [`CLAIM_BATCH`].
-    pub fn with_claim_batching(mut self, max: usize) -> Pool {
-        let max = max.min(CLAIM_BATCH_LIMIT);
-        self.claim_batch = max;
-        self.combiners = (max > 1).then(|| {
-            Arc::new(Combiners {
-                lanes: (self.claim_lanes > 0).then(|| Combiner::new(max, Some(self.claim_lanes))),
-                per_coupon: Combiner::new(max, None),
-            })
-        });
-        self
-    }
-
-    /// This pool with claims combined in `lanes` lanes: at most that many claim transactions in
-    /// flight at once (and those waiting for a coupon locked elsewhere), each for any claims of
-    /// its lane's coupons (a coupon is always in the same lane). 0 gives each coupon a lane of
-    /// its own, so only claims of one coupon combine. Pools start with
-    /// [`default_claim_lanes`].
-    pub fn with_claim_lanes(mut self, lanes: u64) -> Pool {
-        self.claim_lanes = lanes;
-        let max = self.claim_batch;
-        self.with_claim_batching(max)
-    }
-
-    pub(crate) fn combiners(&self) -> Option<&Combiners> {
-        self.combiners.as_deref()
-    }
-
-    /// One of the combiners' counters, over all of them.
-    fn claim_count(&self, counter: impl Fn(&Combiner) -> &AtomicU64) -> u64 {
-        self.combiners().map_or(0, |c| {
-            c.lanes
-                .iter()
-                .chain([&c.per_coupon])
-                .map(|c| counter(c).load(Ordering::Relaxed))
-                .sum()
-        })
-    }
-
     /// The pool's numbers now.
     pub fn stats(&self) -> PoolStats {
         let state = self.inner.state();
@@ -113,25 +52,10 @@ impl Pool {
             waiting: self.stats.waiting.load(Ordering::Relaxed),
             errors: self.stats.errors.load(Ordering::Relaxed),
             retries: self.stats.retries.load(Ordering::Relaxed),
-            claims_queued: self.claim_count(|c| &c.queued),
-            claims_combined: self.claim_count(|c| &c.combined),
-            claim_batches: self.claim_count(|c| &c.batches),
         }
     }
 }
 
-/// The most claims a pool combines into one transaction, unless told otherwise.
-pub const CLAIM_BATCH: usize = 64;
-/// The most claims a pool combines into one transaction at all: a batch's statements list up to
-/// this many values (padded to a power of two), and MariaDB turns `IN` lists of 1,000 and more
-/// into a join.
-pub const CLAIM_BATCH_LIMIT: usize = 512;
-/// Claim lanes, unless told otherwise: this machine's cores. Fewer lanes make bigger batches and
-/// fewer transactions; more let a larger database run more of them at once. Measured on two
-/// cores (BENCHMARKS.md): 2 lanes did best, 8 gave 30% fewer claims/s over 1,000 coupons.
-pub fn default_claim_lanes() -> u64 {
-    std::thread::available_parallelism().map_or(2, |n| n.get() as u64)
-}
 /// The usual wait for a free connection before a caller gets [`Error::Unavailable`].
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection idle for longer than this is pinged before use; a busy one is not.
@@ -284,11 +208,7 @@ pub fn pool(opts: Opts, size: u32, wait: Duration) -> Result<Pool, Error> {
         inner,
         gate: Arc::new(Gate::new(size as usize)),
         stats: Arc::default(),
-        combiners: None,
-        claim_batch: CLAIM_BATCH,
-        claim_lanes: default_claim_lanes(),
-    }
-    .with_claim_batching(CLAIM_BATCH))
+    })
 }
 
 /// Creates the URL's database if it does not exist (needs the CREATE privilege; an error here

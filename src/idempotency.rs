@@ -48,7 +48,8 @@ pub struct Answer<T> {
 }
 
 impl<T> Answer<T> {
-    pub(crate) fn new(result: Result<T, Error>) -> Answer<T> {
+    /// A first answer (not a replay).
+    pub fn new(result: Result<T, Error>) -> Answer<T> {
         Answer {
             result,
             replayed: false,

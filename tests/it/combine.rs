@@ -109,16 +109,16 @@ fn queued_claims_on(
             )
         }
     };
-    let queued_before = db.pool.stats().claims_queued;
+    let queued_before = db.claims.stats().queued;
     let answers = std::thread::scope(|s| {
         let run = |i: usize| {
             let (user, coupon) = claims[i];
             let key = keys.get(i).copied().flatten();
             let key = key.map(|k| IdempotencyKey::parse(k).unwrap());
             match &key {
-                Some(k) => claim::claim_once(&db.pool, user, coupon, k),
+                Some(k) => db.claims.claim_once(user, coupon, k),
                 None => Answer {
-                    result: claim::claim(&db.pool, user, coupon),
+                    result: db.claims.claim(user, coupon),
                     replayed: false,
                 },
             }
@@ -132,7 +132,7 @@ fn queued_claims_on(
             .map(|i| {
                 let h = s.spawn(move || run(i));
                 wait_until("a claim to queue", || {
-                    db.pool.stats().claims_queued == queued_before + i as u64
+                    db.claims.stats().queued == queued_before + i as u64
                 });
                 h
             })
@@ -144,7 +144,7 @@ fn queued_claims_on(
             .map(|h| h.join().unwrap())
             .collect()
     });
-    assert_eq!(db.pool.stats().claims_queued, 0);
+    assert_eq!(db.claims.stats().queued, 0);
     answers
 }
 
@@ -166,9 +166,9 @@ fn thousands_of_parallel_claims_on_stock_k_give_exactly_k() {
                     let user = users[i % users.len()];
                     let result = if i % 3 == 0 {
                         let key = IdempotencyKey::parse(&format!("k{i}")).unwrap();
-                        claim::claim_once(&db.pool, user, coupon, &key).result
+                        db.claims.claim_once(user, coupon, &key).result
                     } else {
-                        claim::claim(&db.pool, user, coupon)
+                        db.claims.claim(user, coupon)
                     };
                     match result {
                         Ok(c) => Ok(c.available_count),
@@ -192,7 +192,7 @@ fn thousands_of_parallel_claims_on_stock_k_give_exactly_k() {
     let distinct: i64 = db.scalar("SELECT COUNT(DISTINCT id) FROM claims");
     assert_eq!(distinct, stock);
     assert!(
-        db.pool.stats().claims_combined > 0,
+        db.claims.stats().combined > 0,
         "no claims were combined: {:?}",
         db.pool.stats()
     );
@@ -201,7 +201,7 @@ fn thousands_of_parallel_claims_on_stock_k_give_exactly_k() {
 #[test]
 fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock() {
     let mut db = TestDb::new();
-    db.pool = db.pool.clone().with_claim_lanes(2);
+    db.claims = db.claims.clone().with_lanes(2);
     let users = new_users(&db, &auth(), 100);
     // Ten coupons, stock 100 each; the odd ones allow one claim per user.
     let coupons: Vec<CouponId> = (0..10)
@@ -221,7 +221,7 @@ fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock(
                     .into_par_iter()
                     .map(|i| {
                         let (user, c) = (users[i / 30], i % 10);
-                        let result = match claim::claim(&db.pool, user, coupons[c]) {
+                        let result = match db.claims.claim(user, coupons[c]) {
                             Ok(got) => Ok(got),
                             Err(Error::SoldOut) => Err("sold_out".to_owned()),
                             Err(Error::LimitReached) => Err("limit".to_owned()),
@@ -281,19 +281,19 @@ fn thousands_of_parallel_claims_over_many_coupons_in_two_lanes_keep_every_stock(
     assert_eq!(per_user, 0, "a user holds two of a one-each coupon");
     let mismatched = counter_mismatches(&mut db.conn());
     assert!(mismatched.is_empty(), "{mismatched:?}");
-    assert!(db.pool.stats().claims_combined > 0);
+    assert!(db.claims.stats().combined > 0);
 }
 
 #[test]
 fn per_user_limits_hold_inside_one_batch() {
     let mut db = TestDb::new();
     // One lane: the claims on both coupons queue behind the first, and share one batch.
-    db.pool = db.pool.clone().with_claim_lanes(1);
+    db.claims = db.claims.clone().with_lanes(1);
     let users = new_users(&db, &auth(), 10);
     let two = limited_coupon(&db, "TWOEACH", 100, 2);
     let one = limited_coupon(&db, "ONEEACH", 100, 1);
     // User 0 holds one of `two` already: one more is all they may have.
-    claim::claim(&db.pool, users[0], two).unwrap();
+    db.claims.claim(users[0], two).unwrap();
     // The first claim (user 9 on `one`, its key held) runs alone; then sixty claims in one
     // batch: three rounds of ten users on `two`, three on `one`, interleaved.
     let claims: Vec<(UserId, CouponId)> = std::iter::once((users[9], one))
@@ -301,9 +301,9 @@ fn per_user_limits_hold_inside_one_batch() {
         .collect();
     let mut keys = vec![None; claims.len()];
     keys[0] = Some("first");
-    let combined_before = db.pool.stats().claims_combined;
+    let combined_before = db.claims.stats().combined;
     let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
-    assert_eq!(db.pool.stats().claims_combined - combined_before, 60);
+    assert_eq!(db.claims.stats().combined - combined_before, 60);
     assert!(answers[0].result.is_ok());
     for (u, user) in users.iter().enumerate() {
         for (coupon, limit, before) in
@@ -460,7 +460,7 @@ fn a_batch_whose_connection_is_killed_answers_all_and_writes_nothing() {
         .into_par_iter()
         .map(|i| {
             let key = IdempotencyKey::parse(&keys[i]).unwrap();
-            let a = claim::claim_once(&db.pool, users[i], coupon, &key);
+            let a = db.claims.claim_once(users[i], coupon, &key);
             assert!(!a.replayed);
             a.result.unwrap().claim.id.0
         })
@@ -532,7 +532,7 @@ fn a_batch_chosen_as_deadlock_victim_is_retried_whole() {
 fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
     let mut db = TestDb::new();
     // One lane: every claim below queues behind the first, whatever its coupon.
-    db.pool = db.pool.clone().with_claim_lanes(1);
+    db.claims = db.claims.clone().with_lanes(1);
     let users = new_users(&db, &auth(), 12);
     let big = new_coupon(&db, "BIG", 100);
     let small = new_coupon(&db, "SMALL", 2);
@@ -553,9 +553,9 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
     keys[9] = Some("big-3");
     claims.extend([claims[9], (claims[9].0, small)]);
     keys.extend([Some("big-3"), Some("big-3")]);
-    let batches_before = db.pool.stats().claim_batches;
+    let batches_before = db.claims.stats().batches;
     let answers = queued_claims_on(&db, Hold::Key, &claims, &keys, || {});
-    assert_eq!(db.pool.stats().claim_batches, batches_before + 1);
+    assert_eq!(db.claims.stats().batches, batches_before + 1);
     let (n, reused) = (answers.len(), answers.last().unwrap());
     assert!(
         matches!(reused.result, Err(Error::KeyReused)),
@@ -609,7 +609,7 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
 #[test]
 fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
     let mut db = TestDb::new();
-    db.pool = db.pool.clone().with_claim_lanes(1);
+    db.claims = db.claims.clone().with_lanes(1);
     let users = new_users(&db, &auth(), 8);
     let locked = new_coupon(&db, "LOCKED", 10);
     let free: Vec<CouponId> = (0..4)
@@ -619,38 +619,40 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
         .map(|i| IdempotencyKey::parse(&format!("locked-{i}")).unwrap())
         .collect();
     // A second pool on the same database: another process, with its own lanes.
-    let other = coupons::db::pool(
-        coupons::db::opts_from_url(&db.url).unwrap(),
-        16,
-        coupons::db::CHECKOUT_TIMEOUT,
+    let other = claim::Claims::new(
+        coupons::db::pool(
+            coupons::db::opts_from_url(&db.url).unwrap(),
+            16,
+            coupons::db::CHECKOUT_TIMEOUT,
+        )
+        .unwrap(),
     )
-    .unwrap()
-    .with_claim_lanes(1);
+    .with_lanes(1);
     let mut holder = hold(&db, locked);
     let (db, users, keys, other) = (&db, &users, &keys, &other);
     let (waited, retried) = std::thread::scope(|s| {
         // Keyed claims on the held coupon: the lane's batch skips it, and they wait for the
         // lock by coupon, the first alone, the others queued behind it.
-        let queued_before = db.pool.stats().claims_queued;
+        let queued_before = db.claims.stats().queued;
         let first: Vec<_> = (0..3)
-            .map(|i| s.spawn(move || claim::claim_once(&db.pool, users[i], locked, &keys[i])))
+            .map(|i| s.spawn(move || db.claims.claim_once(users[i], locked, &keys[i])))
             .collect();
         wait_until("the claims to wait for the held coupon", || {
-            lock_waiters(db).len() == 1 && db.pool.stats().claims_queued == queued_before + 2
+            lock_waiters(db).len() == 1 && db.claims.stats().queued == queued_before + 2
         });
         // A client gives up on the first and retries through the other process, with its key
         // (reserved by the waiting claim): that lane's batch skips the coupon before it touches
         // the key, and the retry waits for the key by coupon.
         let key_waiters = || waiting(db, "INSERT INTO idempotency_keys%").len();
-        let retry = s.spawn(move || claim::claim_once(other, users[0], locked, &keys[0]));
+        let retry = s.spawn(move || other.claim_once(users[0], locked, &keys[0]));
         wait_until("the retry to wait for the key", || key_waiters() == 1);
         // Meanwhile both processes' lanes serve every other coupon: nothing waits for the held
         // one (a batch that did would time out while it is held, and answer 503).
         let done: Vec<Result<claim::Claimed, Error>> = (0..40)
             .into_par_iter()
             .map(|i| {
-                let pool = if i % 2 == 0 { &db.pool } else { other };
-                claim::claim(pool, users[i % 8], free[i % 4])
+                let claims = if i % 2 == 0 { &db.claims } else { other };
+                claims.claim(users[i % 8], free[i % 4])
             })
             .collect();
         for (i, r) in done.iter().enumerate() {
@@ -667,7 +669,7 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
     });
     for (i, a) in waited.iter().enumerate() {
         assert!(a.result.is_ok() && !a.replayed, "claim {i}: {a:?}");
-        let again = claim::claim_once(&db.pool, users[i], locked, &keys[i]);
+        let again = db.claims.claim_once(users[i], locked, &keys[i]);
         assert!(again.replayed);
         assert_eq!(
             again.result.unwrap().claim.id,
@@ -689,7 +691,7 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
 #[test]
 fn of_two_queued_requests_with_one_key_the_first_to_arrive_goes_first() {
     let mut db = TestDb::new();
-    db.pool = db.pool.clone().with_claim_lanes(1);
+    db.claims = db.claims.clone().with_lanes(1);
     let users = new_users(&db, &auth(), 3);
     let busy = new_coupon(&db, "BUSY", 100);
     let other = new_coupon(&db, "OTHER", 100);
@@ -718,7 +720,7 @@ fn of_two_queued_requests_with_one_key_the_first_to_arrive_goes_first() {
 fn a_busy_coupon_cannot_keep_a_quiet_one_out_of_the_next_batch() {
     let mut db = TestDb::new();
     // One lane, batches of four.
-    db.pool = db.pool.clone().with_claim_lanes(1).with_claim_batching(4);
+    db.claims = db.claims.clone().with_lanes(1).with_batching(4);
     let users = new_users(&db, &auth(), 8);
     let busy = new_coupon(&db, "BUSY", 100);
     let quiet = new_coupon(&db, "QUIET", 100);

@@ -238,7 +238,7 @@ fn the_service_killed_under_load_loses_and_doubles_nothing() {
 #[test]
 fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
     use coupons::auth::{Auth, Secret};
-    use coupons::{claim, coupon, CouponCode, Email, Password, Status, Stock};
+    use coupons::{coupon, CouponCode, Email, Password, Status, Stock};
     let db = TestDb::new();
     let auth = Auth::new(&Secret::parse(SECRET).unwrap(), 60, 4).unwrap();
     let user = auth
@@ -273,7 +273,7 @@ fn a_deadlock_with_a_claim_ends_in_a_retried_success() {
         .exec_drop("UPDATE users SET role = role WHERE id = ?", (user.id.0,))
         .unwrap();
     let outcome = std::thread::scope(|s| {
-        let claimer = s.spawn(|| claim::claim(&db.pool, user.id, c.id));
+        let claimer = s.spawn(|| db.claims.claim(user.id, c.id));
         std::thread::sleep(Duration::from_millis(300));
         let r = other.exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (c.id.0,));
         let code = match &r {

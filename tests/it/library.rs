@@ -57,13 +57,11 @@ fn hammer_on(db: TestDb, stock: i64, threads_n: usize, attempts: usize) {
     let outcomes: Vec<Result<u64, String>> = threads(threads_n).install(|| {
         (0..threads_n * attempts)
             .into_par_iter()
-            .map(
-                |i| match claim::claim(&db.pool, users[i % threads_n], coupon) {
-                    Ok(c) => Ok(c.claim.id.0),
-                    Err(Error::SoldOut) => Err("sold_out".into()),
-                    Err(e) => Err(format!("unexpected: {e}")),
-                },
-            )
+            .map(|i| match db.claims.claim(users[i % threads_n], coupon) {
+                Ok(c) => Ok(c.claim.id.0),
+                Err(Error::SoldOut) => Err("sold_out".into()),
+                Err(e) => Err(format!("unexpected: {e}")),
+            })
             .collect()
     });
     let total = (threads_n * attempts) as i64;
@@ -103,7 +101,7 @@ fn parallel_claims_on_stock_of_one() {
 #[test]
 fn parallel_claims_without_combining_take_exactly_the_stock() {
     let mut db = TestDb::new();
-    db.pool = db.pool.clone().with_claim_batching(1);
+    db.claims = db.claims.clone().with_batching(1);
     hammer_on(db, 50, 8, 25);
 }
 
@@ -123,7 +121,7 @@ fn parallel_claims_spread_over_many_coupons_and_users() {
             .into_par_iter()
             .map(|i| {
                 let c = (i * 7 + i / 13) % coupons.len();
-                match claim::claim(&db.pool, users[i % users.len()], coupons[c]) {
+                match db.claims.claim(users[i % users.len()], coupons[c]) {
                     Ok(_) => (c, true),
                     Err(Error::SoldOut) => (c, false),
                     Err(e) => panic!("unexpected {e}"),
@@ -173,7 +171,7 @@ fn stock_changes_race_safely_with_claims() {
                     coupon::update(&db.pool, UserId(0), coupon, &change).unwrap();
                     return 0;
                 }
-                match claim::claim(&db.pool, users[i % 4], coupon) {
+                match db.claims.claim(users[i % 4], coupon) {
                     Ok(_) => 1,
                     Err(Error::SoldOut) => 0,
                     Err(e) => panic!("unexpected {e}"),
@@ -373,7 +371,7 @@ fn coupon_lifecycle() {
         Err(Error::CodeTaken)
     ));
 
-    claim::claim(&db.pool, users[0], id).unwrap();
+    db.claims.claim(users[0], id).unwrap();
     let change = CouponChange {
         available_count: Some(Stock::parse(10).unwrap()),
         status: Some(Status::Inactive),
@@ -388,7 +386,7 @@ fn coupon_lifecycle() {
         .unwrap()
         .is_empty());
     assert!(matches!(
-        claim::claim(&db.pool, users[0], id),
+        db.claims.claim(users[0], id),
         Err(Error::Inactive)
     ));
 
@@ -407,9 +405,9 @@ fn coupon_lifecycle() {
         coupon::update(&db.pool, UserId(0), fresh, &rename),
         Err(Error::CodeTaken)
     ));
-    claim::claim(&db.pool, users[0], other).unwrap();
+    db.claims.claim(users[0], other).unwrap();
     assert!(matches!(
-        claim::claim(&db.pool, users[0], other),
+        db.claims.claim(users[0], other),
         Err(Error::SoldOut)
     ));
 
@@ -423,7 +421,7 @@ fn coupon_lifecycle() {
         Err(Error::CouponNotFound)
     ));
     assert!(matches!(
-        claim::claim(&db.pool, users[0], id),
+        db.claims.claim(users[0], id),
         Err(Error::CouponNotFound)
     ));
     assert!(matches!(
@@ -500,14 +498,14 @@ fn a_held_row_lock_ends_in_busy_then_the_claim_goes_through() {
         )
         .unwrap();
     let started = std::time::Instant::now();
-    let r = claim::claim(&db.pool, users[0], coupon);
+    let r = db.claims.claim(users[0], coupon);
     let waited = started.elapsed();
     assert!(matches!(r, Err(Error::Busy)), "{r:?}");
     // Lock waits are bounded: a few 2 s waits, not the server's 50 s.
     assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
     holder.query_drop("ROLLBACK").unwrap();
     assert_eq!(db.stock(coupon.0), (3, 0, 3));
-    claim::claim(&db.pool, users[0], coupon).unwrap();
+    db.claims.claim(users[0], coupon).unwrap();
     assert_eq!(db.stock(coupon.0), (2, 1, 3));
 }
 
@@ -524,7 +522,7 @@ fn fifty_parallel_claims_with_one_key_claim_once() {
     let answers: Vec<_> = threads(12).install(|| {
         (0..50)
             .into_par_iter()
-            .map(|_| claim::claim_once(&db.pool, users[0], coupon, &k))
+            .map(|_| db.claims.claim_once(users[0], coupon, &k))
             .collect()
     });
     let ids: Vec<u64> = answers
@@ -544,11 +542,11 @@ fn fifty_parallel_claims_with_one_key_claim_once() {
 
     // The same key from another user is another request; from the same user for another
     // coupon it is refused.
-    let other = claim::claim_once(&db.pool, users[1], coupon, &k);
+    let other = db.claims.claim_once(users[1], coupon, &k);
     assert!(!other.replayed);
     assert_ne!(other.result.unwrap().claim.id.0, ids[0]);
     let second = new_coupon(&db, "ONCE2", 5);
-    let reused = claim::claim_once(&db.pool, users[0], second, &k);
+    let reused = db.claims.claim_once(users[0], second, &k);
     assert!(matches!(reused.result, Err(Error::KeyReused)), "{reused:?}");
     assert_eq!(db.stock(coupon.0), (98, 2, 100));
     assert_eq!(db.stock(second.0), (5, 0, 5));
@@ -560,7 +558,7 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 1);
     let coupon = new_coupon(&db, "EMPTY", 0);
-    let first = claim::claim_once(&db.pool, users[0], coupon, &key("k1"));
+    let first = db.claims.claim_once(users[0], coupon, &key("k1"));
     assert!(matches!(first.result, Err(Error::SoldOut)) && !first.replayed);
     let change = CouponChange {
         available_count: Some(Stock::parse(3).unwrap()),
@@ -568,10 +566,12 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     };
     coupon::update(&db.pool, UserId(0), coupon, &change).unwrap();
     // Same key: the same answer, even though stock came back.
-    let again = claim::claim_once(&db.pool, users[0], coupon, &key("k1"));
+    let again = db.claims.claim_once(users[0], coupon, &key("k1"));
     assert!(matches!(again.result, Err(Error::SoldOut)) && again.replayed);
     // A new key claims.
-    assert!(claim::claim_once(&db.pool, users[0], coupon, &key("k2"))
+    assert!(db
+        .claims
+        .claim_once(users[0], coupon, &key("k2"))
         .result
         .is_ok());
     assert_eq!(db.stock(coupon.0), (2, 1, 3));
@@ -617,7 +617,7 @@ fn per_user_limits_hold_under_parallel_claims() {
     let outcomes: Vec<bool> = threads(12).install(|| {
         (0..50)
             .into_par_iter()
-            .map(|_| match claim::claim(&db.pool, users[0], one) {
+            .map(|_| match db.claims.claim(users[0], one) {
                 Ok(_) => true,
                 Err(Error::LimitReached) => false,
                 Err(e) => panic!("unexpected {e}"),
@@ -632,7 +632,7 @@ fn per_user_limits_hold_under_parallel_claims() {
     let won: Vec<(usize, bool)> = threads(12).install(|| {
         (0..200)
             .into_par_iter()
-            .map(|i| match claim::claim(&db.pool, users[i % 20], three) {
+            .map(|i| match db.claims.claim(users[i % 20], three) {
                 Ok(_) => (i % 20, true),
                 Err(Error::LimitReached | Error::SoldOut) => (i % 20, false),
                 Err(e) => panic!("unexpected {e}"),
@@ -688,14 +688,14 @@ fn validity_windows_and_names_as_they_were() {
         Err(Error::Invalid { .. })
     ));
     assert!(matches!(
-        claim::claim(&db.pool, users[0], later),
+        db.claims.claim(users[0], later),
         Err(Error::NotStarted)
     ));
     assert!(matches!(
-        claim::claim(&db.pool, users[0], over),
+        db.claims.claim(users[0], over),
         Err(Error::Expired)
     ));
-    claim::claim(&db.pool, users[0], open).unwrap();
+    db.claims.claim(users[0], open).unwrap();
     let listed: Vec<CouponId> = coupon::list_active(&db.pool, coupons::Page::first())
         .unwrap()
         .iter()
@@ -736,9 +736,9 @@ fn parallel_voids_of_one_claim_return_one_unit() {
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 2);
     let c = limited_coupon(&db, "VOIDME", 3, 1);
-    let claimed = claim::claim(&db.pool, users[0], c).unwrap();
+    let claimed = db.claims.claim(users[0], c).unwrap();
     assert!(matches!(
-        claim::claim(&db.pool, users[0], c),
+        db.claims.claim(users[0], c),
         Err(Error::LimitReached)
     ));
     let reason = Label::parse("reason", "fraud check", 500).unwrap();
@@ -762,7 +762,7 @@ fn parallel_voids_of_one_claim_return_one_unit() {
     assert_eq!(h[0].void_reason.as_deref(), Some("fraud check"));
     assert!(h[0].voided_at.is_some());
     // The user's count went down with it: they may claim again.
-    claim::claim(&db.pool, users[0], c).unwrap();
+    db.claims.claim(users[0], c).unwrap();
     assert_eq!(db.stock(c.0), (2, 1, 3));
     assert!(matches!(
         claim::void(&db.pool, users[1], coupons::ClaimId(999_999), &reason),
@@ -780,7 +780,7 @@ fn claims_and_voids_racing_keep_the_invariant() {
     threads(8).install(|| {
         (0..300)
             .into_par_iter()
-            .for_each(|i| match claim::claim(&db.pool, users[i % 8], c) {
+            .for_each(|i| match db.claims.claim(users[i % 8], c) {
                 Ok(won) if i % 3 == 0 => {
                     claim::void(&db.pool, users[0], won.claim.id, &reason).unwrap();
                 }
@@ -798,7 +798,7 @@ fn a_limit_set_later_does_not_count_voided_claims() {
     let db = TestDb::new();
     let users = new_users(&db, &auth(), 2);
     let c = new_coupon(&db, "LATERLIMIT", 5);
-    let first = claim::claim(&db.pool, users[0], c).unwrap();
+    let first = db.claims.claim(users[0], c).unwrap();
     let reason = Label::parse("reason", "returned", 500).unwrap();
     claim::void(&db.pool, users[1], first.claim.id, &reason).unwrap();
     let limit_one = CouponChange {
@@ -810,9 +810,9 @@ fn a_limit_set_later_does_not_count_voided_claims() {
     };
     coupon::update(&db.pool, UserId(0), c, &limit_one).unwrap();
     // The voided claim is not held: one claim is still allowed, and only one.
-    claim::claim(&db.pool, users[0], c).unwrap();
+    db.claims.claim(users[0], c).unwrap();
     assert!(matches!(
-        claim::claim(&db.pool, users[0], c),
+        db.claims.claim(users[0], c),
         Err(Error::LimitReached)
     ));
     assert_eq!(db.stock(c.0), (4, 1, 5));

@@ -2,6 +2,7 @@
 //! port, and a small HTTP/1.1 client over `TcpStream`.
 
 use coupons::auth::{Auth, Secret};
+use coupons::claim::Claims;
 use coupons::db::{self, Pool};
 use coupons::embedded::EmbeddedServer;
 use mysql::prelude::Queryable;
@@ -64,6 +65,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: Pool,
+    /// Claims over `pool`, combined as the service combines them.
+    pub claims: Claims,
 }
 
 impl TestDb {
@@ -79,7 +82,13 @@ impl TestDb {
         db::create_database(&opts).expect("creating a test database");
         let pool = db::pool(opts, 16, db::CHECKOUT_TIMEOUT).unwrap();
         db::migrate(&pool).expect("applying the schema");
-        TestDb { name, url, pool }
+        let claims = Claims::new(pool.clone());
+        TestDb {
+            name,
+            url,
+            pool,
+            claims,
+        }
     }
 
     /// A direct connection, for checking what is really in the database.

@@ -370,8 +370,22 @@ impl Server {
                                         receiver.recv().unwrap();
                                     }
                                 } else {
+                                    // coupons patch: the original handed on every pipelined
+                                    // request at once, so one connection could queue without
+                                    // bound and hold many workers, each waiting to write in its
+                                    // turn. Now a connection has one request in the server at a
+                                    // time: the next is read ahead, and handed on once the
+                                    // previous response is written; a failed write closes it.
+                                    let mut answered: Option<mpsc::Receiver<()>> = None;
                                     for rq in client {
-                                        messages.push(rq.into());
+                                        if let Some(previous) = answered.take() {
+                                            if previous.recv().is_err() {
+                                                break;
+                                            }
+                                        }
+                                        let (sender, receiver) = mpsc::channel();
+                                        messages.push(rq.with_notify_sender(sender).into());
+                                        answered = Some(receiver);
                                     }
                                 }
                             }

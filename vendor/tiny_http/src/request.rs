@@ -98,7 +98,8 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        // coupons patch: the connection may be gone; nobody is left to tell.
+        let _ = self.sender.send(());
     }
 }
 
@@ -445,8 +446,12 @@ impl Request {
         R: Read,
     {
         let res = self.respond_impl(response);
+        // coupons patch: told only of a response written whole; a failed write drops the
+        // sender, and the connection closes.
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            if res.is_ok() {
+                let _ = sender.send(());
+            }
         }
         res
     }
@@ -500,9 +505,12 @@ impl Drop for Request {
     fn drop(&mut self) {
         if self.response_writer.is_some() {
             let response = Response::empty(500);
-            let _ = self.respond_impl(response); // ignoring any potential error
+            let written = self.respond_impl(response).is_ok();
+            // coupons patch: as in `respond`.
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                if written {
+                    let _ = sender.send(());
+                }
             }
         }
     }

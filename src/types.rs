@@ -5,7 +5,9 @@ use crate::Error;
 use serde::{Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use time::format_description::well_known::Rfc3339;
+use time::macros::utc_datetime;
+use time::{OffsetDateTime, PlainDateTime, SignedDuration, UtcDateTime};
 
 /// An email address, trimmed and lower-cased so that `Ada@X.org` and `ada@x.org` are one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,38 +312,42 @@ id_type!(
     Error::ClaimNotFound
 );
 
-/// A UTC instant with microsecond precision, stored as `DATETIME(6)` and shown as RFC 3339.
+/// A UTC instant with microsecond precision in the years 0001 to 9999 (what a `DATETIME(6)`
+/// column holds), stored as `DATETIME(6)` in UTC and shown as RFC 3339.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Timestamp {
-    micros: i64,
-}
+pub struct Timestamp(UtcDateTime);
 
 impl Timestamp {
+    /// The earliest instant a timestamp can hold.
+    const MIN: Timestamp = Timestamp(utc_datetime!(0001-01-01 00:00:00));
+    /// The latest instant a timestamp can hold.
+    const MAX: Timestamp = Timestamp(utc_datetime!(9999-12-31 23:59:59.999999));
+
+    /// `t` cut to whole microseconds, if it falls in the years 0001 to 9999.
+    fn from_utc(t: UtcDateTime) -> Option<Timestamp> {
+        (1..=9999)
+            .contains(&t.year())
+            .then(|| Timestamp(t.truncate_to_microsecond()))
+    }
+
     /// The current time, from the service's clock (never the database session's time zone).
     pub fn now() -> Timestamp {
-        let d = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Timestamp {
-            micros: d.as_micros() as i64,
-        }
+        Timestamp::from_utc(UtcDateTime::now()).unwrap_or(Timestamp::MIN)
     }
 
-    /// This instant, `d` later.
+    /// This instant, `d` later (at most 9999-12-31T23:59:59.999999Z).
     pub fn plus(self, d: std::time::Duration) -> Timestamp {
-        Timestamp {
-            micros: self.micros + d.as_micros() as i64,
-        }
+        Timestamp(self.0.saturating_add(micros(d))).min(Timestamp::MAX)
     }
 
-    /// This instant, `d` earlier.
+    /// This instant, `d` earlier (at least 0001-01-01T00:00:00Z).
     pub fn minus(self, d: std::time::Duration) -> Timestamp {
-        Timestamp {
-            micros: self.micros - d.as_micros() as i64,
-        }
+        Timestamp(self.0.saturating_sub(micros(d))).max(Timestamp::MIN)
     }
 
-    /// Parses RFC 3339 (`2026-12-01T00:00:00Z`, `2026-12-01T09:30:00.5+01:00`) into UTC.
+    /// Parses RFC 3339 (`2026-12-01T00:00:00Z`, `2026-12-01T09:30:00.5+01:00`) into UTC. Any
+    /// offset from -23:59 to +23:59 and any number of fractional digits (cut to microseconds)
+    /// are accepted, as long as the time in UTC falls in the years 0001 to 9999.
     pub fn parse(field: &'static str, s: &str) -> Result<Timestamp, Error> {
         Timestamp::parse_rfc3339(s.trim()).ok_or_else(|| {
             Error::invalid(
@@ -352,130 +358,45 @@ impl Timestamp {
     }
 
     fn parse_rfc3339(s: &str) -> Option<Timestamp> {
-        let b = s.as_bytes();
-        let num = |r: std::ops::Range<usize>| -> Option<u32> {
-            let t = s.get(r)?;
-            t.bytes()
-                .all(|c| c.is_ascii_digit())
-                .then(|| t.parse().ok())?
-        };
-        if b.len() < 20
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !matches!(b[10], b'T' | b't' | b' ')
-            || b[13] != b':'
-            || b[16] != b':'
-        {
+        // `time` takes any one byte between the date and the time; RFC 3339 names `T` (or `t`)
+        // and lets applications use a space.
+        if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
             return None;
         }
-        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-        let mut i = 19;
-        let mut micros = 0u32;
-        if b[i] == b'.' {
-            let start = i + 1;
-            i = start;
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            let frac = s.get(start..i)?;
-            if frac.is_empty() {
-                return None;
-            }
-            let six: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
-            micros = six.parse().ok()?;
-        }
-        let offset_secs: i64 = match s.get(i..)? {
-            "Z" | "z" => 0,
-            tz if tz.len() == 6
-                && (tz.starts_with('+') || tz.starts_with('-'))
-                && &tz[3..4] == ":" =>
-            {
-                let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
-                if oh > 23 || om > 59 {
-                    return None;
-                }
-                let secs = i64::from(oh * 3600 + om * 60);
-                if tz.starts_with('-') {
-                    -secs
-                } else {
-                    secs
-                }
-            }
-            _ => return None,
-        };
-        let days_in_month = match mo {
-            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-            4 | 6 | 9 | 11 => 30,
-            2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-            2 => 28,
-            _ => return None,
-        };
-        if !(1970..=9999).contains(&y)
-            || d == 0
-            || d > days_in_month
-            || h > 23
-            || mi > 59
-            || sec > 59
-        {
-            return None;
-        }
-        let local = Timestamp::from_parts(i64::from(y), mo, d, h, mi, sec, micros);
-        Some(Timestamp {
-            micros: local.micros - offset_secs * 1_000_000,
-        })
+        let local = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+        Timestamp::from_utc(local.checked_to_utc()?)
     }
 
     /// Seconds since the Unix epoch.
     pub fn unix_secs(self) -> i64 {
-        self.micros.div_euclid(1_000_000)
+        self.0.unix_timestamp()
     }
 
-    fn parts(self) -> (i64, u32, u32, u32, u32, u32, u32) {
-        let secs = self.unix_secs();
-        let micros = self.micros.rem_euclid(1_000_000) as u32;
-        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
-        // Howard Hinnant's civil_from_days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        (
-            year,
-            month,
-            day,
-            rem / 3600,
-            rem / 60 % 60,
-            rem % 60,
-            micros,
-        )
+    /// The same instant as a date and time without an offset, as `DATETIME` columns hold it.
+    fn plain(self) -> PlainDateTime {
+        PlainDateTime::new(self.0.date(), self.0.time())
     }
+}
 
-    fn from_parts(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32, us: u32) -> Timestamp {
-        // Howard Hinnant's days_from_civil.
-        let y = if mo <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let mp = i64::from((mo + 9) % 12);
-        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + s);
-        Timestamp {
-            micros: secs * 1_000_000 + i64::from(us),
-        }
-    }
+/// `d` in whole microseconds, as `time` counts it (saturating: no timestamp is that far away).
+fn micros(d: std::time::Duration) -> SignedDuration {
+    SignedDuration::microseconds(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (y, mo, d, h, mi, s, us) = self.parts();
-        write!(f, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z")
+        let t = self.0;
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
     }
 }
 
@@ -487,8 +408,7 @@ impl Serialize for Timestamp {
 
 impl From<Timestamp> for mysql::Value {
     fn from(t: Timestamp) -> mysql::Value {
-        let (y, mo, d, h, mi, s, us) = t.parts();
-        mysql::Value::Date(y as u16, mo as u8, d as u8, h as u8, mi as u8, s as u8, us)
+        t.plain().into()
     }
 }
 
@@ -498,19 +418,11 @@ impl mysql::prelude::FromValue for Timestamp {
 
 impl TryFrom<mysql::Value> for Timestamp {
     type Error = mysql::FromValueError;
+    /// Reads a `DATETIME` as UTC; a zero date, or a year outside 0001 to 9999, is an error.
     fn try_from(v: mysql::Value) -> Result<Timestamp, mysql::FromValueError> {
-        match v {
-            mysql::Value::Date(y, mo, d, h, mi, s, us) => Ok(Timestamp::from_parts(
-                i64::from(y),
-                u32::from(mo),
-                u32::from(d),
-                u32::from(h),
-                u32::from(mi),
-                u32::from(s),
-                us,
-            )),
-            other => Err(mysql::FromValueError(other)),
-        }
+        let plain: PlainDateTime = mysql::prelude::FromValue::from_value_opt(v)?;
+        Timestamp::from_utc(plain.as_utc())
+            .ok_or_else(|| mysql::FromValueError(mysql::Value::from(plain)))
     }
 }
 
@@ -518,52 +430,270 @@ impl TryFrom<mysql::Value> for Timestamp {
 mod tests {
     use super::*;
 
-    #[test]
-    fn timestamp_round_trips_through_civil_dates() {
-        for micros in [
-            0,
-            951_782_400_123_456,
-            1_795_651_200_000_001,
-            -86_400_000_000,
-        ] {
-            let t = Timestamp { micros };
-            let (y, mo, d, h, mi, s, us) = t.parts();
-            assert_eq!(Timestamp::from_parts(y, mo, d, h, mi, s, us), t);
+    /// Parses `input` as the field `starts_at` and checks the UTC time it gives, or with `None`
+    /// that it is refused as an invalid `starts_at`. What it gives must read back unchanged from
+    /// its own display.
+    #[track_caller]
+    fn check(input: &str, want: Option<&str>) {
+        match (Timestamp::parse("starts_at", input), want) {
+            (Ok(t), Some(want)) => {
+                assert_eq!(t.to_string(), want, "{input:?}");
+                let again = Timestamp::parse("starts_at", &t.to_string());
+                assert_eq!(again.ok(), Some(t), "{input:?} does not round-trip");
+            }
+            (Err(Error::Invalid { field, .. }), None) => assert_eq!(field, "starts_at"),
+            (got, want) => panic!("{input:?}: got {got:?}, want {want:?}"),
         }
-        let leap = Timestamp {
-            micros: 951_782_400_123_456,
-        };
-        assert_eq!(leap.to_string(), "2000-02-29T00:00:00.123456Z");
     }
 
     #[test]
     fn rfc3339_times_parse_to_utc() {
-        let t = |s: &str| Timestamp::parse("t", s).map(|t| t.to_string());
+        let cases: &[(&str, Option<&str>)] = &[
+            // The plain cases; fractions are cut (never rounded) to microseconds.
+            ("2026-12-01T00:00:00Z", Some("2026-12-01T00:00:00.000000Z")),
+            (
+                "2026-12-01T09:30:00.5+01:00",
+                Some("2026-12-01T08:30:00.500000Z"),
+            ),
+            (
+                "2024-02-29T23:59:59.123456789-02:30",
+                Some("2024-03-01T02:29:59.123456Z"),
+            ),
+            (
+                "2000-02-29T00:00:00.123456Z",
+                Some("2000-02-29T00:00:00.123456Z"),
+            ),
+            (
+                "2026-12-01T00:00:00.9999999999999Z",
+                Some("2026-12-01T00:00:00.999999Z"),
+            ),
+            (
+                " 2026-12-01T00:00:00Z\n",
+                Some("2026-12-01T00:00:00.000000Z"),
+            ),
+            // RFC 3339 5.6: `t` and `z` may be lower case, and a space may separate date and time.
+            ("2026-12-01t09:30:00z", Some("2026-12-01T09:30:00.000000Z")),
+            (
+                "2026-12-01 09:30:00+01:00",
+                Some("2026-12-01T08:30:00.000000Z"),
+            ),
+            // Before 1970.
+            (
+                "1969-12-31T23:59:59.999999Z",
+                Some("1969-12-31T23:59:59.999999Z"),
+            ),
+            (
+                "1970-01-01T00:30:00+01:00",
+                Some("1969-12-31T23:30:00.000000Z"),
+            ),
+            (
+                "1900-02-28T12:00:00-05:00",
+                Some("1900-02-28T17:00:00.000000Z"),
+            ),
+            ("1600-02-29T00:00:00Z", Some("1600-02-29T00:00:00.000000Z")),
+            // Offsets, the widest RFC 3339 allows among them; -00:00 is UTC.
+            (
+                "2026-06-15T12:00:00+14:00",
+                Some("2026-06-14T22:00:00.000000Z"),
+            ),
+            (
+                "2026-06-15T12:00:00-12:00",
+                Some("2026-06-16T00:00:00.000000Z"),
+            ),
+            (
+                "2026-06-15T12:00:00+23:59",
+                Some("2026-06-14T12:01:00.000000Z"),
+            ),
+            (
+                "2026-06-15T12:00:00-23:59",
+                Some("2026-06-16T11:59:00.000000Z"),
+            ),
+            (
+                "2026-06-15T12:00:00-00:00",
+                Some("2026-06-15T12:00:00.000000Z"),
+            ),
+            // The edges: years 0001 to 9999 in UTC, whatever the local year.
+            ("0001-01-01T00:00:00Z", Some("0001-01-01T00:00:00.000000Z")),
+            (
+                "9999-12-31T23:59:59.999999Z",
+                Some("9999-12-31T23:59:59.999999Z"),
+            ),
+            (
+                "0000-12-31T23:00:00-01:00",
+                Some("0001-01-01T00:00:00.000000Z"),
+            ),
+            (
+                "0001-01-01T23:59:59+23:59",
+                Some("0001-01-01T00:00:59.000000Z"),
+            ),
+            (
+                "9999-12-31T23:59:59+23:59",
+                Some("9999-12-31T00:00:59.000000Z"),
+            ),
+            (
+                "9999-12-31T00:00:00-23:59",
+                Some("9999-12-31T23:59:00.000000Z"),
+            ),
+            ("0000-01-01T00:00:00Z", None),
+            ("0000-12-31T23:59:59.999999Z", None),
+            ("0001-01-01T00:00:00+00:01", None),
+            ("0001-01-01T00:00:00+23:59", None),
+            ("9999-12-31T23:59:59-23:59", None),
+            ("9999-12-31T23:59:59.999999-00:01", None),
+            ("10000-01-01T00:00:00Z", None),
+            ("-0001-01-01T00:00:00Z", None),
+            ("+2026-12-01T00:00:00Z", None),
+            // A leap second (RFC 3339 allows one at the end of a month, UTC) is the last
+            // microsecond before it; anywhere else it is refused.
+            ("2016-12-31T23:59:60Z", Some("2016-12-31T23:59:59.999999Z")),
+            (
+                "2016-12-31T20:59:60-03:00",
+                Some("2016-12-31T23:59:59.999999Z"),
+            ),
+            ("2026-12-01T23:59:60Z", None),
+            ("9999-12-31T23:59:60Z", Some("9999-12-31T23:59:59.999999Z")),
+            // Bad offsets.
+            ("2026-12-01T00:00:00+1\u{e9}00", None),
+            ("2026-12-01T00:00:00+1\u{e9}:00", None),
+            ("2026-12-01T00:00:00+01:0\u{e9}", None),
+            ("2026-12-01T00:00:00+24:00", None),
+            ("2026-12-01T00:00:00-24:00", None),
+            ("2026-12-01T00:00:00+01:60", None),
+            ("2026-12-01T00:00:00+0100", None),
+            ("2026-12-01T00:00:00+01", None),
+            ("2026-12-01T00:00:00+01:00:00", None),
+            ("2026-12-01T00:00:00", None),
+            ("2026-12-01T00:00:00 UTC", None),
+            // Bad dates and times.
+            ("2026-13-01T00:00:00Z", None),
+            ("2026-00-01T00:00:00Z", None),
+            ("2026-12-00T00:00:00Z", None),
+            ("2026-02-30T00:00:00Z", None),
+            ("2025-02-29T00:00:00Z", None),
+            ("1900-02-29T00:00:00Z", None),
+            ("2026-12-01T24:00:00Z", None),
+            ("2026-12-01T23:60:00Z", None),
+            ("2026-12-01T00:00:61Z", None),
+            ("2026-1-01T00:00:00Z", None),
+            ("2026-12-01T0:00:00Z", None),
+            // Garbage.
+            ("", None),
+            ("   ", None),
+            ("2026-12-01", None),
+            ("tomorrow", None),
+            ("x026-12-01T00:00:00Z", None),
+            ("2026-12-01X00:00:00Z", None),
+            ("2026-12-01_00:00:00Z", None),
+            ("2026-12-01\u{e9}00:00:00Z", None),
+            ("2026-12-01TT00:00:00Z", None),
+            ("2026-12-01T00:00:00.Z", None),
+            ("2026-12-01T00:00:00,5Z", None),
+            ("2026-12-01T00:00:00.1a2Z", None),
+            ("2026-12-01T00:00:00Zjunk", None),
+            ("2026-12-01T00:00:00ZZ", None),
+            ("\u{ff12}\u{ff10}\u{ff12}\u{ff16}-12-01T00:00:00Z", None),
+            ("2026-12-01T00:00:00\u{0}Z", None),
+            ("1\u{e9}", None),
+        ];
+        for &(input, want) in cases {
+            check(input, want);
+        }
+    }
+
+    #[test]
+    fn no_input_near_a_valid_time_panics() {
+        let seeds = [
+            "2026-12-01T09:30:00.5+01:00",
+            "9999-12-31T23:59:59-23:59",
+            "0001-01-01T00:00:00Z",
+            "2016-12-31T23:59:60Z",
+        ];
+        let swaps = [
+            '\u{e9}', '\u{0}', '0', '9', ' ', '+', '-', ':', '.', 'T', 'Z',
+        ];
+        for seed in seeds {
+            for (i, _) in seed.char_indices() {
+                let _ = Timestamp::parse("t", &seed[..i]);
+                for c in swaps {
+                    let mut s = seed.to_owned();
+                    s.replace_range(i..i + 1, c.encode_utf8(&mut [0; 4]));
+                    if let Ok(t) = Timestamp::parse("t", &s) {
+                        assert!((1..=9999).contains(&t.0.year()), "{s:?} gave {t}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_count_seconds_and_saturate_at_the_edges() {
+        let t = |s: &str| Timestamp::parse("t", s).unwrap();
+        assert_eq!(t("1970-01-01T00:00:00Z").unix_secs(), 0);
+        assert_eq!(t("1969-12-31T23:59:59.5Z").unix_secs(), -1);
+        assert_eq!(t("2026-12-01T00:00:00Z").unix_secs(), 1_796_083_200);
+        assert_eq!(t("0001-01-01T00:00:00Z"), Timestamp::MIN);
+        assert_eq!(t("9999-12-31T23:59:59.999999Z"), Timestamp::MAX);
+        let hour = std::time::Duration::from_secs(3600);
+        let now = Timestamp::now();
+        assert_eq!(now.plus(hour).minus(hour), now);
+        assert_eq!(now.plus(hour).unix_secs() - now.unix_secs(), 3600);
+        // Below a microsecond counts as nothing, as it always did.
+        assert_eq!(now.plus(std::time::Duration::from_nanos(999)), now);
         assert_eq!(
-            t("2026-12-01T00:00:00Z").unwrap(),
-            "2026-12-01T00:00:00.000000Z"
+            t("1969-12-31T23:00:00Z").plus(hour * 2).to_string(),
+            "1970-01-01T01:00:00.000000Z"
+        );
+        assert_eq!(Timestamp::MAX.plus(hour), Timestamp::MAX);
+        assert_eq!(Timestamp::MIN.minus(hour), Timestamp::MIN);
+        assert_eq!(now.plus(std::time::Duration::MAX), Timestamp::MAX);
+        assert_eq!(now.minus(std::time::Duration::MAX), Timestamp::MIN);
+        assert!(Timestamp::MIN < now && now < Timestamp::MAX);
+        assert_eq!(
+            serde_json::to_string(&t("2026-12-01T09:30:00.5+01:00")).unwrap(),
+            r#""2026-12-01T08:30:00.500000Z""#
+        );
+    }
+
+    #[test]
+    fn timestamps_convert_to_and_from_datetime_values() {
+        use mysql::Value;
+        let t = |s: &str| Timestamp::parse("t", s).unwrap();
+        assert_eq!(
+            Value::from(Timestamp::MAX),
+            Value::Date(9999, 12, 31, 23, 59, 59, 999_999)
         );
         assert_eq!(
-            t("2026-12-01T09:30:00.5+01:00").unwrap(),
-            "2026-12-01T08:30:00.500000Z"
+            Value::from(t("1969-07-20T21:17:40.5+01:00")),
+            Value::Date(1969, 7, 20, 20, 17, 40, 500_000)
         );
+        for s in [
+            "0001-01-01T00:00:00Z",
+            "1969-12-31T23:59:59.999999Z",
+            "2026-12-01T09:30:00.000001Z",
+            "9999-12-31T23:59:59.999999Z",
+        ] {
+            assert_eq!(
+                Timestamp::try_from(Value::from(t(s))).ok(),
+                Some(t(s)),
+                "{s}"
+            );
+        }
+        // The text protocol sends DATETIME as text.
         assert_eq!(
-            t("2024-02-29T23:59:59.123456789-02:30").unwrap(),
-            "2024-03-01T02:29:59.123456Z"
+            Timestamp::try_from(Value::Bytes(b"2026-12-01 09:30:00.500000".to_vec())).ok(),
+            Some(t("2026-12-01T09:30:00.5Z"))
         );
         for bad in [
-            "",
-            "2026-12-01",
-            "2026-13-01T00:00:00Z",
-            "2026-02-30T00:00:00Z",
-            "2025-02-29T00:00:00Z",
-            "2026-12-01T24:00:00Z",
-            "2026-12-01T00:00:00",
-            "2026-12-01T00:00:00+0100",
-            "2026-12-01T00:00:00.Z",
-            "x026-12-01T00:00:00Z",
+            Value::NULL,
+            Value::Date(0, 0, 0, 0, 0, 0, 0),
+            Value::Date(0, 12, 31, 23, 59, 59, 999_999),
+            Value::Date(2026, 2, 30, 0, 0, 0, 0),
+            Value::Date(2026, 12, 1, 24, 0, 0, 0),
+            Value::Date(10_000, 1, 1, 0, 0, 0, 0),
+            Value::Bytes(b"0000-00-00 00:00:00".to_vec()),
+            Value::Int(0),
         ] {
-            assert!(t(bad).is_err(), "{bad:?} parsed");
+            assert!(Timestamp::try_from(bad.clone()).is_err(), "{bad:?}");
         }
     }
 

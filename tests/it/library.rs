@@ -731,6 +731,106 @@ fn validity_windows_and_names_as_they_were() {
 }
 
 #[test]
+fn windows_at_the_calendar_edges_and_before_1970_read_back_unchanged() {
+    use coupons::Timestamp;
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let t = |s: &str| Timestamp::parse("starts_at", s).unwrap();
+    // starts_at and ends_at as a client writes them, then as MariaDB holds them (UTC).
+    let windows = [
+        (
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999Z",
+            "0001-01-01 00:00:00.000000",
+            "9999-12-31 23:59:59.999999",
+        ),
+        (
+            "0000-12-31T23:30:00-00:30",
+            "9999-12-31T23:59:59+23:59",
+            "0001-01-01 00:00:00.000000",
+            "9999-12-31 00:00:59.000000",
+        ),
+        (
+            "1969-07-20T21:17:40.123456+01:00",
+            "1969-12-31T23:59:59.999999Z",
+            "1969-07-20 20:17:40.123456",
+            "1969-12-31 23:59:59.999999",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (i, (starts, ends, stored_starts, stored_ends)) in windows.into_iter().enumerate() {
+        let window = (Some(t(starts)), Some(t(ends)));
+        let id = coupon::create(
+            &db.pool,
+            UserId(0),
+            &NewCoupon {
+                code: CouponCode::parse(&format!("EDGE{i}")).unwrap(),
+                available_count: Stock::parse(5).unwrap(),
+                status: Status::Active,
+                rules: coupon::Rules {
+                    starts_at: window.0,
+                    ends_at: window.1,
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap()
+        .id;
+        let c = coupon::get(&db.pool, id).unwrap();
+        assert_eq!((c.starts_at, c.ends_at), window, "{starts} .. {ends}");
+        let a = coupon::admin_get(&db.pool, id).unwrap().coupon;
+        assert_eq!((a.starts_at, a.ends_at), window, "{starts} .. {ends}");
+        let stored: (String, String) = db
+            .conn()
+            .exec_first(
+                "SELECT CAST(starts_at AS CHAR), CAST(ends_at AS CHAR) FROM coupons WHERE id = ?",
+                (id.0,),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored,
+            (stored_starts.to_owned(), stored_ends.to_owned()),
+            "{starts} .. {ends}"
+        );
+        ids.push(id);
+    }
+    // The text protocol reads a DATETIME as text; it converts the same way.
+    let first: Option<Timestamp> = db
+        .conn()
+        .query_first("SELECT starts_at FROM coupons ORDER BY id LIMIT 1")
+        .unwrap();
+    assert_eq!(first, Some(t("0001-01-01T00:00:00Z")));
+    // The widest window is open now (it once read back as year -1 and expired); the one that
+    // ended before 1970 is over.
+    claim::claim(&db.pool, users[0], ids[0]).unwrap();
+    claim::claim(&db.pool, users[0], ids[1]).unwrap();
+    assert!(matches!(
+        claim::claim(&db.pool, users[0], ids[2]),
+        Err(Error::Expired)
+    ));
+    // An update writes and reads back the edges too.
+    let reopen = CouponChange {
+        rules: coupon::RulesChange {
+            starts_at: Some(Some(t("0001-01-01T00:00:00.000001Z"))),
+            ends_at: Some(Some(t("9999-12-31T23:59:59.999999Z"))),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let updated = coupon::update(&db.pool, UserId(0), ids[2], &reopen).unwrap();
+    let window = (
+        Some(t("0001-01-01T00:00:00.000001Z")),
+        Some(t("9999-12-31T23:59:59.999999Z")),
+    );
+    assert_eq!((updated.starts_at, updated.ends_at), window);
+    let c = coupon::get(&db.pool, ids[2]).unwrap();
+    assert_eq!((c.starts_at, c.ends_at), window);
+    claim::claim(&db.pool, users[0], ids[2]).unwrap();
+}
+
+#[test]
 fn parallel_voids_of_one_claim_return_one_unit() {
     use coupons::Label;
     let db = TestDb::new();

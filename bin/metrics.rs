@@ -60,12 +60,12 @@ impl Metrics {
     pub fn render(&self, pool: PoolStats, claims: ClaimStats) -> String {
         let mut out = String::new();
         self.with(|m| {
-            out += "# HELP coupons_http_requests_total HTTP requests answered, by route and status.\n";
+            out += "# HELP coupons_http_requests_total HTTP requests answered by a handler, by route and status (not the 503s of a full queue or a stop).\n";
             out += "# TYPE coupons_http_requests_total counter\n";
             for ((route, status), n) in &m.requests {
                 let _ = writeln!(out, "coupons_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
             }
-            out += "# HELP coupons_http_request_duration_seconds Time to answer, by route.\n";
+            out += "# HELP coupons_http_request_duration_seconds Seconds from a thread taking a request to its answer being ready (not the time queued or sending), by route.\n";
             out += "# TYPE coupons_http_request_duration_seconds histogram\n";
             for (route, h) in &m.latency {
                 for (upper, n) in BUCKETS.iter().zip(h.counts) {
@@ -75,7 +75,7 @@ impl Metrics {
                 let _ = writeln!(out, "coupons_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
                 let _ = writeln!(out, "coupons_http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
             }
-            out += "# HELP coupons_claims_total Claim attempts, by outcome.\n";
+            out += "# HELP coupons_claims_total Claim requests run or replayed (past authentication and the id and key checks), by outcome: claimed or the error code.\n";
             out += "# TYPE coupons_claims_total counter\n";
             for (outcome, n) in &m.claims {
                 let _ = writeln!(out, "coupons_claims_total{{outcome=\"{outcome}\"}} {n}");
@@ -94,12 +94,12 @@ impl Metrics {
             ),
             (
                 "coupons_db_connections_waiting",
-                "Requests waiting for a database connection.",
+                "Threads waiting now for a database connection (at most DB_POOL_WAIT_MS each).",
                 pool.waiting,
             ),
             (
                 "coupons_claims_queued",
-                "Claims queued behind their lane's transaction in flight.",
+                "Claims queued now behind the claim transaction in flight of their lane (or of their coupon).",
                 claims.queued,
             ),
         ];
@@ -112,22 +112,22 @@ impl Metrics {
         let counters = [
             (
                 "coupons_db_errors_total",
-                "Database errors (unavailable or failed statements).",
+                "Database operations that failed: no connection in time, the server unreachable, or a statement failed (conflicts that were retried included).",
                 pool.errors,
             ),
             (
                 "coupons_db_retries_total",
-                "Transactions retried after a deadlock or lock-wait timeout.",
+                "Transaction attempts failed on a deadlock, lock-wait timeout, Galera conflict or Galera node not ready; each retried while attempts and time are left.",
                 pool.retries,
             ),
             (
                 "coupons_claims_combined_total",
-                "Claims that shared one transaction with other claims.",
+                "Claims put in a batch with other claims of their lane (or of their coupon), run as one transaction.",
                 claims.combined,
             ),
             (
                 "coupons_claim_batches_total",
-                "Transactions that carried two or more claims.",
+                "Batches of two or more claims, each run as one transaction (its retries not counted).",
                 claims.batches,
             ),
         ];

@@ -1,8 +1,9 @@
 //! The service on a 3-node MariaDB Galera cluster (started by `tests/galera/cluster.sh`):
 //! three service processes, one per node, claim the same coupons for many users while one node
 //! is killed with SIGKILL and rejoins. A test binary of its own, so that the cluster has the
-//! machine to itself (cargo runs test binaries one after another). Needs root, since the
-//! nodes run as the `mysql` user, and Galera, which comes with mariadb-server.
+//! machine to itself (cargo runs test binaries one after another). Needs Galera, which comes
+//! with mariadb-server. The nodes run as the user running the test (as `mysql` when that is
+//! root).
 
 #[allow(dead_code)]
 #[path = "it/support.rs"]

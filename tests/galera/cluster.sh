@@ -10,13 +10,21 @@
 #
 # Node N (1 to 3) listens for clients on 127.0.0.1:BASE+10N and DIR/nodeN/mysql.sock (root, no
 # password); Galera uses BASE+10N+1 (group), +2 (IST) and +3 (SST). BASE defaults to 24000.
-# The nodes run as the mysql user: as root, the rsync state transfer a rejoining node needs fails.
+# The nodes run as the invoking user, in DIR; run as root, they run as the mysql user instead
+# (directories chowned to it): a node running as root fails the rsync state transfer that a
+# rejoining node needs (the rsync daemon drops to nobody).
 set -euo pipefail
 
-if [ "$(id -u)" != 0 ]; then
-    echo "cluster.sh: run it as root: the nodes run as the mysql user, in directories it owns" >&2
-    exit 1
+as_root=false
+if [ "$(id -u)" = 0 ]; then
+    as_root=true
+    if ! id mysql >/dev/null 2>&1; then
+        echo "cluster.sh: run as root, the nodes run as the mysql user, and there is none" >&2
+        exit 1
+    fi
 fi
+user_args=()
+if $as_root; then user_args=(--user=mysql); fi
 cmd=${1:?usage: cluster.sh start|stop|kill|restart|status DIR [N|BASE_PORT]}
 dir=${2:?usage: cluster.sh $cmd DIR}
 mkdir -p "$dir"
@@ -36,17 +44,19 @@ status_of() { sql "$1" "SHOW STATUS LIKE '$2'" | cut -f2; }
 
 start_node() { # N [--wsrep-new-cluster]
     local n=$1 d=$dir/node$1
-    # The nodes run as mysql: it must reach and own these paths (rsync transfers included).
     mkdir -p "$d/tmp"
-    chmod 755 "$dir"
-    chown -R mysql:mysql "$d"
-    chmod 755 "$d"
+    if $as_root; then
+        # The nodes run as mysql: it must reach and own these paths (rsync transfers included).
+        chmod 755 "$dir"
+        chown -R mysql:mysql "$d"
+        chmod 755 "$d"
+    fi
     if [ ! -d "$d/data/mysql" ]; then
-        mariadb-install-db --no-defaults --user=mysql --datadir="$d/data" \
+        mariadb-install-db --no-defaults "${user_args[@]}" --datadir="$d/data" \
             --auth-root-authentication-method=normal >"$d/install.log" 2>&1
     fi
-    chown -R mysql:mysql "$d"
-    setsid "$server" --no-defaults --user=mysql --datadir="$d/data" --tmpdir="$d/tmp" \
+    if $as_root; then chown -R mysql:mysql "$d"; fi
+    setsid "$server" --no-defaults "${user_args[@]}" --datadir="$d/data" --tmpdir="$d/tmp" \
         --socket="$d/mysql.sock" --port="$(port "$n" 0)" --bind-address=127.0.0.1 \
         --pid-file="$d/mysqld.pid" --log-error="$d/server.err" \
         --innodb-buffer-pool-size=64M --innodb-log-file-size=48M --max-connections=500 \

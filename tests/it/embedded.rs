@@ -1,7 +1,8 @@
 //! The binary on its own private MariaDB (no DATABASE_URL), as a newcomer runs it, and its
 //! configuration errors.
 
-use crate::support::{coupons_command, Service, TestDb, JSON};
+use crate::support::{coupons_command, Service, TestDb, JSON, SERVICE_VARS};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
@@ -159,6 +160,65 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
     let (code, out, _) = run_coupons(&[], &["--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("admin promote EMAIL"));
+}
+
+/// The variables `bin/config.rs` reads, from its source: every string literal that is a call's
+/// first argument and looks like a variable's name (`var("X")`, `number(\n "X", ...)`,
+/// `std::env::var("X")`). Error messages and defaults are not such literals.
+fn variables_config_reads() -> BTreeSet<String> {
+    let source = include_str!("../../bin/config.rs");
+    let mut names = BTreeSet::new();
+    let mut rest = source;
+    while let Some(open) = rest.find('"') {
+        let first_argument = rest[..open].trim_end().ends_with('(');
+        let mut chars = rest[open + 1..].char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else { break };
+        let literal = &rest[open + 1..open + 1 + end];
+        let name_like = literal.starts_with(|c: char| c.is_ascii_uppercase())
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if first_argument && name_like {
+            names.insert(literal.to_owned());
+        }
+        rest = &rest[open + 1 + end + 1..];
+    }
+    names
+}
+
+#[test]
+fn the_tests_start_coupons_with_none_of_the_variables_config_reads_inherited() {
+    let read = variables_config_reads();
+    assert!(
+        read.contains("DATABASE_URL") && read.contains("CLAIM_LANES"),
+        "the scan of bin/config.rs missed names: {read:?}"
+    );
+    let listed: BTreeSet<String> = SERVICE_VARS.iter().map(|v| v.to_string()).collect();
+    assert_eq!(
+        listed, read,
+        "support::SERVICE_VARS must list exactly the variables bin/config.rs reads"
+    );
+    // And the command really removes each one (None: removed from what it inherits).
+    let cmd = coupons_command(&[]);
+    let removed: BTreeSet<String> = cmd
+        .get_envs()
+        .filter(|(_, value)| value.is_none())
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(removed, read);
 }
 
 #[test]

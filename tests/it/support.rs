@@ -249,23 +249,33 @@ impl Drop for Service {
     }
 }
 
+/// Every environment variable `bin/config.rs` reads, in its order. None of them is inherited by
+/// a `coupons` the tests start (`embedded.rs` checks this list against config.rs's source).
+pub const SERVICE_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "COUPONS_DATA_DIR",
+    "BIND_ADDR",
+    "JWT_SECRET",
+    "TOKEN_TTL_SECS",
+    "BCRYPT_COST",
+    "WORKERS",
+    "DB_POOL_SIZE",
+    "DB_POOL_WAIT_MS",
+    "LOGIN_FAILS_PER_EMAIL_PER_MIN",
+    "LOGIN_FAILS_PER_IP_PER_MIN",
+    "REGISTRATIONS_PER_IP_PER_MIN",
+    "TRUSTED_PROXIES",
+    "MAX_CONNECTIONS",
+    "ACCESS_LOG",
+    "CLAIM_BATCHING",
+    "CLAIM_BATCH_MAX",
+    "CLAIM_LANES",
+];
+
 /// The `coupons` binary with `env` and none of the service's variables inherited.
 pub fn coupons_command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_coupons"));
-    for var in [
-        "DATABASE_URL",
-        "COUPONS_DATA_DIR",
-        "BIND_ADDR",
-        "JWT_SECRET",
-        "TOKEN_TTL_SECS",
-        "BCRYPT_COST",
-        "WORKERS",
-        "DB_POOL_SIZE",
-        "ACCESS_LOG",
-        "CLAIM_WORKERS",
-        "CLAIM_BATCHING",
-        "CLAIM_BATCH_MAX",
-    ] {
+    for var in SERVICE_VARS {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());

@@ -804,10 +804,10 @@ fn windows_at_the_calendar_edges_and_before_1970_read_back_unchanged() {
     assert_eq!(first, Some(t("0001-01-01T00:00:00Z")));
     // The widest window is open now (it once read back as year -1 and expired); the one that
     // ended before 1970 is over.
-    claim::claim(&db.pool, users[0], ids[0]).unwrap();
-    claim::claim(&db.pool, users[0], ids[1]).unwrap();
+    db.claims.claim(users[0], ids[0]).unwrap();
+    db.claims.claim(users[0], ids[1]).unwrap();
     assert!(matches!(
-        claim::claim(&db.pool, users[0], ids[2]),
+        db.claims.claim(users[0], ids[2]),
         Err(Error::Expired)
     ));
     // An update writes and reads back the edges too.
@@ -827,7 +827,7 @@ fn windows_at_the_calendar_edges_and_before_1970_read_back_unchanged() {
     assert_eq!((updated.starts_at, updated.ends_at), window);
     let c = coupon::get(&db.pool, ids[2]).unwrap();
     assert_eq!((c.starts_at, c.ends_at), window);
-    claim::claim(&db.pool, users[0], ids[2]).unwrap();
+    db.claims.claim(users[0], ids[2]).unwrap();
 }
 
 #[test]

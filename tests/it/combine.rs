@@ -740,3 +740,153 @@ fn a_busy_coupon_cannot_keep_a_quiet_one_out_of_the_next_batch() {
     assert_eq!(db.stock(busy.0), (92, 8, 100));
     assert_eq!(db.stock(quiet.0), (99, 1, 100));
 }
+
+/// Claims left with a callback, as the server leaves them: `submit` returns without waiting
+/// (unless its thread runs the lane's batches), and each answer reaches its callback once.
+fn submitted(
+    claims: &claim::Claims,
+    requests: &[(UserId, CouponId, Option<IdempotencyKey>)],
+) -> Vec<Answer<claim::Claimed>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    requests
+        .par_iter()
+        .enumerate()
+        .for_each_with(tx, |tx, (i, (user, coupon, key))| {
+            let tx = tx.clone();
+            claims.submit(*user, *coupon, key.as_ref(), move |answer| {
+                tx.send((i, answer)).unwrap()
+            });
+        });
+    let mut answers: Vec<Option<Answer<claim::Claimed>>> = requests.iter().map(|_| None).collect();
+    for _ in requests {
+        let (i, answer) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every submitted claim is answered");
+        assert!(
+            answers[i].replace(answer).is_none(),
+            "claim {i} answered twice"
+        );
+    }
+    answers.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn claims_left_with_callbacks_give_exactly_the_stock_over_many_coupons() {
+    let mut db = TestDb::new();
+    db.claims = db.claims.clone().with_lanes(2);
+    let users = new_users(&db, &auth(), 50);
+    let coupons: Vec<CouponId> = (0..5)
+        .map(|i| new_coupon(&db, &format!("CB{i}"), 300))
+        .chain([limited_coupon(&db, "CBLIMIT", 300, 2)])
+        .collect();
+    // 3,000 requests over six coupons (one limited to two per user), each user 10 times on
+    // each coupon, a fifth with keys; the first keyed request sent again last.
+    let mut requests: Vec<(UserId, CouponId, Option<IdempotencyKey>)> = (0..3000)
+        .map(|i| {
+            let key = (i % 5 == 0).then(|| IdempotencyKey::parse(&format!("cb{i}")).unwrap());
+            (users[(i / 6) % 50], coupons[i % 6], key)
+        })
+        .collect();
+    requests.push(requests[0].clone());
+    let answers = rayon::ThreadPoolBuilder::new()
+        .num_threads(16)
+        .build()
+        .unwrap()
+        .install(|| submitted(&db.claims, &requests));
+    let ok = |c: CouponId| {
+        answers
+            .iter()
+            .zip(&requests)
+            .filter(|(a, r)| r.1 == c && a.result.is_ok() && !a.replayed)
+            .count()
+    };
+    for (i, a) in answers.iter().enumerate() {
+        match &a.result {
+            Ok(_) | Err(Error::SoldOut | Error::LimitReached) => {}
+            Err(e) => panic!("claim {i}: {e}"),
+        }
+    }
+    // The repeated key (whichever came first) claimed once; the other replays that claim.
+    let (first, again) = (&answers[0], &answers[3000]);
+    assert!(first.replayed != again.replayed, "{first:?} {again:?}");
+    assert_eq!(
+        again.result.as_ref().unwrap().claim.id,
+        first.result.as_ref().unwrap().claim.id
+    );
+    // 500 requests each: 300 granted on the plain coupons; two per user (100) on the limited.
+    for &c in &coupons[..5] {
+        assert_eq!(ok(c), 300);
+        assert_eq!(db.stock(c.0), (0, 300, 300));
+    }
+    assert_eq!(ok(coupons[5]), 100);
+    assert_eq!(db.stock(coupons[5].0), (200, 100, 300));
+    assert!(counter_mismatches(&mut db.conn()).is_empty());
+    let distinct: i64 = db.scalar("SELECT COUNT(DISTINCT id) FROM claims");
+    assert_eq!(distinct, 1600);
+    assert!(db.claims.stats().combined > 0);
+    assert_eq!(db.claims.stats().queued, 0);
+}
+
+#[test]
+fn a_held_coupon_holds_up_only_its_own_callbacks() {
+    let mut db = TestDb::new();
+    db.claims = db.claims.clone().with_lanes(1);
+    let users = new_users(&db, &auth(), 8);
+    let locked = new_coupon(&db, "HELD", 10);
+    let free = new_coupon(&db, "FREE", 100);
+    let mut holder = hold(&db, locked);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let send = |tx: &std::sync::mpsc::Sender<_>, tag: &'static str| {
+        let tx = tx.clone();
+        move |a: Answer<claim::Claimed>| tx.send((tag, a)).unwrap()
+    };
+    // Claims on the held coupon: the lane skips it, and they wait for the lock on a thread of
+    // their own, never on the submitting thread.
+    let started = Instant::now();
+    for &u in &users[..3] {
+        db.claims.submit(u, locked, None, send(&tx, "held"));
+    }
+    wait_until("a claim to wait for the held coupon", || {
+        lock_waiters(&db).len() == 1
+    });
+    // The lane goes on: claims on the free coupon are answered while the other is held.
+    for &u in &users {
+        db.claims.submit(u, free, None, send(&tx, "free"));
+    }
+    for _ in &users {
+        let (tag, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(tag, "free", "{a:?}");
+        assert!(a.result.is_ok(), "{a:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a submit waited"
+    );
+    assert_eq!(
+        lock_waiters(&db).len(),
+        1,
+        "the held coupon's claims still wait"
+    );
+    holder.query_drop("ROLLBACK").unwrap();
+    for _ in 0..3 {
+        let (tag, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(tag, "held");
+        assert!(a.result.is_ok(), "{a:?}");
+    }
+    assert_eq!(db.stock(locked.0), (7, 3, 10));
+    assert_eq!(db.stock(free.0), (92, 8, 100));
+}
+
+#[test]
+fn with_combining_off_a_callback_is_answered_on_its_own_thread() {
+    let mut db = TestDb::new();
+    db.claims = db.claims.clone().with_batching(1);
+    let users = new_users(&db, &auth(), 4);
+    let coupon = new_coupon(&db, "ALONE", 2);
+    let requests: Vec<_> = (0..8).map(|i| (users[i % 4], coupon, None)).collect();
+    let answers = submitted(&db.claims, &requests);
+    let granted = answers.iter().filter(|a| a.result.is_ok()).count();
+    assert_eq!(granted, 2);
+    assert_eq!(db.stock(coupon.0), (0, 2, 2));
+    assert_eq!(db.claims.stats(), claim::ClaimStats::default());
+}

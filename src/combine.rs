@@ -301,7 +301,8 @@ impl Waiter {
         match &self.reply {
             Reply::Thread { .. } => self.set(State::Answered(outcome)),
             Reply::Call(call) => {
-                if let Some(call) = lock(call).take() {
+                let call = lock(call).take();
+                if let Some(call) = call {
                     // A callback's panic is its caller's; the lead thread goes on.
                     let _ = catch_unwind(AssertUnwindSafe(|| call(outcome)));
                 }

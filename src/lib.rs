@@ -3,13 +3,13 @@
 //! A concurrency-safe coupon service as a library: users register and log in (bcrypt, JWT),
 //! admins create coupons with limited stock, and users claim them. A claim is one locked
 //! transaction in MySQL or MariaDB, so the stock is never over-claimed, however many threads,
-//! processes or machines claim at once. Concurrent claims on one coupon share one transaction,
-//! which takes a hot coupon from a few thousand claims a second to tens of thousands.
+//! processes or machines claim at once. Concurrent claims share transactions, which takes a hot
+//! coupon from a few thousand claims a second to tens of thousands.
 //!
 //! The `coupons` binary serves this library over HTTP; an embedding program calls it directly:
 //!
 //! ```no_run
-//! use coupons::{auth::{Auth, Secret}, claim, coupon, db};
+//! use coupons::{auth::{Auth, Secret}, claim::Claims, coupon, db};
 //! use coupons::{CouponCode, Email, Password, Status, Stock};
 //!
 //! fn main() -> Result<(), coupons::Error> {
@@ -27,7 +27,9 @@
 //!         status: Status::Active,
 //!         rules: coupon::Rules::default(),
 //!     })?;
-//!     let claimed = claim::claim(&pool, ada.id, welcome.id)?;
+//!     // One `Claims` per process: it combines concurrent claims into shared transactions.
+//!     let claims = Claims::new(pool.clone());
+//!     let claimed = claims.claim(ada.id, welcome.id)?;
 //!     assert_eq!(claimed.available_count, 99);
 //!     Ok(())
 //! }

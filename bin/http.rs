@@ -267,10 +267,40 @@ fn claim(app: &Arc<App>, mut rq: Request) {
         move |answer| {
             let app = answering;
             let reply = guarded(&what, || routes::claim_reply(&app, answer));
-            finish(&app, rq, reply, &what, started);
-            app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+            // The thread running a lane's batches answers them; a client that reads none of
+            // its answers must not make it wait: its answer goes out on a thread of its own.
+            if writable_now(&rq) {
+                finish(&app, rq, reply, &what, started);
+                app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            let apart = Arc::clone(&app);
+            let spawned = std::thread::Builder::new().spawn(move || {
+                finish(&apart, rq, reply, &what, started);
+                apart.claims_pending.fetch_sub(1, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                // No thread to be had: the request went with the closure (tiny_http answers
+                // a dropped request 500, and the connection closes).
+                app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+            }
         },
     );
+}
+
+/// Whether `rq`'s socket has room for an answer now (a client that reads nothing fills it).
+fn writable_now(rq: &Request) -> bool {
+    let Some(fd) = rq.raw_fd() else {
+        return true;
+    };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the socket stays open while `rq` is unanswered.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 1 && p.revents & libc::POLLOUT != 0
 }
 
 /// Method and path, for logs: never the query string (the seed's clients send passwords there).

@@ -401,6 +401,74 @@ fn slow_and_idle_clients_do_not_starve_a_normal_client() {
     );
 }
 
+/// A connection with a small receive window, for a client that never reads.
+fn never_reading(addr: &str) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+    socket.into()
+}
+
+#[test]
+fn clients_that_pipeline_and_never_read_hold_up_nobody() {
+    use std::io::Write;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let (coupon, tokens) = setup(&svc, &db.url);
+    // One client pipelines 3,000 claims on the coupon the normal client claims too (so its
+    // answers come from the same lane's batches), another 300 requests for the largest
+    // document; neither reads a byte of the answers.
+    let claims: String = (0..3000)
+        .map(|_| {
+            format!(
+                "POST /coupons/{coupon}/claim HTTP/1.1\r\nHost: x\r\ntoken: {}\r\nContent-Length: 0\r\n\r\n",
+                tokens[1]
+            )
+        })
+        .collect();
+    let documents = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    let (worst, n) = std::thread::scope(|s| {
+        for flood in [claims, documents] {
+            let mut c = never_reading(&svc.addr);
+            s.spawn(move || {
+                // Blocks once the server stops reading this connection; that is the point.
+                let _ = c.write_all(flood.as_bytes());
+                std::thread::sleep(Duration::from_secs(6));
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // Meanwhile a normal client claims, and another asks for /healthz, for 4 s.
+        let started = std::time::Instant::now();
+        let mut worst = Duration::ZERO;
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(4) {
+            let t = std::time::Instant::now();
+            let r = svc.call(
+                "POST",
+                &format!("/coupons/{coupon}/claim"),
+                &[("token", &tokens[0])],
+                None,
+            );
+            assert_eq!(r.status, 201, "{}", r.body);
+            let h = svc.call("GET", "/healthz", &[], None);
+            assert_eq!(h.status, 200, "{}", h.body);
+            worst = worst.max(t.elapsed());
+            n += 1;
+        }
+        (worst, n)
+    });
+    eprintln!("never-reading clients: {n} rounds, worst {worst:?}");
+    // A write that waits holds up a lane or a worker until the 10 s write timeout.
+    assert!(worst < Duration::from_secs(2), "worst round {worst:?}");
+    assert_eq!(
+        db.stock(coupon).1 as usize,
+        db.scalar("SELECT COUNT(*) FROM claims") as usize
+    );
+}
+
 #[test]
 fn over_the_connection_cap_new_connections_are_closed_and_served_again_after() {
     use std::io::Read;

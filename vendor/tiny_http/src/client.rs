@@ -37,6 +37,9 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // coupons patch: the socket, for `Request::raw_fd`.
+    fd: Option<i32>,
 }
 
 /// Error that can happen when reading a request.
@@ -57,6 +60,10 @@ impl ClientConnection {
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        #[cfg(unix)]
+        let fd = write_socket.raw_fd();
+        #[cfg(not(unix))]
+        let fd = None;
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
         let first_header = source.next().unwrap();
@@ -69,6 +76,7 @@ impl ClientConnection {
             no_more_requests: false,
             body_signal: None,
             secure,
+            fd,
         }
     }
 
@@ -164,6 +172,7 @@ impl ClientConnection {
             data_source,
             writer,
         )
+        .map(|rq| rq.with_fd(self.fd))
         .map_err(|e| {
             use crate::request;
             match e {

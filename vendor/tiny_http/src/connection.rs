@@ -95,6 +95,16 @@ impl Connection {
         }
     }
 
+    /// coupons patch: the socket's descriptor, to ask whether a write would wait.
+    #[cfg(unix)]
+    pub(crate) fn raw_fd(&self) -> Option<i32> {
+        use std::os::unix::io::AsRawFd;
+        match self {
+            Self::Tcp(s) => Some(s.as_raw_fd()),
+            Self::Unix(s) => Some(s.as_raw_fd()),
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

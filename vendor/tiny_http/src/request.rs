@@ -76,6 +76,8 @@ pub struct Request {
     notify_when_responded: Option<Sender<()>>,
     // coupons patch: taken by the connection, which closes when the body was not read through.
     pub(crate) body_signal: Option<std::sync::mpsc::Receiver<std::io::Result<()>>>,
+    // coupons patch: the connection's socket, for `raw_fd`.
+    fd: Option<i32>,
 }
 
 struct NotifyOnDrop<R> {
@@ -246,6 +248,7 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
         body_signal,
+        fd: None,
     })
 }
 
@@ -483,6 +486,18 @@ impl Request {
             ErrorKind::ConnectionReset => Ok(()),
             _ => Err(err),
         })
+    }
+
+    pub(crate) fn with_fd(mut self, fd: Option<i32>) -> Self {
+        self.fd = fd;
+        self
+    }
+
+    /// coupons patch: the connection's socket descriptor (Unix, not TLS), open as long as
+    /// this request is not answered: to ask whether a response would be written without
+    /// waiting for the client to read (one that reads nothing fills the socket).
+    pub fn raw_fd(&self) -> Option<i32> {
+        self.fd
     }
 
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {

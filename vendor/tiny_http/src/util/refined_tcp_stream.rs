@@ -112,6 +112,16 @@ impl RefinedTcpStream {
         (read, write)
     }
 
+    /// coupons patch: the socket's descriptor (not for TLS, where a write is not a send).
+    #[cfg(unix)]
+    pub(crate) fn raw_fd(&self) -> Option<i32> {
+        match &self.stream {
+            Stream::Http(c) => c.raw_fd(),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => None,
+        }
+    }
+
     /// Returns true if this struct wraps around a secure connection.
     #[inline]
     pub(crate) fn secure(&self) -> bool {

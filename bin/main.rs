@@ -1,23 +1,16 @@
 //! The `coupons` binary: reads the configuration, opens the database (a private MariaDB or
 //! `DATABASE_URL`), applies the schema, then serves HTTP or runs an admin command.
 
-mod benchdb;
-mod config;
-mod error;
-mod http;
-mod limits;
-mod loadtest;
-mod metrics;
-mod openapi;
-mod routes;
-mod stats;
-mod suite;
+mod bench;
+mod server;
 
-use config::Config;
+use bench::{benchdb, loadtest, suite};
 use coupons::auth::{self, Auth, Secret};
 use coupons::db::{self, Pool};
 use coupons::embedded::EmbeddedServer;
 use coupons::{Email, Error, Role};
+use server::config::{self, Config};
+use server::{http, limits, metrics};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

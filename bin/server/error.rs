@@ -1,6 +1,6 @@
 //! Every error the HTTP layer can answer with, turned into a response in one place.
 
-use crate::http::Reply;
+use super::http::Reply;
 use coupons::{Error, TokenProblem};
 
 /// A library error, or a mistake only HTTP can make.

@@ -1,8 +1,8 @@
 //! The routes: each handler reads its input, authenticates, calls one library function and
 //! shapes the answer. No SQL here.
 
-use crate::error::ApiError;
-use crate::http::{json_body, path, query, token, App, Reply};
+use super::error::ApiError;
+use super::http::{json_body, path, query, token, App, Reply};
 use coupons::auth::{self, Principal};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
@@ -17,7 +17,7 @@ use tiny_http::{Method, Request};
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Every route: method, path (`{id}` stands for a number) and its metrics label. The router
-/// below and the OpenAPI document (bin/openapi.rs) are checked against this list in tests.
+/// below and the OpenAPI document (bin/server/openapi.rs) are checked against this list in tests.
 pub const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/register", "POST /register"),
     ("POST", "/login", "POST /login"),
@@ -98,10 +98,10 @@ pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
         (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
         (["admin", "claims", id, "void"], Post) => void(app, rq, id),
         (["admin", "audit"], Get) => audit_log(app, rq, &url),
-        (["openapi.json"], Get) => Ok(Reply::json(200, &crate::openapi::document())),
+        (["openapi.json"], Get) => Ok(Reply::json(200, &super::openapi::document())),
         (["docs"], Get) => Ok(Reply {
             status: 200,
-            body: crate::openapi::DOCS_HTML.as_bytes().to_vec(),
+            body: super::openapi::DOCS_HTML.as_bytes().to_vec(),
             headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
         }),
         (["metrics"], Get) => Ok(Reply {
@@ -410,7 +410,7 @@ fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
     };
     let outcome = match &answer.result {
         Ok(_) => "claimed".to_owned(),
-        Err(e) => crate::error::app_parts(e).1,
+        Err(e) => super::error::app_parts(e).1,
     };
     app.metrics.claim(&outcome);
     answered(answer, |c| {

@@ -397,7 +397,7 @@ mod tests {
                 in_doc.push((method.to_uppercase(), path.clone()));
             }
         }
-        let mut routed: Vec<(String, String)> = crate::routes::ROUTES
+        let mut routed: Vec<(String, String)> = crate::server::routes::ROUTES
             .iter()
             .map(|(m, p, _)| (m.to_string(), p.to_string()))
             .collect();

@@ -1,7 +1,7 @@
 //! tiny_http plumbing: the listener, the worker threads, request bodies and responses.
 
-use crate::error::ApiError;
-use crate::routes;
+use super::error::ApiError;
+use super::routes;
 use coupons::auth::Auth;
 use coupons::db::Pool;
 use serde::de::DeserializeOwned;
@@ -30,9 +30,9 @@ pub struct App {
     /// False until the schema is applied (a service started before its database).
     pub ready: Arc<AtomicBool>,
     /// Brute-force limits on logins and registrations.
-    pub limits: crate::limits::Limits,
+    pub limits: super::limits::Limits,
     /// Counters for `GET /metrics`.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: super::metrics::Metrics,
     /// Whether to write one access-log line per request to stderr.
     pub access_log: bool,
 }

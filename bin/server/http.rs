@@ -1,9 +1,10 @@
 //! tiny_http plumbing: the listener, the worker threads, request bodies and responses.
 
 use super::error::ApiError;
-use super::routes;
+use super::routes::{self, Class};
 use coupons::auth::Auth;
 use coupons::db::Pool;
+use coupons::CouponId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{Header, Request, Response, Server};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -247,15 +248,14 @@ fn worker(app: &App, server: &Server, lanes: &Lanes<'_>, stopping: &AtomicBool) 
                 continue;
             }
         };
-        let post = *rq.method() == Method::Post;
-        let p = path(rq.url());
+        let found = routes::find(rq.method(), path(rq.url()));
+        let class = found.as_ref().map_or(Class::Inline, |(r, _)| r.class);
         // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
-        let route = if post {
-            claim_route(app, p, lanes)
-        } else {
-            Route::Here
+        let route = match found {
+            Ok((_, id)) if class == Class::Claim => claim_route(app, id.coupon().ok(), lanes),
+            _ => Route::Here,
         };
-        let (lane, what) = if post && matches!(p, "/login" | "/register") {
+        let (lane, what) = if class == Class::Bcrypt {
             (&lanes.slow, "login queue")
         } else if route == Route::ClaimThread {
             lanes.claim_threads.queued.fetch_add(1, Ordering::SeqCst);
@@ -298,17 +298,13 @@ enum Route {
     ClaimThread,
 }
 
-/// Where a claim on `path` runs. One that would wait for a batch goes to a claim thread, so its
+/// Where a claim on `coupon` runs. One that would wait for a batch goes to a claim thread, so its
 /// worker stays free; one that runs at once stays on the worker (no hand-over between threads).
 /// But when every claim thread is taken, a claim on a coupon with no claims waiting would wait
 /// in the claim queue behind a busy coupon's backlog: it waits for its lane's next batch on its
 /// worker instead, while at most half the workers do.
-fn claim_route(app: &App, path: &str, lanes: &Lanes<'_>) -> Route {
-    let id = path
-        .strip_prefix("/coupons/")
-        .and_then(|rest| rest.strip_suffix("/claim"))
-        .and_then(|id| id.parse().ok());
-    let Some(id) = id else {
+fn claim_route(app: &App, coupon: Option<CouponId>, lanes: &Lanes<'_>) -> Route {
+    let Some(id) = coupon else {
         return Route::Here;
     };
     if coupons::claim::busy(&app.pool, id) {

@@ -1,8 +1,11 @@
-//! The routes: each handler reads its input, authenticates, calls one library function and
-//! shapes the answer. No SQL here.
+//! The routes, declared once in [`ROUTES`]: the router, the 405 `Allow` lists, the metrics
+//! labels, the thread a request runs on (bin/server/http.rs) and the OpenAPI document
+//! (bin/server/openapi.rs) all read that table. Then the handlers: each reads its input,
+//! authenticates, calls one library function and shapes the answer. No SQL here.
 
 use super::error::ApiError;
 use super::http::{json_body, path, query, token, App, Reply};
+use super::openapi::{self, Op, Who};
 use coupons::auth::{self, Principal};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
@@ -16,122 +19,396 @@ use tiny_http::{Method, Request};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// Every route: method, path (`{id}` stands for a number) and its metrics label. The router
-/// below and the OpenAPI document (bin/server/openapi.rs) are checked against this list in tests.
-pub const ROUTES: &[(&str, &str, &str)] = &[
-    ("POST", "/register", "POST /register"),
-    ("POST", "/login", "POST /login"),
-    ("GET", "/coupons", "GET /coupons"),
-    ("POST", "/coupons/{id}/claim", "POST /coupons/{id}/claim"),
-    ("GET", "/users/me/history", "GET /users/me/history"),
-    ("POST", "/admin/coupons", "POST /admin/coupons"),
-    ("GET", "/admin/coupons", "GET /admin/coupons"),
-    ("GET", "/admin/coupons/{id}", "GET /admin/coupons/{id}"),
-    ("PUT", "/admin/coupons/{id}", "PUT /admin/coupons/{id}"),
-    (
-        "DELETE",
-        "/admin/coupons/{id}",
-        "DELETE /admin/coupons/{id}",
-    ),
-    (
-        "GET",
-        "/admin/coupons/{id}/claims",
-        "GET /admin/coupons/{id}/claims",
-    ),
-    (
-        "POST",
-        "/admin/claims/{id}/void",
-        "POST /admin/claims/{id}/void",
-    ),
-    ("GET", "/admin/audit", "GET /admin/audit"),
-    ("GET", "/healthz", "GET /healthz"),
-    ("GET", "/metrics", "GET /metrics"),
-    ("GET", "/openapi.json", "GET /openapi.json"),
-    ("GET", "/docs", "GET /docs"),
-];
+/// One route.
+pub struct Route {
+    /// Method and path pattern, which is also the route's label in metrics. `{id}` in the
+    /// pattern stands for one segment, of the type [`Route::id`] names.
+    pub name: &'static str,
+    /// What `{id}` is, for a pattern that has one.
+    pub id: Option<Id>,
+    /// The thread it runs on.
+    pub class: Class,
+    /// Called with the request's URL and its `{id}`, parsed.
+    pub handler: fn(&App, &mut Request, &str, Params) -> Result<Reply>,
+    /// Its operation in the OpenAPI document.
+    pub doc: Op,
+}
+
+/// Where a request runs; bin/server/http.rs picks the thread from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// On the worker that took it.
+    Inline,
+    /// On a bcrypt thread, at low priority: bcrypt takes about 0.3 s of CPU.
+    Bcrypt,
+    /// A claim: on a claim thread, or on its worker when its coupon has no claims waiting.
+    Claim,
+}
+
+/// What a pattern's `{id}` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Id {
+    /// A coupon: a [`CouponId`].
+    Coupon,
+    /// A claim: a [`ClaimId`].
+    Claim,
+}
+
+/// A request's `{id}`, parsed as its route's pattern types it. An id that names nothing is
+/// kept as its not-found error, which the handler raises once it has checked the caller.
+#[derive(Debug)]
+pub enum Params {
+    /// The pattern has no `{id}`.
+    None,
+    /// A coupon's id, or `CouponNotFound`.
+    Coupon(std::result::Result<CouponId, Error>),
+    /// A claim's id, or `ClaimNotFound`.
+    Claim(std::result::Result<ClaimId, Error>),
+}
+
+impl Params {
+    /// The coupon the path names.
+    pub fn coupon(self) -> std::result::Result<CouponId, Error> {
+        match self {
+            Params::Coupon(id) => id,
+            _ => Err(Error::CouponNotFound),
+        }
+    }
+
+    /// The claim the path names.
+    pub fn claim(self) -> std::result::Result<ClaimId, Error> {
+        match self {
+            Params::Claim(id) => id,
+            _ => Err(Error::ClaimNotFound),
+        }
+    }
+}
+
+impl Route {
+    /// The method, e.g. `POST`.
+    pub fn method(&self) -> &'static str {
+        self.name.split_once(' ').map_or("", |(method, _)| method)
+    }
+
+    /// The path pattern, e.g. `/coupons/{id}/claim`.
+    pub fn path(&self) -> &'static str {
+        self.name.split_once(' ').map_or("", |(_, path)| path)
+    }
+
+    /// Whether `path` fits the pattern, segment by segment (strict: `/login/` and `//login`
+    /// are not `/login`), and if so the segment standing for `{id}`, if any. No allocation:
+    /// this runs on every request, twice.
+    fn matches<'p>(&self, path: &'p str) -> Option<Option<&'p str>> {
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let (mut pattern, mut segments) = (self.path()[1..].split('/'), path.split('/'));
+        let mut id = None;
+        loop {
+            match (pattern.next(), segments.next()) {
+                (None, None) => return Some(id),
+                (Some("{id}"), Some(segment)) => id = Some(segment),
+                (Some(a), Some(b)) if a == b => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The `{id}` segment parsed as this route's pattern types it.
+    fn params(&self, id: Option<&str>) -> Params {
+        match (self.id, id) {
+            (Some(Id::Coupon), Some(id)) => Params::Coupon(id.parse()),
+            (Some(Id::Claim), Some(id)) => Params::Claim(id.parse()),
+            _ => Params::None,
+        }
+    }
+}
+
+/// The route for `method` on `path` (a URL without its query), with its `{id}` parsed. A path
+/// that routes have with other methods is a 405 naming those, in table order; any other a 404.
+pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Params)> {
+    let hit = ROUTES
+        .iter()
+        .filter(|route| route.method() == method.as_str())
+        .find_map(|route| Some((route, route.matches(path)?)));
+    if let Some((route, id)) = hit {
+        return Ok((route, route.params(id)));
+    }
+    let allow: Vec<&str> = ROUTES
+        .iter()
+        .filter(|route| route.matches(path).is_some())
+        .map(Route::method)
+        .collect();
+    if allow.is_empty() {
+        Err(ApiError::RouteNotFound)
+    } else {
+        Err(ApiError::MethodNotAllowed(allow.join(", ")))
+    }
+}
 
 /// The route a request matched, as a metrics label; anything else is `unmatched`, so a scan of
 /// random paths cannot grow the label set.
 pub fn route_name(method: &Method, url: &str) -> &'static str {
-    let p = path(url);
-    let p = p.strip_prefix('/').unwrap_or(p);
-    // Compared segment by segment, without allocating: this runs on every request.
-    let matches = |template: &str| {
-        let (mut t, mut s) = (template[1..].split('/'), p.split('/'));
-        loop {
-            match (t.next(), s.next()) {
-                (None, None) => return true,
-                (Some(a), Some(b)) if a == "{id}" || a == b => {}
-                _ => return false,
-            }
-        }
-    };
-    ROUTES
-        .iter()
-        .find(|(m, template, _)| *m == method.as_str() && matches(template))
-        .map_or("unmatched", |(_, _, label)| label)
+    find(method, path(url)).map_or("unmatched", |(route, _)| route.name)
 }
 
-/// Dispatches on method and path; a known path with another method is a 405 naming the
-/// allowed ones, anything else a 404.
+/// Routes a request: 503 until the schema is applied, then its handler, a 405 or a 404.
 pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
     if !app.ready.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(Error::Unavailable("the schema is not applied yet".into()).into());
     }
     let url = rq.url().to_owned();
-    // Strict: `/login/` and `//login` are not `/login`.
-    let p = path(&url);
-    let segments: Vec<&str> = p.strip_prefix('/').unwrap_or(p).split('/').collect();
-    let method = rq.method().clone();
-    use Method::{Delete, Get, Post, Put};
-    match (segments.as_slice(), &method) {
-        (["register"], Post) => register(app, rq, &url),
-        (["login"], Post) => login(app, rq, &url),
-        (["coupons"], Get) => list(app, rq, &url),
-        (["coupons", id, "claim"], Post) => claim(app, rq, id),
-        (["users", "me", "history"], Get) => history(app, rq, &url),
-        (["admin", "coupons"], Post) => create(app, rq, &url),
-        (["admin", "coupons"], Get) => admin_list(app, rq, &url),
-        (["admin", "coupons", id], Get) => admin_get(app, rq, id),
-        (["admin", "coupons", id], Put) => update(app, rq, &url, id),
-        (["admin", "coupons", id], Delete) => delete(app, rq, id),
-        (["admin", "coupons", id, "claims"], Get) => admin_claims(app, rq, &url, id),
-        (["admin", "claims", id, "void"], Post) => void(app, rq, id),
-        (["admin", "audit"], Get) => audit_log(app, rq, &url),
-        (["openapi.json"], Get) => Ok(Reply::json(200, &super::openapi::document())),
-        (["docs"], Get) => Ok(Reply {
-            status: 200,
-            body: super::openapi::DOCS_HTML.as_bytes().to_vec(),
-            headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
-        }),
-        (["metrics"], Get) => Ok(Reply {
-            status: 200,
-            body: app.metrics.render(app.pool.stats()).into_bytes(),
-            headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
-        }),
-        (["healthz"], Get) => {
-            db::ping(&app.pool)?;
-            Ok(Reply::json(200, &json!({"status": "ok"})))
-        }
-        (
-            ["register"] | ["login"] | ["coupons", _, "claim"] | ["admin", "claims", _, "void"],
-            _,
-        ) => Err(ApiError::MethodNotAllowed("POST")),
-        (
-            ["coupons"]
-            | ["users", "me", "history"]
-            | ["healthz"]
-            | ["admin", "coupons", _, "claims"]
-            | ["admin", "audit"]
-            | ["metrics"]
-            | ["openapi.json"]
-            | ["docs"],
-            _,
-        ) => Err(ApiError::MethodNotAllowed("GET")),
-        (["admin", "coupons"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),
-        (["admin", "coupons", _], _) => Err(ApiError::MethodNotAllowed("GET, PUT, DELETE")),
-        _ => Err(ApiError::RouteNotFound),
-    }
+    let (route, params) = find(rq.method(), path(&url))?;
+    (route.handler)(app, rq, &url, params)
+}
+
+/// Every route. Where a path has several methods, their order here is the order of its 405's
+/// `Allow` list.
+pub static ROUTES: &[Route] = &[
+    Route {
+        name: "POST /register",
+        id: None,
+        class: Class::Bcrypt,
+        handler: register,
+        doc: Op {
+            summary: "Register a user (JSON body, or ?email=&password=)",
+            who: Who::Anyone,
+            body: Some("Credentials"),
+            ok: (201, "User"),
+            errors: &[400, 409, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "POST /login",
+        id: None,
+        class: Class::Bcrypt,
+        handler: login,
+        doc: Op {
+            summary: "Log in and get a token",
+            who: Who::Anyone,
+            body: Some("Credentials"),
+            ok: (200, "Token"),
+            errors: &[400, 401, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "GET /coupons",
+        id: None,
+        class: Class::Inline,
+        handler: list,
+        doc: Op {
+            summary: "Claimable coupons (paged); with a token, each says limit_reached",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, "CouponList"),
+            errors: &[422],
+        },
+    },
+    Route {
+        name: "POST /coupons/{id}/claim",
+        id: Some(Id::Coupon),
+        class: Class::Claim,
+        handler: claim,
+        doc: Op {
+            summary: "Claim one unit (Idempotency-Key optional)",
+            who: Who::User,
+            body: None,
+            ok: (201, "ClaimResult"),
+            errors: &[401, 404, 409, 422],
+        },
+    },
+    Route {
+        name: "GET /users/me/history",
+        id: None,
+        class: Class::Inline,
+        handler: history,
+        doc: Op {
+            summary: "The caller's claims, newest first (paged)",
+            who: Who::User,
+            body: None,
+            ok: (200, "History"),
+            errors: &[401, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons",
+        id: None,
+        class: Class::Inline,
+        handler: admin_list,
+        doc: Op {
+            summary: "Every coupon, deleted too, with claimed counts (paged; ?status=&q=)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "AdminCouponList"),
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "POST /admin/coupons",
+        id: None,
+        class: Class::Inline,
+        handler: create,
+        doc: Op {
+            summary: "Create a coupon (Idempotency-Key optional)",
+            who: Who::Admin,
+            body: Some("NewCoupon"),
+            ok: (201, "Coupon"),
+            errors: &[400, 401, 403, 409, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: admin_get,
+        doc: Op {
+            summary: "One coupon, with its ETag",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "AdminCoupon"),
+            errors: &[401, 403, 404],
+        },
+    },
+    Route {
+        name: "PUT /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: update,
+        doc: Op {
+            summary: "Change a coupon (If-Match optional; null removes a rule)",
+            who: Who::Admin,
+            body: Some("CouponChange"),
+            ok: (200, "Coupon"),
+            errors: &[400, 401, 403, 404, 409, 411, 412, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "DELETE /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: delete,
+        doc: Op {
+            summary: "Soft-delete a coupon; its claims stay",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "Detail"),
+            errors: &[401, 403, 404],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons/{id}/claims",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: admin_claims,
+        doc: Op {
+            summary: "A coupon's claims, with who claimed (paged)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "CouponClaims"),
+            errors: &[401, 403, 404, 422],
+        },
+    },
+    Route {
+        name: "POST /admin/claims/{id}/void",
+        id: Some(Id::Claim),
+        class: Class::Inline,
+        handler: void,
+        doc: Op {
+            summary: "Void a claim: one unit back, exactly once",
+            who: Who::Admin,
+            body: Some("VoidRequest"),
+            ok: (200, "Voided"),
+            errors: &[400, 401, 403, 404, 409, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/audit",
+        id: None,
+        class: Class::Inline,
+        handler: audit_log,
+        doc: Op {
+            summary: "The audit log, newest first (paged)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "Audit"),
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "GET /healthz",
+        id: None,
+        class: Class::Inline,
+        handler: healthz,
+        doc: Op {
+            summary: "Whether the database answers",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, "Health"),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /metrics",
+        id: None,
+        class: Class::Inline,
+        handler: metrics,
+        doc: Op {
+            summary: "Prometheus metrics (text)",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /openapi.json",
+        id: None,
+        class: Class::Inline,
+        handler: openapi_json,
+        doc: Op {
+            summary: "This document",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /docs",
+        id: None,
+        class: Class::Inline,
+        handler: docs,
+        doc: Op {
+            summary: "This document, rendered for people (HTML)",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+];
+
+fn healthz(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    db::ping(&app.pool)?;
+    Ok(Reply::json(200, &json!({"status": "ok"})))
+}
+
+fn metrics(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply {
+        status: 200,
+        body: app.metrics.render(app.pool.stats()).into_bytes(),
+        headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
+    })
+}
+
+fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply::json(200, &openapi::document()))
+}
+
+fn docs(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply {
+        status: 200,
+        body: openapi::DOCS_HTML.as_bytes().to_vec(),
+        headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
+    })
 }
 
 #[derive(Deserialize)]
@@ -209,7 +486,7 @@ fn encode(s: &str) -> String {
 
 /// Claimable coupons; with a valid token, each also says whether the caller has reached its
 /// per-user limit (a missing or invalid token just lists, as for anyone).
-fn list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+fn list(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     let page = page(url)?;
     let coupons = coupon::list_active(&app.pool, page)?;
     let Ok(who) = app.auth.authenticate(token(rq)) else {
@@ -227,7 +504,7 @@ fn list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
     Ok(paged(url, page, &items, |v| v["id"].as_u64().unwrap_or(0)))
 }
 
-fn admin_list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+fn admin_list(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     admin(app, rq)?;
     let page = page(url)?;
     let q = query(url);
@@ -240,9 +517,9 @@ fn admin_list(app: &App, rq: &Request, url: &str) -> Result<Reply> {
     Ok(paged(url, page, &items, |c| c.coupon.id.0))
 }
 
-fn admin_get(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+fn admin_get(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     admin(app, rq)?;
-    let id: CouponId = id.parse()?;
+    let id = id.coupon()?;
     let c = coupon::admin_get(&app.pool, id)?;
     let mut reply = Reply::json(200, &c);
     reply.headers.push(("ETag", etag(c.coupon.version)));
@@ -279,16 +556,16 @@ fn if_match(rq: &Request) -> Result<Option<u32>> {
     Ok(Some(version))
 }
 
-fn audit_log(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+fn audit_log(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     admin(app, rq)?;
     let page = page(url)?;
     let items = coupons::audit::list(&app.pool, page)?;
     Ok(paged(url, page, &items, |e| e.id))
 }
 
-fn admin_claims(app: &App, rq: &Request, url: &str, id: &str) -> Result<Reply> {
+fn admin_claims(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
     admin(app, rq)?;
-    let id: CouponId = id.parse()?;
+    let id = id.coupon()?;
     let page = page(url)?;
     let items = claim::coupon_claims(&app.pool, id, page)?;
     Ok(paged(url, page, &items, |c| c.claim_id.0))
@@ -300,9 +577,9 @@ struct VoidBody {
     reason: String,
 }
 
-fn void(app: &App, rq: &mut Request, id: &str) -> Result<Reply> {
+fn void(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let who = admin(app, rq)?;
-    let id: ClaimId = id.parse()?;
+    let id = id.claim()?;
     let body: VoidBody =
         json_body(rq)?.ok_or_else(|| ApiError::InvalidBody("a reason is required".into()))?;
     if body.reason.trim().is_empty() {
@@ -315,7 +592,7 @@ fn void(app: &App, rq: &mut Request, id: &str) -> Result<Reply> {
     ))
 }
 
-fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+fn register(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     let ip = client(app, rq);
     let c = credentials(rq, url)?;
     let email = Email::parse(&c.email)?;
@@ -326,7 +603,7 @@ fn register(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
     Ok(Reply::json(201, &user))
 }
 
-fn login(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+fn login(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     let ip = client(app, rq);
     let c = credentials(rq, url)?;
     // Taken before any bcrypt work and given back on success: guessing costs the guesser, and
@@ -398,9 +675,9 @@ fn answered<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Reply) -> Result<Reply> 
     Ok(reply)
 }
 
-fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+fn claim(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let who = principal(app, rq)?;
-    let id: CouponId = id.parse()?;
+    let id = id.coupon()?;
     let answer = match idempotency_key(rq)? {
         Some(key) => claim::claim_once(&app.pool, who.user_id, id, &key),
         None => Answer {
@@ -425,7 +702,7 @@ fn claim(app: &App, rq: &Request, id: &str) -> Result<Reply> {
     })
 }
 
-fn history(app: &App, rq: &Request, url: &str) -> Result<Reply> {
+fn history(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     let who = principal(app, rq)?;
     let page = page(url)?;
     let items = claim::history(&app.pool, who.user_id, page)?;
@@ -505,7 +782,7 @@ fn coupon_body(rq: &mut Request, url: &str) -> Result<CouponBody> {
     Ok(b)
 }
 
-fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
+fn create(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
     let who = admin(app, rq)?;
     let key = idempotency_key(rq)?;
     let b = coupon_body(rq, url)?;
@@ -540,10 +817,10 @@ fn create(app: &App, rq: &mut Request, url: &str) -> Result<Reply> {
     answered(answer, |c| Reply::json(201, &c))
 }
 
-fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
+fn update(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
     let who = admin(app, rq)?;
     let if_version = if_match(rq)?;
-    let id: CouponId = id.parse()?;
+    let id = id.coupon()?;
     let b = coupon_body(rq, url)?;
     let change = CouponChange {
         code: b.code.as_deref().map(CouponCode::parse).transpose()?,
@@ -560,9 +837,101 @@ fn update(app: &App, rq: &mut Request, url: &str, id: &str) -> Result<Reply> {
     )?))
 }
 
-fn delete(app: &App, rq: &Request, id: &str) -> Result<Reply> {
+fn delete(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let who = admin(app, rq)?;
-    let id: CouponId = id.parse()?;
+    let id = id.coupon()?;
     coupon::delete(&app.pool, who.user_id, id)?;
     Ok(Reply::json(200, &json!({"detail": "Coupon deleted"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `find` makes of a request line: the route, its class and its `{id}`; or the 405's
+    /// `Allow`; or another status.
+    #[track_caller]
+    fn check(method: &str, path: &str, expected: &str) {
+        let method: Method = method.parse().unwrap();
+        let got = match find(&method, path) {
+            Ok((route, id)) => format!("{} {:?} {id:?}", route.name, route.class),
+            Err(ApiError::MethodNotAllowed(allow)) => format!("405 {allow}"),
+            Err(e) => e.parts().0.to_string(),
+        };
+        assert_eq!(got, expected, "{method} {path}");
+    }
+
+    #[test]
+    fn requests_find_their_route_class_and_id() {
+        check("POST", "/register", "POST /register Bcrypt None");
+        check("POST", "/login", "POST /login Bcrypt None");
+        check("GET", "/coupons", "GET /coupons Inline None");
+        let claim = "POST /coupons/{id}/claim Claim";
+        check(
+            "POST",
+            "/coupons/7/claim",
+            &format!("{claim} Coupon(Ok(CouponId(7)))"),
+        );
+        check(
+            "POST",
+            "/coupons/abc/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/coupons/0/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/coupons/+1/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/admin/claims/3/void",
+            "POST /admin/claims/{id}/void Inline Claim(Ok(ClaimId(3)))",
+        );
+        check(
+            "GET",
+            "/admin/coupons/",
+            "GET /admin/coupons/{id} Inline Coupon(Err(CouponNotFound))",
+        );
+        check("GET", "/openapi.json", "GET /openapi.json Inline None");
+        check("GET", "/login", "405 POST");
+        check("HEAD", "/coupons", "405 GET");
+        check("PATCH", "/admin/coupons", "405 GET, POST");
+        check("POST", "/admin/coupons/1", "405 GET, PUT, DELETE");
+        check("get", "/coupons", "405 GET");
+        for path in [
+            "/login/",
+            "//login",
+            "/coupons/",
+            "/",
+            "",
+            "*",
+            "/coupons/1/claim/x",
+            "/nope",
+        ] {
+            check("POST", path, "404");
+        }
+    }
+
+    #[test]
+    fn each_route_is_declared_whole_and_once() {
+        for (i, route) in ROUTES.iter().enumerate() {
+            let name = route.name;
+            assert!(
+                !matches!(route.method().parse(), Ok(Method::NonStandard(_)) | Err(_)),
+                "{name}: a method tiny_http knows"
+            );
+            assert!(route.path().starts_with('/'), "{name}: a path");
+            assert_eq!(
+                route.path().contains("{id}"),
+                route.id.is_some(),
+                "{name}: {{id}} typed"
+            );
+            assert!(ROUTES[..i].iter().all(|r| r.name != name), "{name}: twice");
+        }
+    }
 }

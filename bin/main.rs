@@ -1,23 +1,16 @@
 //! The `coupons` binary: reads the configuration, opens the database (a private MariaDB or
 //! `DATABASE_URL`), applies the schema, then serves HTTP or runs an admin command.
 
-mod benchdb;
-mod config;
-mod error;
-mod http;
-mod limits;
-mod loadtest;
-mod metrics;
-mod openapi;
-mod routes;
-mod stats;
-mod suite;
+mod bench;
+mod server;
 
-use config::Config;
-use coupons::auth::{self, Auth, Secret};
+use bench::{benchdb, loadtest, suite};
+use coupons::auth;
 use coupons::db::{self, Pool};
 use coupons::embedded::EmbeddedServer;
 use coupons::{Email, Error, Role};
+use server::config::Config;
+use server::http;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -201,65 +194,20 @@ fn run(command: Command, config: Config) -> Result<(), String> {
 }
 
 fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Result<(), String> {
-    let secret = match (&config.jwt_secret, &database.embedded) {
-        (Some(s), _) => s.clone(),
-        (None, Some(_)) => Secret::load_or_create(&config.data_dir.join("jwt-secret"))
-            .map_err(|e| e.to_string())?,
-        (None, None) => {
-            return Err("JWT_SECRET must be set (at least 32 bytes) when DATABASE_URL is".into())
-        }
-    };
-    let auth =
-        Auth::new(&secret, config.token_ttl_secs, config.bcrypt_cost).map_err(|e| e.to_string())?;
-    // Each connection holds a thread and a descriptor: cap them below the descriptor limit,
-    // keeping room for the database connections and files.
-    let fds = http::raise_fd_limit();
-    // Two descriptors a connection: tiny_http clones each socket into a read and a write half.
-    let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256) / 2;
-    let cap = config
-        .max_connections
-        .unwrap_or(room.clamp(64, 10_000) as usize);
-    tiny_http::set_max_connections(cap);
+    let private_db = database.embedded.as_ref();
+    let app = server::app(
+        config,
+        database.pool.clone(),
+        database.ready.clone(),
+        private_db.is_some(),
+    )?;
+    server::cap_connections(config);
     let listener =
         http::bind(config.bind_addr).map_err(|e| format!("BIND_ADDR {}: {e}", config.bind_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("coupons: listening on http://{addr}");
-    match &database.embedded {
-        Some(server) => println!(
-            "coupons: database: private MariaDB in {} (socket {})\n\
-             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
-             (with cargo: `cargo run --release -- admin promote EMAIL`) from this directory",
-            config.data_dir.display(),
-            server.socket().display()
-        ),
-        None => println!(
-            "coupons: database: DATABASE_URL\n\
-             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
-             with the same DATABASE_URL"
-        ),
-    }
-    let app = http::App {
-        pool: database.pool.clone(),
-        claims: coupons::claim::Claims::new(database.pool.clone())
-            .with_lanes(config.claim_lanes)
-            .with_batching(config.claim_batch),
-        auth,
-        ready: database.ready.clone(),
-        limits: limits::Limits {
-            login_fails_per_email: limits::Limit::new(config.login_fails_per_email),
-            login_fails_per_ip: limits::Limit::new(config.login_fails_per_ip),
-            registrations_per_ip: limits::Limit::new(config.registrations_per_ip),
-            trusted_proxies: config.trusted_proxies.clone(),
-        },
-        metrics: metrics::Metrics::default(),
-        access_log: config.access_log,
-        claims_pending: Default::default(),
-    };
-    let threads = http::Threads {
-        workers: config.workers,
-        bcrypt: config::bcrypt_threads(),
-    };
-    http::serve(app, listener, threads, shutdown)?;
+    server::print_database(config, private_db);
+    http::serve(app, listener, server::threads(config), shutdown)?;
     println!("coupons: stopped");
     Ok(())
 }

@@ -162,11 +162,11 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
     assert!(out.contains("admin promote EMAIL"));
 }
 
-/// The variables `bin/config.rs` reads, from its source: every string literal that is a call's
+/// The variables `bin/server/config.rs` reads, from its source: every string literal that is a call's
 /// first argument and looks like a variable's name (`var("X")`, `number(\n "X", ...)`,
 /// `std::env::var("X")`). Error messages and defaults are not such literals.
 fn variables_config_reads() -> BTreeSet<String> {
-    let source = include_str!("../../bin/config.rs");
+    let source = include_str!("../../bin/server/config.rs");
     let mut names = BTreeSet::new();
     let mut rest = source;
     while let Some(open) = rest.find('"') {
@@ -204,12 +204,12 @@ fn the_tests_start_coupons_with_none_of_the_variables_config_reads_inherited() {
     let read = variables_config_reads();
     assert!(
         read.contains("DATABASE_URL") && read.contains("CLAIM_LANES"),
-        "the scan of bin/config.rs missed names: {read:?}"
+        "the scan of bin/server/config.rs missed names: {read:?}"
     );
     let listed: BTreeSet<String> = SERVICE_VARS.iter().map(|v| v.to_string()).collect();
     assert_eq!(
         listed, read,
-        "support::SERVICE_VARS must list exactly the variables bin/config.rs reads"
+        "support::SERVICE_VARS must list exactly the variables bin/server/config.rs reads"
     );
     // And the command really removes each one (None: removed from what it inherits).
     let cmd = coupons_command(&[]);

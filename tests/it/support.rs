@@ -249,7 +249,7 @@ impl Drop for Service {
     }
 }
 
-/// Every environment variable `bin/config.rs` reads, in its order. None of them is inherited by
+/// Every environment variable `bin/server/config.rs` reads, in its order. None of them is inherited by
 /// a `coupons` the tests start (`embedded.rs` checks this list against config.rs's source).
 pub const SERVICE_VARS: &[&str] = &[
     "DATABASE_URL",

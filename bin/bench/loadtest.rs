@@ -3,7 +3,7 @@
 //! drives keep-alive connections, each with its own user's token, and checks the invariant
 //! through the API at the end.
 
-use crate::stats::{self, Record};
+use super::stats::{self, Record};
 use coupons::auth::set_role;
 use coupons::db;
 use coupons::embedded::EmbeddedServer;

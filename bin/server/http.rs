@@ -1,7 +1,7 @@
 //! tiny_http plumbing: the listener, the worker threads, request bodies and responses.
 
-use crate::error::ApiError;
-use crate::routes;
+use super::error::ApiError;
+use super::routes::{self, Class};
 use coupons::auth::Auth;
 use coupons::db::Pool;
 use serde::de::DeserializeOwned;
@@ -30,9 +30,9 @@ pub struct App {
     /// False until the schema is applied (a service started before its database).
     pub ready: Arc<AtomicBool>,
     /// Brute-force limits on logins and registrations.
-    pub limits: crate::limits::Limits,
+    pub limits: super::limits::Limits,
     /// Counters for `GET /metrics`.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: super::metrics::Metrics,
     /// Whether to write one access-log line per request to stderr.
     pub access_log: bool,
     /// Claims handed to `claims` and not answered yet.
@@ -211,17 +211,17 @@ fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping:
                 continue;
             }
         };
-        match routes::class(rq.method(), path(rq.url())) {
+        match routes::find(rq.method(), path(rq.url())) {
             // bcrypt takes about 0.3 s of CPU: keep it off the threads that serve claims.
-            routes::Class::Bcrypt => {
+            Ok((route, _)) if route.class == Class::Bcrypt => {
                 if let Err(TrySendError::Full(rq) | TrySendError::Disconnected(rq)) =
                     slow.try_send(rq)
                 {
                     respond(rq, ApiError::Overloaded.reply("login queue"));
                 }
             }
-            routes::Class::Claim => claim(app, rq),
-            routes::Class::Inline => handle(app, rq),
+            Ok((route, id)) if route.class == Class::Claim => claim(app, rq, route.name, id),
+            _ => handle(app, rq),
         }
     }
 }
@@ -245,18 +245,19 @@ pub fn handle(app: &App, mut rq: Request) {
     let started = Instant::now();
     let what = what(&rq);
     let reply = guarded(&what, || routes::route(app, &mut rq));
-    finish(app, rq, reply, &what, started);
+    let route = routes::route_name(rq.method(), rq.url());
+    finish(app, rq, reply, route, &what, started);
 }
 
 /// A claim: read and checked here, then left with the claims, which answer it when its batch
 /// commits, on whichever thread runs the batch (this one, if it finds the lane idle).
-fn claim(app: &Arc<App>, mut rq: Request) {
+fn claim(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
     let started = Instant::now();
     let what = what(&rq);
-    let ticket = match catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq))) {
+    let ticket = match catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id))) {
         Ok(Ok(ticket)) => ticket,
-        Ok(Err(e)) => return finish(app, rq, e.reply(&what), &what, started),
-        Err(_) => return finish(app, rq, ApiError::Panic.reply(&what), &what, started),
+        Ok(Err(e)) => return finish(app, rq, e.reply(&what), route, &what, started),
+        Err(_) => return finish(app, rq, ApiError::Panic.reply(&what), route, &what, started),
     };
     app.claims_pending.fetch_add(1, Ordering::SeqCst);
     let answering = Arc::clone(app);
@@ -270,13 +271,13 @@ fn claim(app: &Arc<App>, mut rq: Request) {
             // The thread running a lane's batches answers them; a client that reads none of
             // its answers must not make it wait: its answer goes out on a thread of its own.
             if writable_now(&rq) {
-                finish(&app, rq, reply, &what, started);
+                finish(&app, rq, reply, route, &what, started);
                 app.claims_pending.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
             let apart = Arc::clone(&app);
             let spawned = std::thread::Builder::new().spawn(move || {
-                finish(&apart, rq, reply, &what, started);
+                finish(&apart, rq, reply, route, &what, started);
                 apart.claims_pending.fetch_sub(1, Ordering::SeqCst);
             });
             if spawned.is_err() {
@@ -308,10 +309,16 @@ fn what(rq: &Request) -> String {
     format!("{} {}", rq.method(), path(rq.url()))
 }
 
-/// Counts and logs a request's answer, and sends it.
-fn finish(app: &App, rq: Request, mut reply: Reply, what: &str, started: Instant) {
+/// Counts and logs a request's answer (`route` is its metrics label), and sends it.
+fn finish(
+    app: &App,
+    rq: Request,
+    mut reply: Reply,
+    route: &'static str,
+    what: &str,
+    started: Instant,
+) {
     let secs = started.elapsed().as_secs_f64();
-    let route = routes::route_name(rq.method(), rq.url());
     app.metrics.request(route, reply.status, secs);
     let id = request_id(&rq);
     if app.access_log {

@@ -1,7 +1,7 @@
 //! `coupons bench-db`: the library's claim function called by T threads in this process, no
 //! HTTP, on a throwaway private MariaDB (or `DATABASE_URL`). The yardstick for `loadtest`.
 
-use crate::stats::{self, Record};
+use super::stats::{self, Record};
 use coupons::auth::{Auth, Secret};
 use coupons::coupon::{self, NewCoupon};
 use coupons::embedded::EmbeddedServer;
@@ -50,8 +50,8 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     db::create_database(&opts).map_err(fail)?;
     let pool = db::pool(opts, threads as u32, db::CHECKOUT_TIMEOUT).map_err(fail)?;
     let claims = claim::Claims::new(pool.clone())
-        .with_lanes(crate::config::claim_lanes()?)
-        .with_batching(crate::config::claim_batch()?);
+        .with_lanes(crate::server::config::claim_lanes()?)
+        .with_batching(crate::server::config::claim_batch()?);
     db::migrate(&pool).map_err(fail)?;
 
     let auth = Auth::new(&Secret::generate().map_err(fail)?, 60, 4).map_err(fail)?;
@@ -113,7 +113,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     summary["scenario"] = json!(if spread { "spread" } else { "hot" });
     summary["threads"] = json!(threads);
     let claim_stats = claims.stats();
-    summary["claim_batch"] = json!(crate::config::claim_batch()?);
+    summary["claim_batch"] = json!(crate::server::config::claim_batch()?);
     summary["claims_combined"] = json!(claim_stats.combined);
     summary["claim_batches"] = json!(claim_stats.batches);
     let ok = summary["errors"] == 0;

@@ -2,7 +2,7 @@
 //! --embedded` and `bench-db` (this same binary) round by round, interleaved so that both see
 //! the same machine, then writes the raw results, Markdown tables of medians and SVG charts.
 
-use crate::stats;
+use super::stats;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! Every error the HTTP layer can answer with, turned into a response in one place.
 
-use crate::http::Reply;
+use super::http::Reply;
 use coupons::{Error, TokenProblem};
 
 /// A library error, or a mistake only HTTP can make.
@@ -20,7 +20,7 @@ pub enum ApiError {
     /// No such route (404).
     RouteNotFound,
     /// The route exists with other methods (405, with `Allow`).
-    MethodNotAllowed(&'static str),
+    MethodNotAllowed(String),
     /// The bcrypt queue is full (503, with `Retry-After`).
     Overloaded,
     /// A brute-force limit was reached (429, with `Retry-After` in seconds).
@@ -60,7 +60,7 @@ impl ApiError {
             &serde_json::json!({ "detail": detail, "code": code }),
         );
         match self {
-            A::MethodNotAllowed(allow) => reply.headers.push(("Allow", (*allow).to_owned())),
+            A::MethodNotAllowed(allow) => reply.headers.push(("Allow", allow.clone())),
             A::TooManyRequests(secs) => reply.headers.push(("Retry-After", secs.to_string())),
             A::App(Error::Busy | Error::Unavailable(_)) | A::Overloaded | A::ShuttingDown => {
                 reply.headers.push(("Retry-After", "1".to_owned()))

@@ -1,0 +1,95 @@
+//! The HTTP server: the configuration, tiny_http plumbing and threads (`http`), the route table
+//! and its handlers (`routes`), the one error-to-HTTP mapping (`error`), brute-force limits,
+//! metrics and the OpenAPI document. No SQL: handlers call the library.
+
+pub mod config;
+mod error;
+pub mod http;
+mod limits;
+mod metrics;
+mod openapi;
+mod routes;
+
+use config::Config;
+use coupons::auth::{Auth, Secret};
+use coupons::claim::Claims;
+use coupons::db::Pool;
+use coupons::embedded::EmbeddedServer;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// What the handlers share, from the configuration. The JWT secret is `JWT_SECRET`, or with
+/// the private database (`private_db`) one generated once and kept in its data directory.
+pub fn app(
+    config: &Config,
+    pool: Pool,
+    ready: Arc<AtomicBool>,
+    private_db: bool,
+) -> Result<http::App, String> {
+    let secret = match (&config.jwt_secret, private_db) {
+        (Some(s), _) => s.clone(),
+        (None, true) => Secret::load_or_create(&config.data_dir.join("jwt-secret"))
+            .map_err(|e| e.to_string())?,
+        (None, false) => {
+            return Err("JWT_SECRET must be set (at least 32 bytes) when DATABASE_URL is".into())
+        }
+    };
+    let auth =
+        Auth::new(&secret, config.token_ttl_secs, config.bcrypt_cost).map_err(|e| e.to_string())?;
+    Ok(http::App {
+        claims: Claims::new(pool.clone())
+            .with_lanes(config.claim_lanes)
+            .with_batching(config.claim_batch),
+        pool,
+        auth,
+        ready,
+        limits: limits::Limits {
+            login_fails_per_email: limits::Limit::new(config.login_fails_per_email),
+            login_fails_per_ip: limits::Limit::new(config.login_fails_per_ip),
+            registrations_per_ip: limits::Limit::new(config.registrations_per_ip),
+            trusted_proxies: config.trusted_proxies.clone(),
+        },
+        metrics: metrics::Metrics::default(),
+        access_log: config.access_log,
+        claims_pending: Default::default(),
+    })
+}
+
+/// Caps the open client connections: `MAX_CONNECTIONS`, or what the descriptor limit (raised
+/// to its hard limit first) leaves. Each connection holds a thread and a descriptor.
+pub fn cap_connections(config: &Config) {
+    let fds = http::raise_fd_limit();
+    // Room for the database connections and files; then two descriptors a connection:
+    // tiny_http clones each socket into a read and a write half.
+    let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256) / 2;
+    let cap = config
+        .max_connections
+        .unwrap_or(room.clamp(64, 10_000) as usize);
+    tiny_http::set_max_connections(cap);
+}
+
+/// How many threads of each kind serve requests.
+pub fn threads(config: &Config) -> http::Threads {
+    http::Threads {
+        workers: config.workers,
+        bcrypt: config::bcrypt_threads(),
+    }
+}
+
+/// Says which database is in use and how to make an admin.
+pub fn print_database(config: &Config, private_db: Option<&EmbeddedServer>) {
+    match private_db {
+        Some(server) => println!(
+            "coupons: database: private MariaDB in {} (socket {})\n\
+             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
+             (with cargo: `cargo run --release -- admin promote EMAIL`) from this directory",
+            config.data_dir.display(),
+            server.socket().display()
+        ),
+        None => println!(
+            "coupons: database: DATABASE_URL\n\
+             coupons: to make an admin, register, then run `coupons admin promote EMAIL` \
+             with the same DATABASE_URL"
+        ),
+    }
+}

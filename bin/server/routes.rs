@@ -1,0 +1,968 @@
+//! The routes, declared once in [`ROUTES`]: the router, the 405 `Allow` lists, the metrics
+//! labels, the thread a request runs on (bin/server/http.rs) and the OpenAPI document
+//! (bin/server/openapi.rs) all read that table. Then the handlers: each reads its input,
+//! authenticates, calls one library function and shapes the answer. No SQL here.
+
+use super::error::ApiError;
+use super::http::{json_body, path, query, token, App, Reply};
+use super::openapi::{self, Op, Who};
+use coupons::auth::{self, Principal};
+use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
+use coupons::idempotency::{Answer, IdempotencyKey};
+use coupons::{
+    claim, db, ClaimId, CouponCode, CouponId, Email, Error, Label, Page, Password, PerUserLimit,
+    Status, Stock, Timestamp,
+};
+use serde::Deserialize;
+use serde_json::json;
+use tiny_http::{Method, Request};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// One route.
+pub struct Route {
+    /// Method and path pattern, which is also the route's label in metrics. `{id}` in the
+    /// pattern stands for one segment, of the type [`Route::id`] names.
+    pub name: &'static str,
+    /// What `{id}` is, for a pattern that has one.
+    pub id: Option<Id>,
+    /// The thread it runs on.
+    pub class: Class,
+    /// Called with the request's URL and its `{id}`, parsed.
+    pub handler: fn(&App, &mut Request, &str, Params) -> Result<Reply>,
+    /// Its operation in the OpenAPI document.
+    pub doc: Op,
+}
+
+/// Where a request runs; bin/server/http.rs picks the thread from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// On the worker that took it.
+    Inline,
+    /// On a bcrypt thread, at low priority: bcrypt takes about 0.3 s of CPU.
+    Bcrypt,
+    /// A claim: read on its worker, answered by whichever thread runs its batch.
+    Claim,
+}
+
+/// What a pattern's `{id}` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Id {
+    /// A coupon: a [`CouponId`].
+    Coupon,
+    /// A claim: a [`ClaimId`].
+    Claim,
+}
+
+/// A request's `{id}`, parsed as its route's pattern types it. An id that names nothing is
+/// kept as its not-found error, which the handler raises once it has checked the caller.
+#[derive(Debug)]
+pub enum Params {
+    /// The pattern has no `{id}`.
+    None,
+    /// A coupon's id, or `CouponNotFound`.
+    Coupon(std::result::Result<CouponId, Error>),
+    /// A claim's id, or `ClaimNotFound`.
+    Claim(std::result::Result<ClaimId, Error>),
+}
+
+impl Params {
+    /// The coupon the path names.
+    pub fn coupon(self) -> std::result::Result<CouponId, Error> {
+        match self {
+            Params::Coupon(id) => id,
+            _ => Err(Error::CouponNotFound),
+        }
+    }
+
+    /// The claim the path names.
+    pub fn claim(self) -> std::result::Result<ClaimId, Error> {
+        match self {
+            Params::Claim(id) => id,
+            _ => Err(Error::ClaimNotFound),
+        }
+    }
+}
+
+impl Route {
+    /// The method, e.g. `POST`.
+    pub fn method(&self) -> &'static str {
+        self.name.split_once(' ').map_or("", |(method, _)| method)
+    }
+
+    /// The path pattern, e.g. `/coupons/{id}/claim`.
+    pub fn path(&self) -> &'static str {
+        self.name.split_once(' ').map_or("", |(_, path)| path)
+    }
+
+    /// Whether `path` fits the pattern, segment by segment (strict: `/login/` and `//login`
+    /// are not `/login`), and if so the segment standing for `{id}`, if any. No allocation:
+    /// this runs on every request, twice.
+    fn matches<'p>(&self, path: &'p str) -> Option<Option<&'p str>> {
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let (mut pattern, mut segments) = (self.path()[1..].split('/'), path.split('/'));
+        let mut id = None;
+        loop {
+            match (pattern.next(), segments.next()) {
+                (None, None) => return Some(id),
+                (Some("{id}"), Some(segment)) => id = Some(segment),
+                (Some(a), Some(b)) if a == b => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The `{id}` segment parsed as this route's pattern types it.
+    fn params(&self, id: Option<&str>) -> Params {
+        match (self.id, id) {
+            (Some(Id::Coupon), Some(id)) => Params::Coupon(id.parse()),
+            (Some(Id::Claim), Some(id)) => Params::Claim(id.parse()),
+            _ => Params::None,
+        }
+    }
+}
+
+/// The route for `method` on `path` (a URL without its query), with its `{id}` parsed. A path
+/// that routes have with other methods is a 405 naming those, in table order; any other a 404.
+pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Params)> {
+    let hit = ROUTES
+        .iter()
+        .filter(|route| route.method() == method.as_str())
+        .find_map(|route| Some((route, route.matches(path)?)));
+    if let Some((route, id)) = hit {
+        return Ok((route, route.params(id)));
+    }
+    let allow: Vec<&str> = ROUTES
+        .iter()
+        .filter(|route| route.matches(path).is_some())
+        .map(Route::method)
+        .collect();
+    if allow.is_empty() {
+        Err(ApiError::RouteNotFound)
+    } else {
+        Err(ApiError::MethodNotAllowed(allow.join(", ")))
+    }
+}
+
+/// The route a request matched, as a metrics label; anything else is `unmatched`, so a scan of
+/// random paths cannot grow the label set.
+pub fn route_name(method: &Method, url: &str) -> &'static str {
+    find(method, path(url)).map_or("unmatched", |(route, _)| route.name)
+}
+
+/// Routes a request: 503 until the schema is applied, then its handler, a 405 or a 404.
+pub fn route(app: &App, rq: &mut Request) -> Result<Reply> {
+    ready(app)?;
+    let url = rq.url().to_owned();
+    let (route, params) = find(rq.method(), path(&url))?;
+    (route.handler)(app, rq, &url, params)
+}
+
+/// 503 until the schema is applied (a service started before its database).
+fn ready(app: &App) -> Result<()> {
+    if !app.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Unavailable("the schema is not applied yet".into()).into());
+    }
+    Ok(())
+}
+
+/// Every route. Where a path has several methods, their order here is the order of its 405's
+/// `Allow` list.
+pub static ROUTES: &[Route] = &[
+    Route {
+        name: "POST /register",
+        id: None,
+        class: Class::Bcrypt,
+        handler: register,
+        doc: Op {
+            summary: "Register a user (JSON body, or ?email=&password=)",
+            who: Who::Anyone,
+            body: Some("Credentials"),
+            ok: (201, "User"),
+            errors: &[400, 409, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "POST /login",
+        id: None,
+        class: Class::Bcrypt,
+        handler: login,
+        doc: Op {
+            summary: "Log in and get a token",
+            who: Who::Anyone,
+            body: Some("Credentials"),
+            ok: (200, "Token"),
+            errors: &[400, 401, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "GET /coupons",
+        id: None,
+        class: Class::Inline,
+        handler: list,
+        doc: Op {
+            summary: "Claimable coupons (paged); with a token, each says limit_reached",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, "CouponList"),
+            errors: &[422],
+        },
+    },
+    Route {
+        name: "POST /coupons/{id}/claim",
+        id: Some(Id::Coupon),
+        class: Class::Claim,
+        handler: claim,
+        doc: Op {
+            summary: "Claim one unit (Idempotency-Key optional)",
+            who: Who::User,
+            body: None,
+            ok: (201, "ClaimResult"),
+            errors: &[401, 404, 409, 422],
+        },
+    },
+    Route {
+        name: "GET /users/me/history",
+        id: None,
+        class: Class::Inline,
+        handler: history,
+        doc: Op {
+            summary: "The caller's claims, newest first (paged)",
+            who: Who::User,
+            body: None,
+            ok: (200, "History"),
+            errors: &[401, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons",
+        id: None,
+        class: Class::Inline,
+        handler: admin_list,
+        doc: Op {
+            summary: "Every coupon, deleted too, with claimed counts (paged; ?status=&q=)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "AdminCouponList"),
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "POST /admin/coupons",
+        id: None,
+        class: Class::Inline,
+        handler: create,
+        doc: Op {
+            summary: "Create a coupon (Idempotency-Key optional)",
+            who: Who::Admin,
+            body: Some("NewCoupon"),
+            ok: (201, "Coupon"),
+            errors: &[400, 401, 403, 409, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: admin_get,
+        doc: Op {
+            summary: "One coupon, with its ETag",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "AdminCoupon"),
+            errors: &[401, 403, 404],
+        },
+    },
+    Route {
+        name: "PUT /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: update,
+        doc: Op {
+            summary: "Change a coupon (If-Match optional; null removes a rule)",
+            who: Who::Admin,
+            body: Some("CouponChange"),
+            ok: (200, "Coupon"),
+            errors: &[400, 401, 403, 404, 409, 411, 412, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "DELETE /admin/coupons/{id}",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: delete,
+        doc: Op {
+            summary: "Soft-delete a coupon; its claims stay",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "Detail"),
+            errors: &[401, 403, 404],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons/{id}/claims",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: admin_claims,
+        doc: Op {
+            summary: "A coupon's claims, with who claimed (paged)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "CouponClaims"),
+            errors: &[401, 403, 404, 422],
+        },
+    },
+    Route {
+        name: "POST /admin/claims/{id}/void",
+        id: Some(Id::Claim),
+        class: Class::Inline,
+        handler: void,
+        doc: Op {
+            summary: "Void a claim: one unit back, exactly once",
+            who: Who::Admin,
+            body: Some("VoidRequest"),
+            ok: (200, "Voided"),
+            errors: &[400, 401, 403, 404, 409, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/audit",
+        id: None,
+        class: Class::Inline,
+        handler: audit_log,
+        doc: Op {
+            summary: "The audit log, newest first (paged)",
+            who: Who::Admin,
+            body: None,
+            ok: (200, "Audit"),
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "GET /healthz",
+        id: None,
+        class: Class::Inline,
+        handler: healthz,
+        doc: Op {
+            summary: "Whether the database answers",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, "Health"),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /metrics",
+        id: None,
+        class: Class::Inline,
+        handler: metrics,
+        doc: Op {
+            summary: "Prometheus metrics (text)",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /openapi.json",
+        id: None,
+        class: Class::Inline,
+        handler: openapi_json,
+        doc: Op {
+            summary: "This document",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /docs",
+        id: None,
+        class: Class::Inline,
+        handler: docs,
+        doc: Op {
+            summary: "This document, rendered for people (HTML)",
+            who: Who::Anyone,
+            body: None,
+            ok: (200, ""),
+            errors: &[],
+        },
+    },
+];
+
+fn healthz(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    db::ping(&app.pool)?;
+    Ok(Reply::json(200, &json!({"status": "ok"})))
+}
+
+fn metrics(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply {
+        status: 200,
+        body: app
+            .metrics
+            .render(app.pool.stats(), app.claims.stats())
+            .into_bytes(),
+        headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
+    })
+}
+
+fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply::json(200, &openapi::document()))
+}
+
+fn docs(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    Ok(Reply {
+        status: 200,
+        body: openapi::DOCS_HTML.as_bytes().to_vec(),
+        headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+/// From the JSON body, or from the seed's `?email=...&password=...`.
+fn credentials(rq: &mut Request, url: &str) -> Result<Credentials> {
+    if let Some(c) = json_body(rq)? {
+        return Ok(c);
+    }
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    match (get("email"), get("password")) {
+        (Some(email), Some(password)) => Ok(Credentials { email, password }),
+        _ => Err(ApiError::InvalidBody(
+            "email and password are required".into(),
+        )),
+    }
+}
+
+/// The client's address, for the brute-force limits.
+fn client(app: &App, rq: &Request) -> String {
+    let forwarded: Vec<&str> = rq
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("X-Forwarded-For"))
+        .map(|h| h.value.as_str())
+        .collect();
+    app.limits
+        .client(rq.remote_addr().map(|a| a.ip()), &forwarded)
+}
+
+/// The page a list request asks for (`?limit=&after=`).
+fn page(url: &str) -> Result<Page> {
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    Ok(Page::parse(get("limit"), get("after"))?)
+}
+
+/// A page of a list: the array is the body, and a full page links to the next one
+/// (`Link: <...&after=ID>; rel="next"`, keeping the other query parameters).
+fn paged<T: serde::Serialize>(url: &str, page: Page, items: &[T], id: impl Fn(&T) -> u64) -> Reply {
+    let mut reply = Reply::json(200, &items);
+    if let Some(last) = items.last().filter(|_| items.len() == page.limit as usize) {
+        let mut params: Vec<String> = query(url)
+            .into_iter()
+            .filter(|(k, _)| k != "after" && k != "limit")
+            .map(|(k, v)| format!("{}={}", encode(&k), encode(&v)))
+            .collect();
+        params.push(format!("limit={}", page.limit));
+        params.push(format!("after={}", id(last)));
+        reply.headers.push((
+            "Link",
+            format!("<{}?{}>; rel=\"next\"", path(url), params.join("&")),
+        ));
+    }
+    reply
+}
+
+/// Percent-encodes a query parameter.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Claimable coupons; with a valid token, each also says whether the caller has reached its
+/// per-user limit (a missing or invalid token just lists, as for anyone).
+fn list(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    let page = page(url)?;
+    let coupons = coupon::list_active(&app.pool, page)?;
+    let Ok(who) = app.auth.authenticate(token(rq)) else {
+        return Ok(paged(url, page, &coupons, |c| c.id.0));
+    };
+    let reached = coupon::limits_reached(&app.pool, who.user_id, &coupons)?;
+    let items: Vec<serde_json::Value> = coupons
+        .iter()
+        .map(|c| {
+            let mut v = json!(c);
+            v["limit_reached"] = json!(reached.contains(&c.id));
+            v
+        })
+        .collect();
+    Ok(paged(url, page, &items, |v| v["id"].as_u64().unwrap_or(0)))
+}
+
+fn admin_list(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let filter = AdminFilter {
+        status: get("status").as_deref().map(Status::parse).transpose()?,
+        code_prefix: get("q"),
+    };
+    let items = coupon::admin_list(&app.pool, &filter, page)?;
+    Ok(paged(url, page, &items, |c| c.coupon.id.0))
+}
+
+fn admin_get(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let id = id.coupon()?;
+    let c = coupon::admin_get(&app.pool, id)?;
+    let mut reply = Reply::json(200, &c);
+    reply.headers.push(("ETag", etag(c.coupon.version)));
+    Ok(reply)
+}
+
+/// A coupon with its `ETag`: its version, which counts admin changes (not claims), so an
+/// `If-Match` from a read still holds while claims come and go.
+fn tagged(c: &coupon::Coupon) -> Reply {
+    let mut reply = Reply::json(200, c);
+    reply.headers.push(("ETag", etag(c.version)));
+    reply
+}
+
+fn etag(version: u32) -> String {
+    format!("\"v{version}\"")
+}
+
+/// The version an `If-Match` header asks for: `None` without one or with `*`.
+fn if_match(rq: &Request) -> Result<Option<u32>> {
+    let Some(h) = rq.headers().iter().find(|h| h.field.equiv("If-Match")) else {
+        return Ok(None);
+    };
+    let value = h.value.as_str().trim();
+    if value == "*" {
+        return Ok(None);
+    }
+    // An ETag we never gave can only be stale.
+    let version = value
+        .strip_prefix("\"v")
+        .and_then(|v| v.strip_suffix('"'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(version))
+}
+
+fn audit_log(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let items = coupons::audit::list(&app.pool, page)?;
+    Ok(paged(url, page, &items, |e| e.id))
+}
+
+fn admin_claims(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let id = id.coupon()?;
+    let page = page(url)?;
+    let items = claim::coupon_claims(&app.pool, id, page)?;
+    Ok(paged(url, page, &items, |c| c.claim_id.0))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidBody {
+    reason: String,
+}
+
+fn void(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let id = id.claim()?;
+    let body: VoidBody =
+        json_body(rq)?.ok_or_else(|| ApiError::InvalidBody("a reason is required".into()))?;
+    if body.reason.trim().is_empty() {
+        return Err(Error::invalid("reason", "must not be empty").into());
+    }
+    let reason = Label::parse("reason", &body.reason, 500)?;
+    Ok(Reply::json(
+        200,
+        &claim::void(&app.pool, who.user_id, id, &reason)?,
+    ))
+}
+
+fn register(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    let ip = client(app, rq);
+    let c = credentials(rq, url)?;
+    let email = Email::parse(&c.email)?;
+    let password = Password::parse(&c.password)?;
+    let limit = &app.limits.registrations_per_ip;
+    limit.take(&ip).map_err(ApiError::TooManyRequests)?;
+    let user = app.auth.register(&app.pool, &email, &password)?;
+    Ok(Reply::json(201, &user))
+}
+
+fn login(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    let ip = client(app, rq);
+    let c = credentials(rq, url)?;
+    // Taken before any bcrypt work and given back on success: guessing costs the guesser, and
+    // parallel guesses cannot share the last attempt. The email bucket only exists for a
+    // well-formed address (no bucket per 64 KiB of junk).
+    let limits = &app.limits;
+    let email = Email::parse(&c.email).ok();
+    limits
+        .login_fails_per_ip
+        .take(&ip)
+        .map_err(ApiError::TooManyRequests)?;
+    if let Some(email) = &email {
+        if let Err(wait) = limits.login_fails_per_email.take(email.as_str()) {
+            limits.login_fails_per_ip.refund(&ip);
+            return Err(ApiError::TooManyRequests(wait));
+        }
+    }
+    let t = app
+        .auth
+        .login(&app.pool, &c.email, &c.password)
+        .inspect(|_| {
+            limits.login_fails_per_ip.refund(&ip);
+            if let Some(email) = &email {
+                limits.login_fails_per_email.refund(email.as_str());
+            }
+        })?;
+    Ok(Reply::json(
+        200,
+        &json!({
+            "token": t.token,
+            "access_token": t.token,
+            "token_type": "bearer",
+            "expires_in": t.expires_in,
+        }),
+    ))
+}
+
+fn principal(app: &App, rq: &Request) -> Result<Principal> {
+    Ok(app.auth.authenticate(token(rq))?)
+}
+
+fn admin(app: &App, rq: &Request) -> Result<Principal> {
+    let who = principal(app, rq)?;
+    auth::require_admin(&app.pool, &who)?;
+    Ok(who)
+}
+
+/// The `Idempotency-Key` header, parsed, if sent.
+fn idempotency_key(rq: &Request) -> Result<Option<IdempotencyKey>> {
+    let value = rq
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Idempotency-Key"));
+    Ok(value
+        .map(|h| IdempotencyKey::parse(h.value.as_str()))
+        .transpose()?)
+}
+
+/// The answer of a keyed request, marked when it is a replay (errors included).
+fn answered<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Reply) -> Result<Reply> {
+    let mut reply = match answer.result {
+        Ok(value) => ok(value),
+        Err(e) if answer.replayed => ApiError::App(e).reply("replay"),
+        Err(e) => return Err(e.into()),
+    };
+    if answer.replayed {
+        reply.headers.push(("Idempotent-Replayed", "true".into()));
+    }
+    Ok(reply)
+}
+
+/// `POST /coupons/{id}/claim`, waiting for the answer. The server does not wait: it hands the
+/// [`claim_ticket`] to `Claims::submit`, and the thread that runs the claim's batch sends the
+/// [`claim_reply`] (bin/server/http.rs).
+fn claim(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let t = claim_ticket(app, rq, id)?;
+    let answer = match &t.key {
+        Some(key) => app.claims.claim_once(t.user, t.coupon, key),
+        None => Answer::new(app.claims.claim(t.user, t.coupon)),
+    };
+    claim_reply(app, answer)
+}
+
+/// A claim request, read and checked: who claims which coupon, with which key.
+pub struct ClaimTicket {
+    pub user: coupons::UserId,
+    pub coupon: CouponId,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// Reads and checks a claim request (the claim itself is the claims' to make).
+pub fn claim_ticket(app: &App, rq: &Request, id: Params) -> Result<ClaimTicket> {
+    ready(app)?;
+    let who = principal(app, rq)?;
+    Ok(ClaimTicket {
+        user: who.user_id,
+        coupon: id.coupon()?,
+        key: idempotency_key(rq)?,
+    })
+}
+
+/// The answer to a claim request.
+pub fn claim_reply(app: &App, answer: Answer<claim::Claimed>) -> Result<Reply> {
+    let outcome = match &answer.result {
+        Ok(_) => "claimed".to_owned(),
+        Err(e) => super::error::app_parts(e).1,
+    };
+    app.metrics.claim(&outcome);
+    answered(answer, |c| {
+        Reply::json(
+            201,
+            &json!({
+                "message": "Coupon claimed successfully",
+                "claim": c.claim,
+                "available_count": c.available_count,
+            }),
+        )
+    })
+}
+
+fn history(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    let who = principal(app, rq)?;
+    let page = page(url)?;
+    let items = claim::history(&app.pool, who.user_id, page)?;
+    Ok(paged(url, page, &items, |h| h.claim_id.0))
+}
+
+/// A coupon as sent by an admin; every field optional here, required ones checked below.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CouponBody {
+    code: Option<String>,
+    available_count: Option<i64>,
+    status: Option<String>,
+    // For these, `null` (Some(None)) removes the rule in an update; absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    per_user_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present")]
+    starts_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    ends_at: Option<Option<String>>,
+}
+
+/// A field that is present, possibly `null`: `Some(value or None)`; absent fields stay `None`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+impl CouponBody {
+    /// The rules as sent, each parsed; `None` where absent, `Some(None)` where `null`.
+    fn rules(&self) -> Result<RulesChange> {
+        fn each<T, U>(
+            v: &Option<Option<T>>,
+            f: impl Fn(&T) -> std::result::Result<U, Error>,
+        ) -> Result<Option<Option<U>>> {
+            Ok(v.as_ref()
+                .map(|o| o.as_ref().map(&f).transpose())
+                .transpose()?)
+        }
+        Ok(RulesChange {
+            name: each(&self.name, |n| Label::parse("name", n, 200))?,
+            description: each(&self.description, |d| Label::parse("description", d, 2000))?,
+            per_user_limit: each(&self.per_user_limit, |l| PerUserLimit::parse(*l))?,
+            starts_at: each(&self.starts_at, |t| Timestamp::parse("starts_at", t))?,
+            ends_at: each(&self.ends_at, |t| Timestamp::parse("ends_at", t))?,
+        })
+    }
+}
+
+/// From the JSON body, or from the seed's `?code=...&available_count=...&status=...`.
+fn coupon_body(rq: &mut Request, url: &str) -> Result<CouponBody> {
+    if let Some(b) = json_body(rq)? {
+        return Ok(b);
+    }
+    let mut b = CouponBody::default();
+    for (k, v) in query(url) {
+        match k.as_str() {
+            "code" => b.code = Some(v),
+            "status" => b.status = Some(v),
+            "available_count" => {
+                let n = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::invalid("available_count", "must be a whole number"))?;
+                b.available_count = Some(n);
+            }
+            _ => {}
+        }
+    }
+    Ok(b)
+}
+
+fn create(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let key = idempotency_key(rq)?;
+    let b = coupon_body(rq, url)?;
+    let new = NewCoupon {
+        code: CouponCode::parse(b.code.as_deref().unwrap_or_default())?,
+        available_count: Stock::parse(
+            b.available_count
+                .ok_or_else(|| Error::invalid("available_count", "is required"))?,
+        )?,
+        status: b
+            .status
+            .as_deref()
+            .map_or(Ok(Status::Active), Status::parse)?,
+        rules: {
+            let r = b.rules()?;
+            Rules {
+                name: r.name.flatten(),
+                description: r.description.flatten(),
+                per_user_limit: r.per_user_limit.flatten(),
+                starts_at: r.starts_at.flatten(),
+                ends_at: r.ends_at.flatten(),
+            }
+        },
+    };
+    let answer = match key {
+        Some(key) => coupon::create_once(&app.pool, who.user_id, &new, &key),
+        None => Answer {
+            result: coupon::create(&app.pool, who.user_id, &new),
+            replayed: false,
+        },
+    };
+    answered(answer, |c| Reply::json(201, &c))
+}
+
+fn update(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let if_version = if_match(rq)?;
+    let id = id.coupon()?;
+    let b = coupon_body(rq, url)?;
+    let change = CouponChange {
+        code: b.code.as_deref().map(CouponCode::parse).transpose()?,
+        available_count: b.available_count.map(Stock::parse).transpose()?,
+        status: b.status.as_deref().map(Status::parse).transpose()?,
+        rules: b.rules()?,
+        if_version,
+    };
+    Ok(tagged(&coupon::update(
+        &app.pool,
+        who.user_id,
+        id,
+        &change,
+    )?))
+}
+
+fn delete(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let id = id.coupon()?;
+    coupon::delete(&app.pool, who.user_id, id)?;
+    Ok(Reply::json(200, &json!({"detail": "Coupon deleted"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `find` makes of a request line: the route, its class and its `{id}`; or the 405's
+    /// `Allow`; or another status.
+    #[track_caller]
+    fn check(method: &str, path: &str, expected: &str) {
+        let method: Method = method.parse().unwrap();
+        let got = match find(&method, path) {
+            Ok((route, id)) => format!("{} {:?} {id:?}", route.name, route.class),
+            Err(ApiError::MethodNotAllowed(allow)) => format!("405 {allow}"),
+            Err(e) => e.parts().0.to_string(),
+        };
+        assert_eq!(got, expected, "{method} {path}");
+    }
+
+    #[test]
+    fn requests_find_their_route_class_and_id() {
+        check("POST", "/register", "POST /register Bcrypt None");
+        check("POST", "/login", "POST /login Bcrypt None");
+        check("GET", "/coupons", "GET /coupons Inline None");
+        let claim = "POST /coupons/{id}/claim Claim";
+        check(
+            "POST",
+            "/coupons/7/claim",
+            &format!("{claim} Coupon(Ok(CouponId(7)))"),
+        );
+        check(
+            "POST",
+            "/coupons/abc/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/coupons/0/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/coupons/+1/claim",
+            &format!("{claim} Coupon(Err(CouponNotFound))"),
+        );
+        check(
+            "POST",
+            "/admin/claims/3/void",
+            "POST /admin/claims/{id}/void Inline Claim(Ok(ClaimId(3)))",
+        );
+        check(
+            "GET",
+            "/admin/coupons/",
+            "GET /admin/coupons/{id} Inline Coupon(Err(CouponNotFound))",
+        );
+        check("GET", "/openapi.json", "GET /openapi.json Inline None");
+        check("GET", "/login", "405 POST");
+        check("HEAD", "/coupons", "405 GET");
+        check("PATCH", "/admin/coupons", "405 GET, POST");
+        check("POST", "/admin/coupons/1", "405 GET, PUT, DELETE");
+        check("get", "/coupons", "405 GET");
+        for path in [
+            "/login/",
+            "//login",
+            "/coupons/",
+            "/",
+            "",
+            "*",
+            "/coupons/1/claim/x",
+            "/nope",
+        ] {
+            check("POST", path, "404");
+        }
+    }
+
+    #[test]
+    fn each_route_is_declared_whole_and_once() {
+        for (i, route) in ROUTES.iter().enumerate() {
+            let name = route.name;
+            assert!(
+                !matches!(route.method().parse(), Ok(Method::NonStandard(_)) | Err(_)),
+                "{name}: a method tiny_http knows"
+            );
+            assert!(route.path().starts_with('/'), "{name}: a path");
+            assert_eq!(
+                route.path().contains("{id}"),
+                route.id.is_some(),
+                "{name}: {{id}} typed"
+            );
+            assert!(ROUTES[..i].iter().all(|r| r.name != name), "{name}: twice");
+        }
+    }
+}

@@ -142,10 +142,17 @@ impl Claims {
                     run(Lock::Skip),
                 ))
             }),
+            // Behind lanes, a coupon's queue waits for a lock held elsewhere: never on the
+            // thread of a lane (or of a caller that would not wait). Without lanes, it is the
+            // lane.
             per_coupon: Arc::new(Combiner::new(
                 self.max,
                 None,
-                Leader::Spawn,
+                if self.lanes > 0 {
+                    Leader::Spawn
+                } else {
+                    Leader::Here
+                },
                 run(Lock::Wait),
             )),
         });
@@ -211,39 +218,68 @@ impl Claims {
         user: UserId,
         coupon: CouponId,
         key: Option<&IdempotencyKey>,
-        reply: impl FnOnce(Answer<Claimed>) + Send + 'static,
+        reply: impl Reply,
     ) {
         let ticket = Ticket {
             coupon,
             user,
             key: key.cloned(),
         };
+        if let Err(reply) = self.hand_in(ticket.clone(), reply, true) {
+            reply.send(alone(&self.pool, &ticket));
+        }
+    }
+
+    /// [`Claims::submit`], but only when the claim waits anyway, because its lane has a
+    /// batch in flight: then it is queued (`Ok`) and this thread never runs a batch. Otherwise
+    /// `reply` comes back, and nothing was done. A server's connection threads queue claims so
+    /// under load, without waking a worker to do it.
+    pub fn queue<R: Reply>(
+        &self,
+        user: UserId,
+        coupon: CouponId,
+        key: Option<&IdempotencyKey>,
+        reply: R,
+    ) -> Result<(), R> {
+        let ticket = Ticket {
+            coupon,
+            user,
+            key: key.cloned(),
+        };
+        self.hand_in(ticket, reply, false)
+    }
+
+    /// Leaves `ticket` with its lane's queue (or its coupon's, while that coupon's claims wait
+    /// for a lock held elsewhere). `reply` comes back when combining is off, or when the lane
+    /// is idle and this thread may not run its batches.
+    fn hand_in<R: Reply>(&self, ticket: Ticket, reply: R, may_lead: bool) -> Result<(), R> {
         let Some(c) = &self.combining else {
-            return reply(alone(&self.pool, &ticket));
+            return Err(reply);
         };
-        let per_coupon = Arc::clone(&c.per_coupon);
-        let by_coupon = move |ticket: Ticket, reply: Box<dyn FnOnce(Answer<Claimed>) + Send>| {
-            per_coupon.submit_with(
-                ticket,
-                Box::new(move |o| reply(o.unwrap_or_else(undecided))),
-            )
-        };
-        match c
+        let mut reply = Some(reply);
+        let by_lane = c
             .lanes
             .as_ref()
-            .filter(|_| c.per_coupon.active(coupon) == 0)
-        {
+            .filter(|_| c.per_coupon.active(ticket.coupon) == 0);
+        let taken = match by_lane {
             Some(lanes) => {
-                let again = ticket.clone();
-                lanes.submit_with(
-                    ticket,
-                    Box::new(move |outcome| match outcome {
-                        Some(answer) => reply(answer),
-                        None => by_coupon(again, Box::new(reply)),
-                    }),
-                );
+                let (per_coupon, again) = (Arc::clone(&c.per_coupon), ticket.clone());
+                lanes.submit_with(ticket, may_lead, || {
+                    let reply = reply.take().expect("taken once");
+                    Box::new(move |outcome: Outcome| match outcome {
+                        Some(answer) => reply.send(answer),
+                        None => by_coupon(&per_coupon, again, reply),
+                    })
+                })
             }
-            None => by_coupon(ticket, Box::new(reply)),
+            None => c.per_coupon.submit_with(ticket, may_lead, || {
+                let reply = reply.take().expect("taken once");
+                Box::new(move |o: Outcome| reply.send(o.unwrap_or_else(undecided)))
+            }),
+        };
+        match reply {
+            Some(reply) if !taken => Err(reply),
+            _ => Ok(()),
         }
     }
 
@@ -281,6 +317,27 @@ impl Claims {
             batches: sum(|c| &c.batches),
         }
     }
+}
+
+/// Where a claim's answer goes when its caller does not wait for it ([`Claims::submit`]): a
+/// closure, or a type of the caller's that [`Claims::queue`] can give back whole.
+pub trait Reply: Send + 'static {
+    /// Takes the answer.
+    fn send(self, answer: Answer<Claimed>);
+}
+
+impl<F: FnOnce(Answer<Claimed>) + Send + 'static> Reply for F {
+    fn send(self, answer: Answer<Claimed>) {
+        self(answer)
+    }
+}
+
+/// A claim a lane's batch skipped (its coupon locked elsewhere): it waits by coupon, on a
+/// thread of its own, never on the lane's.
+fn by_coupon(per_coupon: &Arc<Combiner>, ticket: Ticket, reply: impl Reply) {
+    per_coupon.submit_with(ticket, true, || {
+        Box::new(move |o: Outcome| reply.send(o.unwrap_or_else(undecided)))
+    });
 }
 
 fn undecided() -> Answer<Claimed> {

@@ -140,17 +140,36 @@ impl Combiner {
         self.lead(lane, batch, Some(&me))
     }
 
-    /// Runs `ticket` together with concurrent tickets of its lane; `reply` gets the answer.
-    /// Returns at once, unless this thread is the one to run the lane's batches.
-    pub fn submit_with(self: &Arc<Self>, ticket: Ticket, reply: Callback) {
+    /// Runs `ticket` together with concurrent tickets of its lane; the callback `reply` makes
+    /// gets the answer. Returns at once, unless this thread is the one to run the lane's
+    /// batches. With `may_lead` false, a ticket that would run here is not taken (`false`,
+    /// and `reply` is not called).
+    pub fn submit_with(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        may_lead: bool,
+        reply: impl FnOnce() -> Callback,
+    ) -> bool {
+        let lane = self.lane(ticket.coupon);
+        let mut inner = lock(&self.inner);
+        let idle = !inner.queues.contains_key(&lane);
+        if idle && !may_lead && self.leader == Leader::Here {
+            return false;
+        }
         let me = Arc::new(Waiter {
             ticket,
-            reply: Reply::Call(Mutex::new(Some(reply))),
+            reply: Reply::Call(Mutex::new(Some(reply()))),
         });
-        let lane = self.lane(me.ticket.coupon);
-        if let Some(batch) = self.enqueue(lane, &me) {
-            self.lead_callbacks(lane, batch);
+        *inner.active.entry(me.ticket.coupon).or_default() += 1;
+        if idle {
+            inner.queues.insert(lane, Vec::new());
+            drop(inner);
+            self.lead_callbacks(lane, vec![me]);
+        } else {
+            inner.queues.entry(lane).or_default().push(me);
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
+        true
     }
 
     /// Queues `me` in `lane`; `Some` batch of it alone when the lane was idle (then the caller

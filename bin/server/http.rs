@@ -3,7 +3,9 @@
 use super::error::ApiError;
 use super::routes::{self, Class};
 use coupons::auth::Auth;
+use coupons::claim::Claimed;
 use coupons::db::Pool;
+use coupons::idempotency::Answer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -129,6 +131,11 @@ pub fn serve(
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let app = Arc::new(app);
+    let look = Arc::clone(&app);
+    // A panic there drops the request, which tiny_http then answers 500.
+    server.set_first_look(Box::new(move |rq| {
+        catch_unwind(AssertUnwindSafe(|| first_look(&look, rq))).unwrap_or(None)
+    }));
     let stopping = &shutdown.requested;
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
@@ -252,41 +259,113 @@ pub fn handle(app: &App, mut rq: Request) {
 /// A claim: read and checked here, then left with the claims, which answer it when its batch
 /// commits, on whichever thread runs the batch (this one, if it finds the lane idle).
 fn claim(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
-    let started = Instant::now();
-    let what = what(&rq);
-    let ticket = match catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id))) {
-        Ok(Ok(ticket)) => ticket,
-        Ok(Err(e)) => return finish(app, rq, e.reply(&what), route, &what, started),
-        Err(_) => return finish(app, rq, ApiError::Panic.reply(&what), route, &what, started),
+    let Some((ticket, answer)) = ClaimAnswer::read(app, rq, route, id) else {
+        return;
     };
-    app.claims_pending.fetch_add(1, Ordering::SeqCst);
-    let answering = Arc::clone(app);
-    app.claims.submit(
-        ticket.user,
-        ticket.coupon,
-        ticket.key.as_ref(),
-        move |answer| {
-            let app = answering;
-            let reply = guarded(&what, || routes::claim_reply(&app, answer));
-            // The thread running a lane's batches answers them; a client that reads none of
-            // its answers must not make it wait: its answer goes out on a thread of its own.
-            if writable_now(&rq) {
-                finish(&app, rq, reply, route, &what, started);
-                app.claims_pending.fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-            let apart = Arc::clone(&app);
-            let spawned = std::thread::Builder::new().spawn(move || {
-                finish(&apart, rq, reply, route, &what, started);
-                apart.claims_pending.fetch_sub(1, Ordering::SeqCst);
-            });
-            if spawned.is_err() {
-                // No thread to be had: the request went with the closure (tiny_http answers
-                // a dropped request 500, and the connection closes).
-                app.claims_pending.fetch_sub(1, Ordering::SeqCst);
-            }
-        },
-    );
+    app.claims
+        .submit(ticket.user, ticket.coupon, ticket.key.as_ref(), answer);
+}
+
+/// On a connection's thread, before the request is queued for a worker: a claim whose lane
+/// has a batch in flight is read and queued in the lane here, so that no worker is woken just
+/// to pass it on. Anything else, and a claim that would run at once, goes to the workers.
+fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
+    let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
+        return Some(rq);
+    };
+    if route.class != Class::Claim {
+        return Some(rq);
+    }
+    // An error is answered by a worker, as any request's; only a good claim is queued here.
+    let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id)));
+    let Ok(Ok(ticket)) = checked else {
+        return Some(rq);
+    };
+    let answer = ClaimAnswer::new(app, rq, route.name);
+    match app
+        .claims
+        .queue(ticket.user, ticket.coupon, ticket.key.as_ref(), answer)
+    {
+        Ok(()) => None,
+        Err(answer) => Some(answer.give_back()),
+    }
+}
+
+/// A claim request waiting for its answer, and where that answer goes.
+struct ClaimAnswer {
+    app: Arc<App>,
+    rq: Request,
+    route: &'static str,
+    what: String,
+    started: Instant,
+}
+
+impl ClaimAnswer {
+    /// Counted among the claims pending until it is answered or given back.
+    fn new(app: &Arc<App>, rq: Request, route: &'static str) -> ClaimAnswer {
+        app.claims_pending.fetch_add(1, Ordering::SeqCst);
+        ClaimAnswer {
+            app: Arc::clone(app),
+            what: what(&rq),
+            rq,
+            route,
+            started: Instant::now(),
+        }
+    }
+
+    /// The claim `rq` asks for, and where its answer goes; `None` when it was answered at
+    /// once (a bad token, a bad key, a handler panic).
+    fn read(
+        app: &Arc<App>,
+        rq: Request,
+        route: &'static str,
+        id: routes::Params,
+    ) -> Option<(routes::ClaimTicket, ClaimAnswer)> {
+        let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id)));
+        let answer = ClaimAnswer::new(app, rq, route);
+        let error = match checked {
+            Ok(Ok(ticket)) => return Some((ticket, answer)),
+            Ok(Err(e)) => e.reply(&answer.what),
+            Err(_) => ApiError::Panic.reply(&answer.what),
+        };
+        answer.answer(error);
+        None
+    }
+
+    fn give_back(self) -> Request {
+        self.app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+        self.rq
+    }
+
+    fn answer(self, reply: Reply) {
+        let ClaimAnswer {
+            app,
+            rq,
+            route,
+            what,
+            started,
+        } = self;
+        finish(&app, rq, reply, route, &what, started);
+        app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl coupons::claim::Reply for ClaimAnswer {
+    fn send(self, answer: Answer<Claimed>) {
+        let reply = guarded(&self.what, || routes::claim_reply(&self.app, answer));
+        // The thread running a lane's batches answers them; a client that reads none of its
+        // answers must not make it wait: its answer goes out on a thread of its own.
+        if writable_now(&self.rq) {
+            return self.answer(reply);
+        }
+        let pending = Arc::clone(&self.app);
+        let spawned = std::thread::Builder::new().spawn(move || self.answer(reply));
+        if spawned.is_err() {
+            // No thread to be had: the request went with the closure (tiny_http answers a
+            // dropped request 500, and the connection closes).
+            pending.claims_pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Whether `rq`'s socket has room for an answer now (a client that reads nothing fills it).

@@ -890,3 +890,45 @@ fn with_combining_off_a_callback_is_answered_on_its_own_thread() {
     assert_eq!(db.stock(coupon.0), (0, 2, 2));
     assert_eq!(db.claims.stats(), claim::ClaimStats::default());
 }
+
+#[test]
+fn a_claim_is_queued_without_its_thread_only_behind_a_batch_in_flight() {
+    let mut db = TestDb::new();
+    db.claims = db.claims.clone().with_lanes(1);
+    let users = new_users(&db, &auth(), 3);
+    let (first, second) = (new_coupon(&db, "FIRST", 10), new_coupon(&db, "SECOND", 10));
+    // An idle lane: the claim would run on this thread, so it is not taken.
+    let refused = db
+        .claims
+        .queue(users[1], first, None, |_: Answer<claim::Claimed>| {});
+    assert!(refused.is_err(), "an idle lane took a claim to queue");
+    // A batch in flight, waiting for a key another connection holds: claims queue behind it.
+    let mut holder = hold_key(&db, users[0], "held");
+    let key = IdempotencyKey::parse("held").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| db.claims.claim_once(users[0], first, &key));
+        wait_until("the batch to wait for the held key", || {
+            waiting(&db, "INSERT INTO idempotency_keys%").len() == 1
+        });
+        for (user, coupon) in [(users[1], first), (users[2], second)] {
+            let tx = tx.clone();
+            let queued = db
+                .claims
+                .queue(user, coupon, None, move |a| tx.send(a).unwrap());
+            assert!(
+                queued.is_ok(),
+                "a claim behind a batch in flight was not queued"
+            );
+        }
+        assert_eq!(db.claims.stats().queued, 2);
+        holder.query_drop("ROLLBACK").unwrap();
+        assert!(leader.join().unwrap().result.is_ok());
+    });
+    for _ in 0..2 {
+        let answer = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(answer.result.is_ok(), "{answer:?}");
+    }
+    assert_eq!(db.stock(first.0), (8, 2, 10));
+    assert_eq!(db.stock(second.0), (9, 1, 10));
+}

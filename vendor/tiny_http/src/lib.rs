@@ -154,7 +154,14 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // coupons patch: see `set_first_look`.
+    first_look: Arc<std::sync::OnceLock<FirstLook>>,
 }
+
+/// coupons patch: what sees a request first, on its connection's thread (see
+/// `Server::set_first_look`).
+pub type FirstLook = Box<dyn Fn(Request) -> Option<Request> + Send + Sync + 'static>;
 
 enum Message {
     Error(IoError),
@@ -296,9 +303,11 @@ impl Server {
         // creating a task where server.accept() is continuously called
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
+        let first_look: Arc<std::sync::OnceLock<FirstLook>> = Arc::default();
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let inside_first_look = first_look.clone();
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
@@ -349,6 +358,7 @@ impl Server {
                 match new_client {
                     Ok(client) => {
                         let messages = inside_messages.clone();
+                        let first_look = inside_first_look.clone();
                         let mut client = Some(client);
                         open.fetch_add(1, Relaxed);
                         let open = open.clone();
@@ -384,8 +394,16 @@ impl Server {
                                             }
                                         }
                                         let (sender, receiver) = mpsc::channel();
-                                        messages.push(rq.with_notify_sender(sender).into());
+                                        let rq = rq.with_notify_sender(sender);
                                         answered = Some(receiver);
+                                        // coupons patch: a first look, which may take it.
+                                        let rq = match first_look.get() {
+                                            Some(look) => look(rq),
+                                            None => Some(rq),
+                                        };
+                                        if let Some(rq) = rq {
+                                            messages.push(rq.into());
+                                        }
                                     }
                                 }
                             }
@@ -408,7 +426,15 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            first_look,
         })
+    }
+
+    /// coupons patch: `look` sees every request first, on its connection's thread (plain HTTP
+    /// only), before it is queued for `recv`: it gives the request back to queue it, or takes
+    /// it (and sees that it is answered). Set once; false if it was set already.
+    pub fn set_first_look(&self, look: FirstLook) -> bool {
+        self.first_look.set(look).is_ok()
     }
 
     /// Returns an iterator for all the incoming requests.

@@ -168,16 +168,21 @@ fn three_services_on_three_galera_nodes_claim_exactly_through_a_node_kill() {
         .collect();
 
     // 48 clients, 16 on each service: 12 claims of the hot coupon (576 for 300 units) and 5 of
-    // the limited one each. Node 2 is killed once a third of the answers are in.
+    // the limited one each. Node 2 is killed once a third of the answers are in; each client
+    // waits for the kill after its sixth claim, so the kill always comes mid-load.
     let answered = AtomicUsize::new(0);
+    let killed = std::sync::atomic::AtomicBool::new(false);
     let (results, node2_retries) = std::thread::scope(|s| {
         let clients: Vec<_> = (0..48)
             .map(|t| {
-                let (addr, token, answered) = (addrs[t % 3], &users[t], &answered);
+                let (addr, token, answered, killed) = (addrs[t % 3], &users[t], &answered, &killed);
                 s.spawn(move || {
                     let mut out = Vec::new();
                     let mut retries = 0;
                     for i in 0..17 {
+                        while i == 6 && !killed.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                         let (coupon, name) = if i < 12 {
                             (hot, "hot")
                         } else {
@@ -196,6 +201,7 @@ fn three_services_on_three_galera_nodes_claim_exactly_through_a_node_kill() {
             std::thread::sleep(Duration::from_millis(20));
         }
         cluster.run(&["kill", "2"]);
+        killed.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_secs(1));
         cluster.run(&["restart", "2"]);
         let mut results = Vec::new();

@@ -53,7 +53,12 @@ impl Metrics {
 
     /// One claim's outcome: `claimed` or the error code it got.
     pub fn claim(&self, outcome: &str) {
-        self.with(|m| *m.claims.entry(outcome.to_owned()).or_default() += 1)
+        self.with(|m| match m.claims.get_mut(outcome) {
+            Some(n) => *n += 1,
+            None => {
+                m.claims.insert(outcome.to_owned(), 1);
+            }
+        })
     }
 
     /// The Prometheus text format.

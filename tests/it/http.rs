@@ -2220,6 +2220,15 @@ fn metrics_request_ids_and_the_access_log() {
     let token = r.body["token"].as_str().unwrap().to_owned();
     call("POST", "/coupons/1/claim", &[("token", &token)], None);
     call("POST", "/coupons/abc/claim", &[("token", &token)], None);
+    // tiny_http passes ESC, a lone CR and a lone LF through in the request line: they reach the
+    // log escaped, so they neither start a forged line nor drive the terminal showing it.
+    for line in [
+        "GET /x\x1b[2K\rFORGED\nFORGED\x7f HTTP/1.1",
+        "G\x1bET /healthz HTTP/1.1",
+    ] {
+        let head = format!("{line}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        crate::support::send(&addr, head.as_bytes(), b"");
+    }
 
     let r = call("GET", "/metrics", &[], None);
     let text = r.body.as_str().unwrap().to_owned();
@@ -2254,6 +2263,21 @@ fn metrics_request_ids_and_the_access_log() {
         !all.contains("sup3r-secret-pw") && !all.contains(&token),
         "a secret reached the log"
     );
+    assert!(
+        all.bytes()
+            .all(|b| b == b'\n' || (b' '..=b'~').contains(&b)),
+        "a control character reached the log: {lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.starts_with("FORGED")), "{lines:?}");
+    for logged in [
+        r" GET /x\x1b[2K\x0dFORGED\x0aFORGED\x7f 404 ",
+        r" G\x1bET /healthz 405 ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(logged)),
+            "{logged} in {lines:?}"
+        );
+    }
 }
 
 #[test]

@@ -34,13 +34,20 @@ impl Secret {
     }
 
     /// Reads the secret kept at `path`, or generates one and keeps it there (mode 0600), so
-    /// that tokens stay valid across restarts.
+    /// that tokens stay valid across restarts. A file that another user owns, or that group or
+    /// others may open, is refused ([`crate::embedded::check_private`]): whoever could write
+    /// it could sign any token.
     pub fn load_or_create(path: &Path) -> Result<Secret, Error> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let io = |e: std::io::Error| Error::Launch(format!("{}: {e}", path.display()));
-        match std::fs::read_to_string(path) {
-            Ok(s) => return Secret::parse(s.trim()),
+        match std::fs::File::open(path) {
+            Ok(mut file) => {
+                crate::embedded::check_private(path)?;
+                let mut s = String::new();
+                file.read_to_string(&mut s).map_err(io)?;
+                return Secret::parse(s.trim());
+            }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             Err(_) => {}
         }

@@ -1197,6 +1197,48 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
     );
 }
 
+/// Look-alike addresses are one account: fullwidth letters, upper case, an accent composed
+/// (NFC) or decomposed (NFD); an invisible format character is refused.
+#[test]
+fn look_alike_emails_are_one_account() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let send_credentials = |path: &str, email: &str| {
+        let body = serde_json::json!({"email": email, "password": "password123"}).to_string();
+        svc.call("POST", path, &[JSON], Some(&body))
+    };
+    for email in ["admin@example.com", "ren\u{e9}@example.com"] {
+        assert_eq!(
+            send_credentials("/register", email).status,
+            201,
+            "{email:?}"
+        );
+    }
+    for (email, status, code) in [
+        ("\u{ff41}dmin@example.com", 409, "email_taken"),
+        ("\u{ff21}DMIN@EXAMPLE.COM", 409, "email_taken"),
+        ("rene\u{301}@example.com", 409, "email_taken"),
+        ("admin\u{200b}@example.com", 422, "invalid_email"),
+        ("adm\u{200d}in@example.com", 422, "invalid_email"),
+        ("admin\u{2066}@example.com", 422, "invalid_email"),
+        ("admin@exa\u{ad}mple.com", 422, "invalid_email"),
+    ] {
+        let r = send_credentials("/register", email);
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (status, Some(code)),
+            "{email:?}: {}",
+            r.body
+        );
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM users"), 2);
+    // Each account answers to its look-alike spellings at login too.
+    for email in ["\u{ff41}dmin@example.com", "rene\u{301}@example.com"] {
+        let r = send_credentials("/login", email);
+        assert_eq!(r.status, 200, "{email:?}: {}", r.body);
+    }
+}
+
 /// Everything in the database, as one comparable value.
 fn snapshot(db: &TestDb) -> Vec<(String, i64)> {
     db.conn()

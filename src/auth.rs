@@ -139,6 +139,8 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub", "iat", "iss"]);
         validation.set_issuer(&[ISSUER]);
+        // Not checked unless asked: a token whose `nbf` (not before) is still ahead is refused.
+        validation.validate_nbf = true;
         validation.leeway = 5;
         let dummy_hash = bcrypt::non_truncating_hash("not-a-real-password", bcrypt_cost)
             .map_err(|e| Error::Internal(e.to_string()))?;
@@ -209,7 +211,7 @@ impl Auth {
         })
     }
 
-    /// Checks a token's signature (HS256 only), expiry and shape. It does not look the user
+    /// Checks a token's signature (HS256 only), expiry, `nbf` if it has one, and shape. It does not look the user
     /// up; functions that act for a user do that themselves.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, Error> {
         let token = token.ok_or(Error::Token(TokenProblem::Missing))?;

@@ -744,10 +744,10 @@ fn every_route_and_error_status() {
     }
     for (method, path, allow) in [
         ("GET", "/register", "POST"),
-        ("DELETE", "/coupons", "GET"),
+        ("DELETE", "/coupons", "GET, HEAD"),
         ("GET", "/coupons/1/claim", "POST"),
-        ("POST", "/admin/coupons/1", "GET, PUT, DELETE"),
-        ("PATCH", "/users/me/history", "GET"),
+        ("POST", "/admin/coupons/1", "GET, HEAD, PUT, DELETE"),
+        ("PATCH", "/users/me/history", "GET, HEAD"),
     ] {
         let r = check(s, method, path, &[], None, 405, "method_not_allowed");
         assert_eq!(r.headers["allow"], allow);
@@ -1167,6 +1167,20 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
             forge_claims(SECRET, &claims(&|c| c["sub"] = "1;DROP".into()), "HS256"),
             "invalid_token",
         ),
+        (
+            "not valid yet (nbf ahead)",
+            forge_claims(
+                SECRET,
+                &claims(&|c| c["nbf"] = (now + 3600).into()),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "nbf not a number",
+            forge_claims(SECRET, &claims(&|c| c["nbf"] = "soon".into()), "HS256"),
+            "invalid_token",
+        ),
         ("deleted user", ghost, "unknown_user"),
         ("garbage", "not.a.token".into(), "invalid_token"),
     ];
@@ -1189,12 +1203,62 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
             );
         }
     }
-    // And the good one still works, with either header.
+    // And the good one still works, with either header; so does one whose `nbf` has passed.
     assert_eq!(
         svc.call("GET", "/users/me/history", &[("token", &good)], None)
             .status,
         200
     );
+    let valid_since = forge_claims(SECRET, &claims(&|c| c["nbf"] = (now - 60).into()), "HS256");
+    assert_eq!(
+        svc.call("GET", "/users/me/history", &[("token", &valid_since)], None)
+            .status,
+        200
+    );
+}
+
+/// `HEAD` on every `GET` route of the OpenAPI document answers as the `GET` does (status,
+/// type, length), without the body; where the `GET` is refused, so is the `HEAD`.
+#[test]
+fn head_answers_every_get_route_without_its_body() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let id = create_coupon(&svc, &admin, "HEADS", 3).to_string();
+    let auth = bearer(&admin);
+    let doc = svc.call("GET", "/openapi.json", &[], None).body;
+    let mut gets = 0;
+    for (template, methods) in doc["paths"].as_object().unwrap() {
+        if methods.get("get").is_none() {
+            continue;
+        }
+        gets += 1;
+        let path = template.replace("{id}", &id);
+        for headers in [vec![(auth.0, auth.1.as_str())], vec![]] {
+            let get = svc.call("GET", &path, &headers, None);
+            let head = svc.call("HEAD", &path, &headers, None);
+            let case = format!("{path} with {} headers", headers.len());
+            assert_eq!(head.status, get.status, "{case}");
+            assert_eq!(head.body, serde_json::json!(""), "{case}: a body was sent");
+            assert_eq!(
+                head.headers.get("content-type"),
+                get.headers.get("content-type"),
+                "{case}"
+            );
+            let length = |r: &Resp| r.headers.get("content-length").cloned();
+            assert!(length(&head).is_some_and(|l| l != "0"), "{case}");
+            // The metrics page counts the requests, so its length moves between two.
+            if path != "/metrics" {
+                assert_eq!(length(&head), length(&get), "{case}");
+            }
+        }
+    }
+    assert!(gets >= 10, "{gets} GET routes");
+    // A HEAD where no GET is: the same 405 and 404 as for any other method.
+    let r = svc.call("HEAD", "/login", &[], None);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "POST");
+    assert_eq!(svc.call("HEAD", "/nope", &[], None).status, 404);
 }
 
 /// Look-alike addresses are one account: fullwidth letters, upper case, an accent composed
@@ -2338,6 +2402,10 @@ fn the_openapi_document_matches_the_routes() {
             .keys()
             .map(|m| m.to_uppercase())
             .collect();
+        // HEAD goes with every GET without an operation of its own.
+        if documented.iter().any(|m| m == "GET") {
+            documented.push("HEAD".into());
+        }
         documented.sort();
         // A method the document does not list is a 405 naming exactly the documented ones.
         let r = svc.call("PATCH", &path, &[], None);

@@ -1303,6 +1303,42 @@ fn look_alike_emails_are_one_account() {
     }
 }
 
+/// A key records its request whole, however long: a keyed create with a 500-character
+/// description (once a 500, `Data too long` for the text column) is created, replayed, and
+/// told apart from one that differs only at its last character.
+#[test]
+fn a_keyed_create_with_a_long_description_is_recorded_whole() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let auth = bearer(&admin);
+    let headers = [
+        JSON,
+        (auth.0, auth.1.as_str()),
+        ("Idempotency-Key", "create-long"),
+    ];
+    let body = |last: char| {
+        let description = format!("{}{last}", "d".repeat(499));
+        serde_json::json!({"code": "LONG", "available_count": 5, "description": description})
+            .to_string()
+    };
+    let first = svc.call("POST", "/admin/coupons", &headers, Some(&body('a')));
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    let again = svc.call("POST", "/admin/coupons", &headers, Some(&body('a')));
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body["id"], first.body["id"]);
+    let other = svc.call("POST", "/admin/coupons", &headers, Some(&body('b')));
+    assert_eq!(
+        (other.status, other.body["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{}",
+        other.body
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 1);
+}
+
 /// Everything in the database, as one comparable value.
 fn snapshot(db: &TestDb) -> Vec<(String, i64)> {
     db.conn()

@@ -34,13 +34,20 @@ impl Secret {
     }
 
     /// Reads the secret kept at `path`, or generates one and keeps it there (mode 0600), so
-    /// that tokens stay valid across restarts.
+    /// that tokens stay valid across restarts. A file that another user owns, or that group or
+    /// others may open, is refused ([`crate::embedded::check_private`]): whoever could write
+    /// it could sign any token.
     pub fn load_or_create(path: &Path) -> Result<Secret, Error> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let io = |e: std::io::Error| Error::Launch(format!("{}: {e}", path.display()));
-        match std::fs::read_to_string(path) {
-            Ok(s) => return Secret::parse(s.trim()),
+        match std::fs::File::open(path) {
+            Ok(mut file) => {
+                crate::embedded::check_private(path)?;
+                let mut s = String::new();
+                file.read_to_string(&mut s).map_err(io)?;
+                return Secret::parse(s.trim());
+            }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             Err(_) => {}
         }
@@ -132,6 +139,8 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub", "iat", "iss"]);
         validation.set_issuer(&[ISSUER]);
+        // Not checked unless asked: a token whose `nbf` (not before) is still ahead is refused.
+        validation.validate_nbf = true;
         validation.leeway = 5;
         let dummy_hash = bcrypt::non_truncating_hash("not-a-real-password", bcrypt_cost)
             .map_err(|e| Error::Internal(e.to_string()))?;
@@ -202,7 +211,7 @@ impl Auth {
         })
     }
 
-    /// Checks a token's signature (HS256 only), expiry and shape. It does not look the user
+    /// Checks a token's signature (HS256 only), expiry, `nbf` if it has one, and shape. It does not look the user
     /// up; functions that act for a user do that themselves.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, Error> {
         let token = token.ok_or(Error::Token(TokenProblem::Missing))?;

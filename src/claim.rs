@@ -6,7 +6,7 @@ use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
 use crate::coupon::{lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
-use crate::idempotency::{self, Answer, IdempotencyKey, Recorded};
+use crate::idempotency::{self, Answer, IdempotencyKey, Keyed, Recorded, RequestDigest};
 use crate::{ClaimId, CouponId, Error, Label, Page, Status, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
@@ -204,7 +204,7 @@ impl Claims {
         self.wait_for(Ticket {
             coupon,
             user,
-            key: Some(key.clone()),
+            key: Some(claim_key(key, coupon)),
         })
     }
 
@@ -223,7 +223,7 @@ impl Claims {
         let ticket = Ticket {
             coupon,
             user,
-            key: key.cloned(),
+            key: key.map(|k| claim_key(k, coupon)),
         };
         if let Err(reply) = self.hand_in(ticket.clone(), reply, true) {
             reply.send(alone(&self.pool, &ticket));
@@ -344,9 +344,12 @@ fn undecided() -> Answer<Claimed> {
     Answer::new(Err(Error::Internal("claim left undecided".into())))
 }
 
-/// What an idempotency key records as the request of a claim on `coupon`.
-fn request_of(coupon: CouponId) -> String {
-    format!("claim {coupon}")
+/// A claim's idempotency key with what it asks, `claim {coupon}`, digested once per request.
+fn claim_key(key: &IdempotencyKey, coupon: CouponId) -> Keyed {
+    Keyed {
+        key: key.clone(),
+        request: RequestDigest::of(&format!("claim {coupon}")),
+    }
 }
 
 /// A claim that meets no other: a batch of one, waiting for its coupon's lock.
@@ -419,14 +422,13 @@ fn take_many(
     }
     // Keys are locked in one order (user, key), whatever the arrival order, so two batches
     // holding some of the same keys cannot deadlock on them.
-    let mut keyed: Vec<(usize, &IdempotencyKey)> = (0..batch.len())
+    let mut keyed: Vec<(usize, &Keyed)> = (0..batch.len())
         .filter(|&i| matches!(steps[i], Step::Open))
         .filter_map(|i| batch[i].key.as_ref().map(|k| (i, k)))
         .collect();
-    keyed.sort_by_key(|&(i, k)| (batch[i].user, k.as_str()));
-    for (i, key) in keyed {
-        let request = request_of(batch[i].coupon);
-        steps[i] = match idempotency::reserve(tx, batch[i].user, key, &request) {
+    keyed.sort_by_key(|&(i, k)| (batch[i].user, k.key.as_str()));
+    for (i, k) in keyed {
+        steps[i] = match idempotency::reserve(tx, batch[i].user, &k.key, &k.request) {
             Ok(None) => Step::Open,
             Ok(Some(first)) => Step::Replay(first),
             Err(e @ (Error::KeyReused | Error::Token(_))) => Step::Done(Err(e)),
@@ -721,7 +723,7 @@ fn record_keys(
     let now = Timestamp::now();
     let mut rows: Vec<[Value; 7]> = Vec::new();
     for &i in open {
-        let (Some(key), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
+        let (Some(k), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
             continue;
         };
         let Some((outcome, id, count)) = to_record(result) else {
@@ -734,8 +736,8 @@ fn record_keys(
         };
         rows.push([
             batch[i].user.0.into(),
-            key.as_str().into(),
-            request_of(batch[i].coupon).into(),
+            k.key.as_str().into(),
+            k.request.as_str().into(),
             outcome.into(),
             id.into(),
             count.into(),
@@ -748,7 +750,7 @@ fn record_keys(
     let rows = padded(rows);
     let sql = format!(
         "INSERT INTO idempotency_keys
-           (user_id, idem_key, request, outcome, result_id, result_count, created_at)
+           (user_id, idem_key, request_sha256, outcome, result_id, result_count, created_at)
          VALUES {}
          ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), result_id = VALUES(result_id),
            result_count = VALUES(result_count)",

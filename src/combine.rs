@@ -17,7 +17,7 @@
 //! ([`Leader::Spawn`]) starts a thread for that instead of taking the caller's.
 
 use crate::claim::Claimed;
-use crate::idempotency::{Answer, IdempotencyKey};
+use crate::idempotency::{Answer, Keyed};
 use crate::{CouponId, Error, UserId};
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,7 +39,7 @@ pub(crate) type Run = dyn Fn(&[&Ticket]) -> Vec<Outcome> + Send + Sync;
 pub(crate) struct Ticket {
     pub coupon: CouponId,
     pub user: UserId,
-    pub key: Option<IdempotencyKey>,
+    pub key: Option<Keyed>,
 }
 
 /// Which thread runs a batch when only callbacks are there to run it.
@@ -266,7 +266,7 @@ impl Combiner {
         let mut by_turn: Vec<(usize, usize)> = Vec::with_capacity(queue.len());
         for (i, w) in queue.iter().enumerate() {
             let first_of_key = match &w.ticket.key {
-                Some(key) => keys.insert((w.ticket.user, key.as_str())),
+                Some(k) => keys.insert((w.ticket.user, k.key.as_str())),
                 None => true,
             };
             if first_of_key {

@@ -3,7 +3,7 @@
 use crate::audit;
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::OnConstraint;
-use crate::idempotency::{self, Answer, IdempotencyKey};
+use crate::idempotency::{self, Answer, IdempotencyKey, RequestDigest};
 use crate::{
     CouponCode, CouponId, Error, Label, Page, PerUserLimit, Status, Stock, Timestamp, UserId,
 };
@@ -223,13 +223,14 @@ pub fn create_once(
     new: &NewCoupon,
     key: &IdempotencyKey,
 ) -> Answer<Coupon> {
-    let request = format!(
+    // The canonical text as keys recorded it in full before they kept its digest (sql/006).
+    let request = RequestDigest::of(&format!(
         "create {} {} {} {:?}",
         new.code.as_str(),
         new.available_count.get(),
         new.status.as_str(),
         new.rules
-    );
+    ));
     let done = transaction(pool, |tx| {
         if let Some(first) = idempotency::reserve(tx, admin, key, &request)? {
             let result = match (first.outcome.as_str(), first.result_id) {

@@ -11,7 +11,7 @@
 
 use crate::Error;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,11 +93,10 @@ impl EmbeddedServer {
     fn launch(dir: &Path, ephemeral: bool) -> Result<EmbeddedServer, Error> {
         let launch =
             |what: &str, e: std::io::Error| Error::Launch(format!("{what} {}: {e}", dir.display()));
-        fs::create_dir_all(dir).map_err(|e| launch("creating", e))?;
-        // Root on the socket needs no password: only this user may reach the directory.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| launch("securing", e))?;
+        create_private_dir(dir).map_err(|e| launch("creating", e))?;
         let dir = dir.canonicalize().map_err(|e| launch("resolving", e))?;
+        // Root on the socket needs no password: only this user may reach the directory.
+        check_private(&dir)?;
         let socket = dir.join("mysql.sock");
         if socket.as_os_str().len() > 100 {
             return Err(Error::Launch(format!(
@@ -210,6 +209,47 @@ impl Drop for EmbeddedServer {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// Creates `dir` with mode 0700 unless it exists (its parents as usual).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Succeeds when `path` (the private database's directory, or its `jwt-secret`) belongs to
+/// this process's effective user and is closed to group and others. Whoever else owns it or
+/// may open it could plant a `jwt-secret` (and sign any token), or reach the database's
+/// socket, where root needs no password. Nothing is repaired: the error names the path and
+/// says what to do.
+pub fn check_private(path: &Path) -> Result<(), Error> {
+    let meta = fs::metadata(path)
+        .map_err(|e| Error::Launch(format!("checking {}: {e}", path.display())))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::Launch(format!(
+            "{} belongs to uid {}, not to this service's user (uid {me}): refusing to trust it; \
+             remove it or give it to this user",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let private = if meta.is_dir() { "700" } else { "600" };
+        return Err(Error::Launch(format!(
+            "{} is open to group or others (mode {mode:04o}): refusing to trust it; \
+             `chmod {private}` it",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a server answers on the socket.

@@ -9,6 +9,8 @@ use crate::db::{with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::{Error, Timestamp, UserId};
 use mysql::prelude::Queryable;
+use sha2::{Digest, Sha256};
+use std::fmt::Write;
 use std::time::Duration;
 
 /// How long keys are kept at least.
@@ -38,6 +40,36 @@ impl IdempotencyKey {
     }
 }
 
+/// What a keyed request asked, as its key records it: the SHA-256 of the request's canonical
+/// text (e.g. `claim 42`), in hex. One size whatever the request, so a long one (a coupon with
+/// a 2,000-character description) is never cut, and the same key with another request is
+/// always told apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestDigest(String);
+
+impl RequestDigest {
+    /// The digest of a request's canonical text.
+    pub(crate) fn of(request: &str) -> RequestDigest {
+        let mut hex = String::with_capacity(64);
+        for byte in Sha256::digest(request.as_bytes()) {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        RequestDigest(hex)
+    }
+
+    /// The digest in hex, as stored.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An idempotency key with what its request asked, digested once when the request is read.
+#[derive(Debug, Clone)]
+pub(crate) struct Keyed {
+    pub key: IdempotencyKey,
+    pub request: RequestDigest,
+}
+
 /// An answer, and whether it replays the first answer given to the same idempotency key.
 #[derive(Debug)]
 pub struct Answer<T> {
@@ -64,21 +96,21 @@ pub(crate) struct Recorded {
     pub result_count: Option<i64>,
 }
 
-/// Reserves `key` for `request` in the caller's transaction. `None`: the key is new and this
+/// Reserves `key` for `request` (its digest) in the caller's transaction. `None`: the key is new and this
 /// transaction owns it. `Some`: it was used before, and this is its answer. The same key with
 /// another request is [`Error::KeyReused`].
 pub(crate) fn reserve(
     tx: &mut impl Queryable,
     user: UserId,
     key: &IdempotencyKey,
-    request: &str,
+    request: &RequestDigest,
 ) -> Result<Option<Recorded>, Error> {
     // A request in flight with this key holds the row's lock: this insert waits for it.
     let inserted = tx
         .exec_drop(
-            "INSERT INTO idempotency_keys (user_id, idem_key, request, outcome, created_at)
+            "INSERT INTO idempotency_keys (user_id, idem_key, request_sha256, outcome, created_at)
              VALUES (?, ?, ?, 'pending', ?)",
-            (user.0, &key.0, request, Timestamp::now()),
+            (user.0, &key.0, request.as_str(), Timestamp::now()),
         )
         .map_err(Error::from)
         .on_foreign_key(Error::Token(TokenProblem::UnknownUser))
@@ -90,12 +122,12 @@ pub(crate) fn reserve(
     }
     type Row = (String, String, Option<u64>, Option<i64>);
     let row: Option<Row> = tx.exec_first(
-        "SELECT request, outcome, result_id, result_count FROM idempotency_keys
+        "SELECT request_sha256, outcome, result_id, result_count FROM idempotency_keys
          WHERE user_id = ? AND idem_key = ? LOCK IN SHARE MODE",
         (user.0, &key.0),
     )?;
     match row {
-        Some((r, outcome, result_id, result_count)) if r == request => Ok(Some(Recorded {
+        Some((r, outcome, result_id, result_count)) if r == request.0 => Ok(Some(Recorded {
             outcome,
             result_id,
             result_count,

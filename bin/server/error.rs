@@ -1,6 +1,6 @@
 //! Every error the HTTP layer can answer with, turned into a response in one place.
 
-use super::http::Reply;
+use super::http::{loggable, Reply};
 use coupons::{Error, TokenProblem};
 
 /// A library error, or a mistake only HTTP can make.
@@ -39,7 +39,7 @@ impl From<Error> for ApiError {
 
 impl ApiError {
     /// The response for this error. Server faults are logged here, with the whole error, and
-    /// never described to the client.
+    /// never described to the client. `what` names the request, already [`loggable`].
     pub fn reply(&self, what: &str) -> Reply {
         use ApiError as A;
         let (status, code, detail) = self.parts();
@@ -50,7 +50,8 @@ impl ApiError {
                 | Error::Internal(_)
                 | Error::Launch(_)),
             ) => {
-                eprintln!("coupons: {what}: {e}")
+                // A server's message may quote a value the client sent.
+                eprintln!("coupons: {what}: {}", loggable(&e.to_string()))
             }
             A::Panic => eprintln!("coupons: {what}: handler panicked"),
             _ => {}

@@ -9,6 +9,8 @@ use coupons::idempotency::Answer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
+use std::borrow::Cow;
+use std::fmt::Write;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -383,9 +385,34 @@ fn writable_now(rq: &Request) -> bool {
     ready == 1 && p.revents & libc::POLLOUT != 0
 }
 
-/// Method and path, for logs: never the query string (the seed's clients send passwords there).
+/// Method and path, for logs: never the query string (the seed's clients send passwords there),
+/// and escaped ([`loggable`]): both are the client's bytes.
 fn what(rq: &Request) -> String {
-    format!("{} {}", rq.method(), path(rq.url()))
+    format!(
+        "{} {}",
+        loggable(rq.method().as_str()),
+        loggable(path(rq.url()))
+    )
+}
+
+/// `s` as a log line may show it: printable ASCII as it is, a backslash doubled, and anything
+/// else (ESC, CR, LF and the other controls; any non-ASCII, which a request line never needs)
+/// escaped as `\x1b` or `\u{202e}`, so that a client can neither forge a log line nor drive
+/// the terminal that shows it.
+pub fn loggable(s: &str) -> Cow<'_, str> {
+    if s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'\\') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        let _ = match c {
+            '\\' => out.write_str("\\\\"),
+            ' '..='~' => out.write_char(c),
+            c if c.is_ascii() => write!(out, "\\x{:02x}", u32::from(c)),
+            c => write!(out, "\\u{{{:x}}}", u32::from(c)),
+        };
+    }
+    Cow::Owned(out)
 }
 
 /// Counts and logs a request's answer (`route` is its metrics label), and sends it.
@@ -576,6 +603,19 @@ mod tests {
             Ok(Reply::json(200, &serde_json::json!({"ok": true})))
         });
         assert_eq!(next.status, 200);
+    }
+
+    #[test]
+    fn log_lines_show_only_printable_ascii() {
+        for (raw, logged) in [
+            ("/coupons/1/claim", "/coupons/1/claim"),
+            ("/x\x1b[2K\rforged\nline", "/x\\x1b[2K\\x0dforged\\x0aline"),
+            ("/\u{0}\u{7f}\t", "/\\x00\\x7f\\x09"),
+            ("/a\\x1b", "/a\\\\x1b"),
+            ("/\u{202e}é", "/\\u{202e}\\u{e9}"),
+        ] {
+            assert_eq!(loggable(raw), logged, "{raw:?}");
+        }
     }
 
     #[test]

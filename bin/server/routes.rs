@@ -122,12 +122,18 @@ impl Route {
     }
 }
 
-/// The route for `method` on `path` (a URL without its query), with its `{id}` parsed. A path
-/// that routes have with other methods is a 405 naming those, in table order; any other a 404.
+/// The route for `method` on `path` (a URL without its query), with its `{id}` parsed. `HEAD`
+/// finds the `GET` route: it is answered as the `GET` would be, and tiny_http sends the
+/// headers without the body (RFC 9110, 9.3.2). A path that routes have with other methods is a
+/// 405 naming those (`HEAD` after each `GET`), in table order; any other a 404.
 pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Params)> {
+    let method = match method {
+        Method::Head => "GET",
+        other => other.as_str(),
+    };
     let hit = ROUTES
         .iter()
-        .filter(|route| route.method() == method.as_str())
+        .filter(|route| route.method() == method)
         .find_map(|route| Some((route, route.matches(path)?)));
     if let Some((route, id)) = hit {
         return Ok((route, route.params(id)));
@@ -135,7 +141,10 @@ pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Params)> {
     let allow: Vec<&str> = ROUTES
         .iter()
         .filter(|route| route.matches(path).is_some())
-        .map(Route::method)
+        .flat_map(|route| {
+            let method = route.method();
+            std::iter::once(method).chain((method == "GET").then_some("HEAD"))
+        })
         .collect();
     if allow.is_empty() {
         Err(ApiError::RouteNotFound)
@@ -934,10 +943,19 @@ mod tests {
         );
         check("GET", "/openapi.json", "GET /openapi.json Inline None");
         check("GET", "/login", "405 POST");
-        check("HEAD", "/coupons", "405 GET");
-        check("PATCH", "/admin/coupons", "405 GET, POST");
-        check("POST", "/admin/coupons/1", "405 GET, PUT, DELETE");
-        check("get", "/coupons", "405 GET");
+        // HEAD is GET without the body, on every GET route and only there.
+        check("HEAD", "/coupons", "GET /coupons Inline None");
+        check(
+            "HEAD",
+            "/admin/coupons/5",
+            "GET /admin/coupons/{id} Inline Coupon(Ok(CouponId(5)))",
+        );
+        check("HEAD", "/login", "405 POST");
+        check("HEAD", "/coupons/1/claim", "405 POST");
+        check("HEAD", "/nope", "404");
+        check("PATCH", "/admin/coupons", "405 GET, HEAD, POST");
+        check("POST", "/admin/coupons/1", "405 GET, HEAD, PUT, DELETE");
+        check("get", "/coupons", "405 GET, HEAD");
         for path in [
             "/login/",
             "//login",

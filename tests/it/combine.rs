@@ -40,7 +40,7 @@ fn hold_key(db: &TestDb, user: UserId, key: &str) -> mysql::Conn {
     let mut conn = db.conn();
     conn.query_drop("START TRANSACTION").unwrap();
     conn.exec_drop(
-        "INSERT INTO idempotency_keys (user_id, idem_key, request, outcome, created_at)
+        "INSERT INTO idempotency_keys (user_id, idem_key, request_sha256, outcome, created_at)
          VALUES (?, ?, 'held', 'pending', NOW())",
         (user.0, key),
     )

@@ -162,6 +162,66 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
     assert!(out.contains("admin promote EMAIL"));
 }
 
+/// A private data directory or `jwt-secret` that group or others may open, or that another
+/// user owns, stops start-up with an error naming it, before anything starts there: its owner
+/// could plant the secret (and sign any token) or reach the database's socket as root.
+#[test]
+fn a_data_directory_or_secret_others_can_reach_is_refused() {
+    use coupons::auth::Secret;
+    use coupons::embedded::{check_private, EmbeddedServer};
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let set_mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let refused = |path: &Path, err: String, why: &str| {
+        let named = path.canonicalize().unwrap().display().to_string();
+        assert!(err.contains(&named) && err.contains(why), "{err}");
+    };
+    let dir = data_dir("open");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_s = dir.display().to_string();
+    for mode in [0o770, 0o755, 0o701] {
+        set_mode(&dir, mode);
+        let err = EmbeddedServer::start(&dir).err().map(|e| e.to_string());
+        refused(&dir, err.unwrap_or_default(), "open to group or others");
+    }
+    // From the binary: a start-up error naming the path and the variable.
+    let (code, out, err) = run_coupons(&[("COUPONS_DATA_DIR", dir_s.as_str())], &["migrate"]);
+    assert_eq!(code, 1, "{out}{err}");
+    refused(&dir, err.clone(), "open to group or others");
+    assert!(err.contains("COUPONS_DATA_DIR"), "{err}");
+    assert!(!dir.join("data").exists(), "a database was set up in it");
+
+    set_mode(&dir, 0o700);
+    let secret = dir.join("jwt-secret");
+    std::fs::write(&secret, "s".repeat(64)).unwrap();
+    for mode in [0o640, 0o604] {
+        set_mode(&secret, mode);
+        let err = Secret::load_or_create(&secret).unwrap_err();
+        refused(&secret, err.to_string(), "open to group or others");
+    }
+    set_mode(&secret, 0o600);
+    assert!(Secret::load_or_create(&secret).is_ok());
+
+    // Another user's: as root the tests give the directory and the secret to `nobody`;
+    // otherwise `/` (root's) stands for a path another user owns.
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        chown(&secret, Some(NOBODY), Some(NOBODY)).unwrap();
+        let err = Secret::load_or_create(&secret).unwrap_err();
+        refused(&secret, err.to_string(), "belongs to uid 65534");
+        chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+        let err = EmbeddedServer::start(&dir).err().map(|e| e.to_string());
+        refused(&dir, err.unwrap_or_default(), "belongs to uid 65534");
+        assert!(!dir.join("data").exists(), "a database was set up in it");
+    } else {
+        let err = check_private(Path::new("/")).unwrap_err();
+        refused(Path::new("/"), err.to_string(), "belongs to uid 0");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The variables `bin/server/config.rs` reads, from its source: every string literal that is a call's
 /// first argument and looks like a variable's name (`var("X")`, `number(\n "X", ...)`,
 /// `std::env::var("X")`). Error messages and defaults are not such literals.

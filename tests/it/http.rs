@@ -744,10 +744,10 @@ fn every_route_and_error_status() {
     }
     for (method, path, allow) in [
         ("GET", "/register", "POST"),
-        ("DELETE", "/coupons", "GET"),
+        ("DELETE", "/coupons", "GET, HEAD"),
         ("GET", "/coupons/1/claim", "POST"),
-        ("POST", "/admin/coupons/1", "GET, PUT, DELETE"),
-        ("PATCH", "/users/me/history", "GET"),
+        ("POST", "/admin/coupons/1", "GET, HEAD, PUT, DELETE"),
+        ("PATCH", "/users/me/history", "GET, HEAD"),
     ] {
         let r = check(s, method, path, &[], None, 405, "method_not_allowed");
         assert_eq!(r.headers["allow"], allow);
@@ -1167,6 +1167,20 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
             forge_claims(SECRET, &claims(&|c| c["sub"] = "1;DROP".into()), "HS256"),
             "invalid_token",
         ),
+        (
+            "not valid yet (nbf ahead)",
+            forge_claims(
+                SECRET,
+                &claims(&|c| c["nbf"] = (now + 3600).into()),
+                "HS256",
+            ),
+            "invalid_token",
+        ),
+        (
+            "nbf not a number",
+            forge_claims(SECRET, &claims(&|c| c["nbf"] = "soon".into()), "HS256"),
+            "invalid_token",
+        ),
         ("deleted user", ghost, "unknown_user"),
         ("garbage", "not.a.token".into(), "invalid_token"),
     ];
@@ -1189,12 +1203,140 @@ fn every_bad_token_is_a_401_with_www_authenticate() {
             );
         }
     }
-    // And the good one still works, with either header.
+    // And the good one still works, with either header; so does one whose `nbf` has passed.
     assert_eq!(
         svc.call("GET", "/users/me/history", &[("token", &good)], None)
             .status,
         200
     );
+    let valid_since = forge_claims(SECRET, &claims(&|c| c["nbf"] = (now - 60).into()), "HS256");
+    assert_eq!(
+        svc.call("GET", "/users/me/history", &[("token", &valid_since)], None)
+            .status,
+        200
+    );
+}
+
+/// `HEAD` on every `GET` route of the OpenAPI document answers as the `GET` does (status,
+/// type, length), without the body; where the `GET` is refused, so is the `HEAD`.
+#[test]
+fn head_answers_every_get_route_without_its_body() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let id = create_coupon(&svc, &admin, "HEADS", 3).to_string();
+    let auth = bearer(&admin);
+    let doc = svc.call("GET", "/openapi.json", &[], None).body;
+    let mut gets = 0;
+    for (template, methods) in doc["paths"].as_object().unwrap() {
+        if methods.get("get").is_none() {
+            continue;
+        }
+        gets += 1;
+        let path = template.replace("{id}", &id);
+        for headers in [vec![(auth.0, auth.1.as_str())], vec![]] {
+            let get = svc.call("GET", &path, &headers, None);
+            let head = svc.call("HEAD", &path, &headers, None);
+            let case = format!("{path} with {} headers", headers.len());
+            assert_eq!(head.status, get.status, "{case}");
+            assert_eq!(head.body, serde_json::json!(""), "{case}: a body was sent");
+            assert_eq!(
+                head.headers.get("content-type"),
+                get.headers.get("content-type"),
+                "{case}"
+            );
+            let length = |r: &Resp| r.headers.get("content-length").cloned();
+            assert!(length(&head).is_some_and(|l| l != "0"), "{case}");
+            // The metrics page counts the requests, so its length moves between two.
+            if path != "/metrics" {
+                assert_eq!(length(&head), length(&get), "{case}");
+            }
+        }
+    }
+    assert!(gets >= 10, "{gets} GET routes");
+    // A HEAD where no GET is: the same 405 and 404 as for any other method.
+    let r = svc.call("HEAD", "/login", &[], None);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "POST");
+    assert_eq!(svc.call("HEAD", "/nope", &[], None).status, 404);
+}
+
+/// Look-alike addresses are one account: fullwidth letters, upper case, an accent composed
+/// (NFC) or decomposed (NFD); an invisible format character is refused.
+#[test]
+fn look_alike_emails_are_one_account() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let send_credentials = |path: &str, email: &str| {
+        let body = serde_json::json!({"email": email, "password": "password123"}).to_string();
+        svc.call("POST", path, &[JSON], Some(&body))
+    };
+    for email in ["admin@example.com", "ren\u{e9}@example.com"] {
+        assert_eq!(
+            send_credentials("/register", email).status,
+            201,
+            "{email:?}"
+        );
+    }
+    for (email, status, code) in [
+        ("\u{ff41}dmin@example.com", 409, "email_taken"),
+        ("\u{ff21}DMIN@EXAMPLE.COM", 409, "email_taken"),
+        ("rene\u{301}@example.com", 409, "email_taken"),
+        ("admin\u{200b}@example.com", 422, "invalid_email"),
+        ("adm\u{200d}in@example.com", 422, "invalid_email"),
+        ("admin\u{2066}@example.com", 422, "invalid_email"),
+        ("admin@exa\u{ad}mple.com", 422, "invalid_email"),
+    ] {
+        let r = send_credentials("/register", email);
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (status, Some(code)),
+            "{email:?}: {}",
+            r.body
+        );
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM users"), 2);
+    // Each account answers to its look-alike spellings at login too.
+    for email in ["\u{ff41}dmin@example.com", "rene\u{301}@example.com"] {
+        let r = send_credentials("/login", email);
+        assert_eq!(r.status, 200, "{email:?}: {}", r.body);
+    }
+}
+
+/// A key records its request whole, however long: a keyed create with a 500-character
+/// description (once a 500, `Data too long` for the text column) is created, replayed, and
+/// told apart from one that differs only at its last character.
+#[test]
+fn a_keyed_create_with_a_long_description_is_recorded_whole() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let auth = bearer(&admin);
+    let headers = [
+        JSON,
+        (auth.0, auth.1.as_str()),
+        ("Idempotency-Key", "create-long"),
+    ];
+    let body = |last: char| {
+        let description = format!("{}{last}", "d".repeat(499));
+        serde_json::json!({"code": "LONG", "available_count": 5, "description": description})
+            .to_string()
+    };
+    let first = svc.call("POST", "/admin/coupons", &headers, Some(&body('a')));
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    let again = svc.call("POST", "/admin/coupons", &headers, Some(&body('a')));
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body["id"], first.body["id"]);
+    let other = svc.call("POST", "/admin/coupons", &headers, Some(&body('b')));
+    assert_eq!(
+        (other.status, other.body["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{}",
+        other.body
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 1);
 }
 
 /// Everything in the database, as one comparable value.
@@ -2220,6 +2362,15 @@ fn metrics_request_ids_and_the_access_log() {
     let token = r.body["token"].as_str().unwrap().to_owned();
     call("POST", "/coupons/1/claim", &[("token", &token)], None);
     call("POST", "/coupons/abc/claim", &[("token", &token)], None);
+    // tiny_http passes ESC, a lone CR and a lone LF through in the request line: they reach the
+    // log escaped, so they neither start a forged line nor drive the terminal showing it.
+    for line in [
+        "GET /x\x1b[2K\rFORGED\nFORGED\x7f HTTP/1.1",
+        "G\x1bET /healthz HTTP/1.1",
+    ] {
+        let head = format!("{line}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        crate::support::send(&addr, head.as_bytes(), b"");
+    }
 
     let r = call("GET", "/metrics", &[], None);
     let text = r.body.as_str().unwrap().to_owned();
@@ -2254,6 +2405,21 @@ fn metrics_request_ids_and_the_access_log() {
         !all.contains("sup3r-secret-pw") && !all.contains(&token),
         "a secret reached the log"
     );
+    assert!(
+        all.bytes()
+            .all(|b| b == b'\n' || (b' '..=b'~').contains(&b)),
+        "a control character reached the log: {lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.starts_with("FORGED")), "{lines:?}");
+    for logged in [
+        r" GET /x\x1b[2K\x0dFORGED\x0aFORGED\x7f 404 ",
+        r" G\x1bET /healthz 405 ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(logged)),
+            "{logged} in {lines:?}"
+        );
+    }
 }
 
 #[test]
@@ -2272,6 +2438,10 @@ fn the_openapi_document_matches_the_routes() {
             .keys()
             .map(|m| m.to_uppercase())
             .collect();
+        // HEAD goes with every GET without an operation of its own.
+        if documented.iter().any(|m| m == "GET") {
+            documented.push("HEAD".into());
+        }
         documented.sort();
         // A method the document does not list is a 405 naming exactly the documented ones.
         let r = svc.call("PATCH", &path, &[], None);

@@ -590,6 +590,39 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     }
 }
 
+/// A key recorded as text, before keys kept their request's digest (sql/006), is converted by
+/// that migration: its retry still replays, and it still refuses another coupon.
+#[test]
+fn a_key_recorded_as_text_still_replays_after_the_digest_migration() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let coupon = new_coupon(&db, "OLDKEY", 5);
+    let first = db.claims.claim_once(users[0], coupon, &key("before-006"));
+    let claimed = first.result.unwrap().claim.id;
+    // Back to the schema before 006, with the key as it was recorded then.
+    let mut conn = db.conn();
+    conn.query_drop(
+        "ALTER TABLE idempotency_keys CHANGE request_sha256 request VARCHAR(400) NOT NULL",
+    )
+    .unwrap();
+    conn.exec_drop(
+        "UPDATE idempotency_keys SET request = ?",
+        (format!("claim {coupon}"),),
+    )
+    .unwrap();
+    conn.query_drop("DELETE FROM schema_migrations WHERE version = 6")
+        .unwrap();
+    db::migrate(&db.pool).unwrap();
+    let again = db.claims.claim_once(users[0], coupon, &key("before-006"));
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(again.result.unwrap().claim.id, claimed);
+    let other = new_coupon(&db, "OTHER", 5);
+    let reused = db.claims.claim_once(users[0], other, &key("before-006"));
+    assert!(matches!(reused.result, Err(Error::KeyReused)), "{reused:?}");
+    assert_eq!(db.stock(coupon.0), (4, 1, 5));
+}
+
 pub(crate) fn limited_coupon(db: &TestDb, code: &str, stock: i64, limit: i64) -> CouponId {
     coupon::create(
         &db.pool,

@@ -183,12 +183,7 @@ impl Claims {
     /// [`Error::Token`] if the user no longer exists, [`Error::Busy`] if deadlocks or lock-wait
     /// timeouts outlast the retries, [`Error::Unavailable`] without a database.
     pub fn claim(&self, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
-        self.wait_for(Ticket {
-            coupon,
-            user,
-            key: None,
-        })
-        .result
+        self.wait_for(ticket(user, coupon, None)).result
     }
 
     /// [`Claims::claim`] guarded by an idempotency key: the first request with `key` claims (or
@@ -201,11 +196,7 @@ impl Claims {
         coupon: CouponId,
         key: &IdempotencyKey,
     ) -> Answer<Claimed> {
-        self.wait_for(Ticket {
-            coupon,
-            user,
-            key: Some(claim_key(key, coupon)),
-        })
+        self.wait_for(ticket(user, coupon, Some(key)))
     }
 
     /// [`Claims::claim_once`] (or [`Claims::claim`] without a key) for a caller that does not
@@ -220,11 +211,7 @@ impl Claims {
         key: Option<&IdempotencyKey>,
         reply: impl Reply,
     ) {
-        let ticket = Ticket {
-            coupon,
-            user,
-            key: key.map(|k| claim_key(k, coupon)),
-        };
+        let ticket = ticket(user, coupon, key);
         if let Err(reply) = self.hand_in(ticket.clone(), reply, true) {
             reply.send(alone(&self.pool, &ticket));
         }
@@ -241,12 +228,7 @@ impl Claims {
         key: Option<&IdempotencyKey>,
         reply: R,
     ) -> Result<(), R> {
-        let ticket = Ticket {
-            coupon,
-            user,
-            key: key.cloned(),
-        };
-        self.hand_in(ticket, reply, false)
+        self.hand_in(ticket(user, coupon, key), reply, false)
     }
 
     /// Leaves `ticket` with its lane's queue (or its coupon's, while that coupon's claims wait
@@ -344,11 +326,15 @@ fn undecided() -> Answer<Claimed> {
     Answer::new(Err(Error::Internal("claim left undecided".into())))
 }
 
-/// A claim's idempotency key with what it asks, `claim {coupon}`, digested once per request.
-fn claim_key(key: &IdempotencyKey, coupon: CouponId) -> Keyed {
-    Keyed {
-        key: key.clone(),
-        request: RequestDigest::of(&format!("claim {coupon}")),
+/// A claim request; its idempotency key with what it asks, `claim {coupon}`, digested once.
+fn ticket(user: UserId, coupon: CouponId, key: Option<&IdempotencyKey>) -> Ticket {
+    Ticket {
+        coupon,
+        user,
+        key: key.map(|key| Keyed {
+            key: key.clone(),
+            request: RequestDigest::of(&format!("claim {coupon}")),
+        }),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The claim: [`Claims`] makes every claim, alone or combined with others (see
-//! `combine.rs`), in one transaction of [`take_many`]'s; [`verdict`] decides each one.
+//! `combine.rs`), in one claim transaction; [`verdict`] decides each one.
 
 use crate::audit;
 use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
@@ -382,11 +382,11 @@ enum Step {
     Skipped,
 }
 
-/// The batch claim: the same decisions as [`take_one`], for each request in order, with each
-/// coupon locked once, one write of each kind, and one commit.
+/// The claim transaction, for one request or many: [`verdict`] for each request in order, with
+/// each coupon locked once, one write of each kind, and one commit.
 ///
-/// With [`Lock::Wait`], keys are reserved first, then the coupons locked, waiting for them, as
-/// a lone claim does. With [`Lock::Skip`] (a lane's batch), the coupons are locked first,
+/// With [`Lock::Wait`] (a lone claim, or a coupon's queue), keys are reserved first, then the
+/// coupons locked, waiting for them. With [`Lock::Skip`] (a lane's batch), the coupons are locked first,
 /// skipping those another transaction holds, and only the claims on coupons held reserve their
 /// keys: a skipped claim is left undecided (`None`) having touched nothing, so a lane's batch
 /// never waits for a coupon locked elsewhere, nor for the key of a claim waiting for one.

@@ -3,7 +3,7 @@
 
 use crate::audit;
 use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
-use crate::coupon::{lock_many, Coupon, Lock};
+use crate::coupon::{self, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Keyed, Recorded, RequestDigest};
@@ -377,7 +377,7 @@ enum Step {
     Replay(Recorded),
     /// Decided.
     Done(Result<Claimed, Error>),
-    /// Its coupon was locked by another transaction (or has no row): left, untouched, for a
+    /// Its coupon was locked by another transaction: left, untouched, for a
     /// transaction that waits.
     Skipped,
 }
@@ -389,7 +389,8 @@ enum Step {
 /// coupons locked, waiting for them. With [`Lock::Skip`] (a lane's batch), the coupons are locked first,
 /// skipping those another transaction holds, and only the claims on coupons held reserve their
 /// keys: a skipped claim is left undecided (`None`) having touched nothing, so a lane's batch
-/// never waits for a coupon locked elsewhere, nor for the key of a claim waiting for one.
+/// never waits for a coupon locked elsewhere, nor for the key of a claim on it (but for a key
+/// that such a claim reserved first, sent again with another coupon: see the README).
 fn take_many(
     tx: &mut Transaction<'_>,
     batch: &[&Ticket],
@@ -399,8 +400,15 @@ fn take_many(
     let mut coupons = None;
     if lock == Lock::Skip {
         let held = lock_many(tx, batch.iter().map(|t| t.coupon), Lock::Skip)?;
+        let missing = batch
+            .iter()
+            .map(|t| t.coupon)
+            .filter(|c| !held.contains_key(c));
+        // Not held: locked elsewhere, or no such coupon (decided here, as not found). A plain
+        // read, after every lock, so the snapshot it starts is current for what we hold.
+        let elsewhere = coupon::existing(tx, missing)?;
         for (i, t) in batch.iter().enumerate() {
-            if !held.contains_key(&t.coupon) {
+            if elsewhere.contains(&t.coupon) {
                 steps[i] = Step::Skipped;
             }
         }
@@ -432,7 +440,7 @@ fn take_many(
         decide(tx, batch, &open, &mut steps, &coupons)?;
         record_keys(tx, batch, &open, &steps)?;
     }
-    // Replays read last: the per-user counts above must be the transaction's first plain read.
+    // Replays read last: no plain read may come before the coupon locks (see `decide`).
     let mut answers = Vec::with_capacity(batch.len());
     for step in steps {
         answers.push(match step {

@@ -202,8 +202,9 @@ impl Combiner {
                     .name("coupons-claim-wait".into())
                     .spawn(move || this.lead(lane, mine, None));
                 if spawned.is_err() {
-                    // No thread to be had: slower here than never.
-                    self.lead(lane, batch, None);
+                    // No thread to be had: these claims are answered with an error (and the
+                    // queue behind them handed on) rather than wait for a lock on this thread.
+                    drop(Lead::new(self, lane, batch));
                 }
             }
         }
@@ -216,7 +217,10 @@ impl Combiner {
         let mut lead = Lead::new(self, lane, batch);
         loop {
             let tickets: Vec<&Ticket> = lead.batch.iter().map(|w| &w.ticket).collect();
-            let answers = (self.run)(&tickets);
+            // A panic in the batch is its requests' (each gets an internal error below); the
+            // thread goes on, and so does the lane.
+            let answers =
+                catch_unwind(AssertUnwindSafe(|| (self.run)(&tickets))).unwrap_or_default();
             let (done, next) = lead.next();
             lead.batch = next.map(pass_on).unwrap_or_default();
             let mut answers = answers.into_iter();
@@ -348,8 +352,8 @@ impl<'a> Lead<'a> {
         }
     }
 
-    /// The batch just run, to answer, and the lane's next one (handed off first, so that it
-    /// starts while this one's answers go out).
+    /// The batch just run, to answer, and the lane's next one (taken first, so that a waiting
+    /// caller told to run it starts while this one's answers go out).
     fn next(&mut self) -> (Vec<Arc<Waiter>>, Option<Vec<Arc<Waiter>>>) {
         let done = std::mem::take(&mut self.batch);
         let next = self.combiner.hand_off(self.lane, &done);

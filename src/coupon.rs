@@ -584,6 +584,26 @@ pub(crate) fn lock_many(
         .collect()
 }
 
+/// Of `ids`, those that have a row (live or deleted), by a plain read.
+pub(crate) fn existing(
+    tx: &mut impl Queryable,
+    ids: impl Iterator<Item = CouponId>,
+) -> Result<std::collections::HashSet<CouponId>, Error> {
+    let mut ids: Vec<u64> = ids.map(|c| c.0).collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let ids = padded(ids);
+    let sql = format!(
+        "SELECT id FROM coupons WHERE id IN ({})",
+        placeholders(ids.len(), "?")
+    );
+    let found: Vec<u64> = tx.exec(sql, ids)?;
+    Ok(found.into_iter().map(CouponId).collect())
+}
+
 /// Locks a live coupon's row until the transaction ends and reads it.
 fn lock_live(tx: &mut impl Queryable, id: CouponId) -> Result<Option<Coupon>, Error> {
     let row: Option<CouponRow> = tx.exec_first(

@@ -117,14 +117,14 @@ impl Shutdown {
 
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
 ///
-/// Which thread does what: tiny_http reads each connection on a thread of its own and hands
-/// on one request of a connection at a time. `threads.workers` workers loop on `recv()` and
-/// answer every request themselves, but two kinds. Logins and registrations go to the bcrypt
-/// threads (nice 10), so a login flood slows logins, not claims. A claim is read and checked
-/// on its worker and left with [`coupons::claim::Claims`]: the worker goes on to the next
-/// request, and the claim is answered by the thread that runs its batch (a worker that found
-/// the claim's lane idle, and runs the lane's batches until it is idle again). So a claim
-/// waits in one place only, its lane's queue, and holds no thread while it waits.
+/// Which thread does what (the README says more): tiny_http reads each connection on a thread
+/// of its own and hands on one request of a connection at a time. A claim whose lane has a
+/// batch in flight is read and queued there by that thread ([`first_look`]). `threads.workers`
+/// workers loop on `recv()` and answer every other request themselves, but logins and
+/// registrations, which go to the bcrypt threads (nice 10), so a login flood slows logins, not
+/// claims. A claim whose lane was idle is left with [`coupons::claim::Claims`] by its worker,
+/// which then runs the lane's batches until it is idle again. Every claim is answered by the
+/// thread that runs its batch, and holds no thread while it waits.
 pub fn serve(
     app: App,
     listener: TcpListener,
@@ -159,11 +159,17 @@ pub fn serve(
         drop(slow_tx);
     });
     // Claims waiting for a lock elsewhere run on threads of their own: let them answer too.
+    // Connections are still read meanwhile; what reaches the workers' queue now is refused.
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while app.claims_pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    loop {
+        while let Ok(Some(rq)) = server.try_recv() {
+            respond(rq, ApiError::ShuttingDown.reply("shutdown"));
+        }
+        if app.claims_pending.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+            return Ok(());
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
 }
 
 /// How many threads of each kind serve requests.
@@ -289,27 +295,28 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
         .queue(ticket.user, ticket.coupon, ticket.key.as_ref(), answer)
     {
         Ok(()) => None,
-        Err(answer) => Some(answer.give_back()),
+        Err(answer) => answer.give_back(),
     }
 }
 
 /// A claim request waiting for its answer, and where that answer goes.
 struct ClaimAnswer {
     app: Arc<App>,
-    rq: Request,
+    /// `None` once answered or given back.
+    rq: Option<Request>,
     route: &'static str,
     what: String,
     started: Instant,
 }
 
 impl ClaimAnswer {
-    /// Counted among the claims pending until it is answered or given back.
+    /// Counted among the claims pending until it is dropped (answered, given back, or lost).
     fn new(app: &Arc<App>, rq: Request, route: &'static str) -> ClaimAnswer {
         app.claims_pending.fetch_add(1, Ordering::SeqCst);
         ClaimAnswer {
             app: Arc::clone(app),
             what: what(&rq),
-            rq,
+            rq: Some(rq),
             route,
             started: Instant::now(),
         }
@@ -334,21 +341,20 @@ impl ClaimAnswer {
         None
     }
 
-    fn give_back(self) -> Request {
-        self.app.claims_pending.fetch_sub(1, Ordering::SeqCst);
-        self.rq
+    fn give_back(mut self) -> Option<Request> {
+        self.rq.take()
     }
 
-    fn answer(self, reply: Reply) {
-        let ClaimAnswer {
-            app,
-            rq,
-            route,
-            what,
-            started,
-        } = self;
-        finish(&app, rq, reply, route, &what, started);
-        app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+    fn answer(mut self, reply: Reply) {
+        if let Some(rq) = self.rq.take() {
+            finish(&self.app, rq, reply, self.route, &self.what, self.started);
+        }
+    }
+}
+
+impl Drop for ClaimAnswer {
+    fn drop(&mut self) {
+        self.app.claims_pending.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -356,17 +362,13 @@ impl coupons::claim::Reply for ClaimAnswer {
     fn send(self, answer: Answer<Claimed>) {
         let reply = guarded(&self.what, || routes::claim_reply(&self.app, answer));
         // The thread running a lane's batches answers them; a client that reads none of its
-        // answers must not make it wait: its answer goes out on a thread of its own.
-        if writable_now(&self.rq) {
+        // answers must not make it wait: its answer goes out on a thread of its own. Should
+        // no thread be had, the request is dropped with the closure, and tiny_http answers it
+        // 500 from here after all.
+        if self.rq.as_ref().is_none_or(writable_now) {
             return self.answer(reply);
         }
-        let pending = Arc::clone(&self.app);
-        let spawned = std::thread::Builder::new().spawn(move || self.answer(reply));
-        if spawned.is_err() {
-            // No thread to be had: the request went with the closure (tiny_http answers a
-            // dropped request 500, and the connection closes).
-            pending.claims_pending.fetch_sub(1, Ordering::SeqCst);
-        }
+        let _ = std::thread::Builder::new().spawn(move || self.answer(reply));
     }
 }
 

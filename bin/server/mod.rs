@@ -36,9 +36,14 @@ pub fn app(
     };
     let auth =
         Auth::new(&secret, config.token_ttl_secs, config.bcrypt_cost).map_err(|e| e.to_string())?;
+    // A busy lane keeps a worker running its batches: at most half the workers may.
+    let lanes = match config.claim_lanes {
+        0 => 0,
+        n => n.min((config.workers as u64 / 2).max(1)),
+    };
     Ok(http::App {
         claims: Claims::new(pool.clone())
-            .with_lanes(config.claim_lanes)
+            .with_lanes(lanes)
             .with_batching(config.claim_batch),
         pool,
         auth,

@@ -932,3 +932,32 @@ fn a_claim_is_queued_without_its_thread_only_behind_a_batch_in_flight() {
     assert_eq!(db.stock(first.0), (8, 2, 10));
     assert_eq!(db.stock(second.0), (9, 1, 10));
 }
+
+#[test]
+fn a_claim_on_a_coupon_that_never_existed_is_answered_in_its_lane() {
+    let mut db = TestDb::new();
+    db.claims = db.claims.clone().with_lanes(1);
+    let users = new_users(&db, &auth(), 2);
+    let real = new_coupon(&db, "REAL", 10);
+    let nowhere = CouponId(999_999);
+    let key = IdempotencyKey::parse("nowhere").unwrap();
+    // Alone, with a key, and beside a real coupon's claims in parallel: not found each time,
+    // the key's answer replayed, and no stock touched.
+    let answers: Vec<Result<claim::Claimed, Error>> = (0..40)
+        .into_par_iter()
+        .map(|i| match i % 4 {
+            0 => db.claims.claim(users[0], nowhere),
+            1 => db.claims.claim_once(users[0], nowhere, &key).result,
+            _ => db.claims.claim(users[1], real),
+        })
+        .collect();
+    for (i, a) in answers.iter().enumerate() {
+        match (i % 4, a) {
+            (0 | 1, Err(Error::CouponNotFound)) => {}
+            (2 | 3, Ok(_)) | (2 | 3, Err(Error::SoldOut)) => {}
+            _ => panic!("claim {i}: {a:?}"),
+        }
+    }
+    assert_eq!(db.stock(real.0), (0, 10, 10));
+    assert_eq!(db.claims.stats().queued, 0);
+}

@@ -374,10 +374,14 @@ impl Server {
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
+                                    // coupons patch: a channel per request, so that a failed
+                                    // write (no notification) ends the connection here too.
                                     for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
+                                        let (sender, receiver) = mpsc::channel();
+                                        messages.push(rq.with_notify_sender(sender).into());
+                                        if receiver.recv().is_err() {
+                                            break;
+                                        }
                                     }
                                 } else {
                                     // coupons patch: the original handed on every pipelined

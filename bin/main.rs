@@ -206,8 +206,17 @@ fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Res
         http::bind(config.bind_addr).map_err(|e| format!("BIND_ADDR {}: {e}", config.bind_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("coupons: listening on http://{addr}");
+    let metrics = match config.metrics_addr {
+        Some(at) => {
+            let l = http::bind(at).map_err(|e| format!("METRICS_ADDR {at}: {e}"))?;
+            let at = l.local_addr().map_err(|e| e.to_string())?;
+            println!("coupons: metrics on http://{at}/metrics");
+            Some(l)
+        }
+        None => None,
+    };
     server::print_database(config, private_db);
-    http::serve(app, listener, server::threads(config), shutdown)?;
+    http::serve(app, listener, metrics, server::threads(config), shutdown)?;
     println!("coupons: stopped");
     Ok(())
 }

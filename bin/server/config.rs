@@ -15,6 +15,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `BIND_ADDR`: where the HTTP server listens; port 0 picks a free port.
     pub bind_addr: SocketAddr,
+    /// `METRICS_ADDR`: where `GET /metrics` is served to anyone, for scrapers. Unset: nowhere
+    /// but `BIND_ADDR`, where it is for admins only.
+    pub metrics_addr: Option<SocketAddr>,
     /// `JWT_SECRET`: at least 32 bytes. Unset with the private server: generated once and kept
     /// in `data_dir`. Unset with `DATABASE_URL`: start-up fails.
     pub jwt_secret: Option<Secret>,
@@ -59,6 +62,14 @@ impl Config {
                 "127.0.0.1:8000",
                 "an address like 127.0.0.1:8000",
             )?,
+            metrics_addr: match var("METRICS_ADDR") {
+                Some(_) => Some(parsed(
+                    "METRICS_ADDR",
+                    "127.0.0.1:9100",
+                    "an address like 127.0.0.1:9100",
+                )?),
+                None => None,
+            },
             jwt_secret: var("JWT_SECRET")
                 .map(|s| {
                     Secret::parse(&s).map_err(|_| "JWT_SECRET must be at least 32 bytes".to_owned())

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, Method, Request, Response, Server};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -128,10 +128,14 @@ impl Shutdown {
 pub fn serve(
     app: App,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     threads: Threads,
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
+    let metrics = metrics
+        .map(|l| Server::from_listener(l, None).map_err(|e| e.to_string()))
+        .transpose()?;
     let app = Arc::new(app);
     let look = Arc::clone(&app);
     // A panic there drops the request, which tiny_http then answers 500.
@@ -143,6 +147,9 @@ pub fn serve(
     let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
+        if let Some(metrics) = &metrics {
+            s.spawn(|| serve_metrics(&app, metrics, stopping));
+        }
         for _ in 0..threads.bcrypt {
             s.spawn(|| {
                 lower_priority();
@@ -169,6 +176,21 @@ pub fn serve(
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `METRICS_ADDR`'s one thread: `GET /metrics` for anyone (a scraper has no token), and
+/// nothing else.
+fn serve_metrics(app: &App, server: &Server, stopping: &AtomicBool) {
+    while !stopping.load(Ordering::SeqCst) {
+        let Ok(Some(rq)) = server.recv_timeout(POLL) else {
+            continue;
+        };
+        let reply = match (rq.method(), path(rq.url())) {
+            (Method::Get | Method::Head, "/metrics") => routes::metrics_text(app),
+            _ => ApiError::RouteNotFound.reply("metrics"),
+        };
+        respond(rq, reply);
     }
 }
 

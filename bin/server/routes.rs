@@ -366,11 +366,11 @@ pub static ROUTES: &[Route] = &[
         class: Class::Inline,
         handler: metrics,
         doc: Op {
-            summary: "Prometheus metrics (text)",
-            who: Who::Anyone,
+            summary: "Prometheus metrics (text); to anyone on METRICS_ADDR instead, if set",
+            who: Who::Admin,
             body: None,
             ok: (200, ""),
-            errors: &[],
+            errors: &[401, 403],
         },
     },
     Route {
@@ -406,15 +406,22 @@ fn healthz(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
     Ok(Reply::json(200, &json!({"status": "ok"})))
 }
 
-fn metrics(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
-    Ok(Reply {
+/// `GET /metrics`: for admins here; for anyone on `METRICS_ADDR` (`http::serve_metrics`).
+fn metrics(app: &App, rq: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    Ok(metrics_text(app))
+}
+
+/// The Prometheus text of this process's metrics.
+pub fn metrics_text(app: &App) -> Reply {
+    Reply {
         status: 200,
         body: app
             .metrics
             .render(app.pool.stats(), app.claims.stats())
             .into_bytes(),
         headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
-    })
+    }
 }
 
 fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {

@@ -192,6 +192,10 @@ start_service() {
         log "ERROR: $side admin promote failed (see $logp.service.err)"
         return 1
     fi
+    # /metrics is for admins (since issue 16); older builds ignore the token.
+    SVC_TOKEN=$(curl -s --max-time 10 -X POST "http://$SVC_ADDR/login" -H 'Content-Type: application/json' \
+        -d "{\"email\":\"$ADMIN_EMAIL\",\"password\":\"$ADMIN_PASSWORD\"}" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin).get("token", ""))')
     return 0
 }
 
@@ -284,10 +288,11 @@ run_hot64_perf() {
         if wait_load_started "$logp"; then
             sleep "$PERF_OFFSET"
             perf stat -x, -o "$logp.perf.csv" -e context-switches,task-clock -p "$SVC_PID" -- \
-                bash -c 'date +%s.%N > "$2.w0"; curl -s --max-time 5 "http://$1/metrics" > "$2.m0"
+                bash -c 'm() { curl -s --max-time 5 -H "Authorization: Bearer $4" "http://$1/metrics"; }
+                         date +%s.%N > "$2.w0"; m "$@" > "$2.m0"
                          sleep "$3"
-                         curl -s --max-time 5 "http://$1/metrics" > "$2.m1"; date +%s.%N > "$2.w1"' \
-                _ "$SVC_ADDR" "$logp" "$PERF_WINDOW" 2>> "$logp.perf.err" &
+                         m "$@" > "$2.m1"; date +%s.%N > "$2.w1"' \
+                _ "$SVC_ADDR" "$logp" "$PERF_WINDOW" "$SVC_TOKEN" 2>> "$logp.perf.err" &
             local perf_pid=$!
             HELPERS+=("$perf_pid")
             wait "$perf_pid"; forget_helper "$perf_pid"

@@ -50,7 +50,11 @@ errors = sum(r["errors"] for r in runs)
 print(f"| {label} | {rate:,.0f} | {p99:.1f} | {errors} |")
 EOF
 }
-retries() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^coupons_db_retries_total/ {print $2}'; }
+# /metrics is for admins; $token is the admin's, set below before the first use.
+retries() {
+    curl -s -H "Authorization: Bearer $token" "http://127.0.0.1:$1/metrics" |
+        awk '/^coupons_db_retries_total/ {print $2}'
+}
 
 echo "| load | claims/s | p99 ms (worst) | errors |"
 echo "|---|---|---|---|"
@@ -59,9 +63,9 @@ show "one node, spread over 1,000 coupons, $conns connections" \
     "$(load --url http://127.0.0.1:8101 --scenario spread --coupons 1000 --connections "$conns")"
 
 # One hot coupon claimed through all three nodes at once.
-hot=$(curl -sf -X POST http://127.0.0.1:8101/login -H 'Content-Type: application/json' \
+token=$(curl -sf -X POST http://127.0.0.1:8101/login -H 'Content-Type: application/json' \
     -d '{"email":"bench-admin@example.com","password":"bench-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-hot=$(curl -sf -X POST http://127.0.0.1:8101/admin/coupons -H "Authorization: Bearer $hot" \
+hot=$(curl -sf -X POST http://127.0.0.1:8101/admin/coupons -H "Authorization: Bearer $token" \
     -H 'Content-Type: application/json' -d '{"code":"GALERAHOT","available_count":100000000}' |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 before=$(( $(retries 8101) + $(retries 8102) + $(retries 8103) ))

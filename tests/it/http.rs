@@ -127,7 +127,8 @@ fn a_hot_coupon_over_http_is_combined_and_exact() {
         .map(|i| svc.register(&format!("h{i}@example.com")))
         .collect();
     let metrics = |svc: &Service| -> String {
-        let r = svc.call("GET", "/metrics", &[], None);
+        let r = svc.call("GET", "/metrics", &[("token", &admin)], None);
+        assert_eq!(r.status, 200, "{}", r.body);
         r.body.as_str().unwrap_or_default().to_owned()
     };
     let queued = |svc: &Service| metric(&metrics(svc), "coupons_claims_queued");
@@ -2314,18 +2315,23 @@ fn metrics_request_ids_and_the_access_log() {
         ("BCRYPT_COST", "4"),
         ("ACCESS_LOG", "on"),
         ("BIND_ADDR", "127.0.0.1:0"),
+        ("METRICS_ADDR", "127.0.0.1:0"),
     ])
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
+    let mut printed = |prefix: &str| loop {
         let line = out.next().unwrap().unwrap();
-        if let Some(a) = line.strip_prefix("coupons: listening on http://") {
+        if let Some(a) = line.strip_prefix(prefix) {
             break a.to_owned();
         }
     };
+    let addr = printed("coupons: listening on http://");
+    let metrics_addr = printed("coupons: metrics on http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
     let log = std::io::BufReader::new(child.stderr.take().unwrap());
     let call = |m: &str, p: &str, h: &[(&str, &str)], b: Option<&str>| {
         crate::support::request(&addr, m, p, h, b)
@@ -2372,7 +2378,16 @@ fn metrics_request_ids_and_the_access_log() {
         crate::support::send(&addr, head.as_bytes(), b"");
     }
 
+    // On the main address, metrics are for admins; on METRICS_ADDR, for any scraper, and
+    // nothing else is served there.
     let r = call("GET", "/metrics", &[], None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = call("GET", "/metrics", &[("token", &token)], None);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let on_metrics = |p: &str| crate::support::request(&metrics_addr, "GET", p, &[], None);
+    assert_eq!(on_metrics("/healthz").status, 404);
+    let r = on_metrics("/metrics");
+    assert_eq!(r.status, 200);
     let text = r.body.as_str().unwrap().to_owned();
     for needle in [
         "coupons_http_requests_total{route=\"GET /healthz\",status=\"200\"} 2",

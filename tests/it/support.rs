@@ -255,6 +255,7 @@ pub const SERVICE_VARS: &[&str] = &[
     "DATABASE_URL",
     "COUPONS_DATA_DIR",
     "BIND_ADDR",
+    "METRICS_ADDR",
     "JWT_SECRET",
     "TOKEN_TTL_SECS",
     "BCRYPT_COST",

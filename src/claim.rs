@@ -189,7 +189,8 @@ impl Claims {
     /// [`Claims::claim`] guarded by an idempotency key: the first request with `key` claims (or
     /// is refused) and records its answer in the same transaction; every later one with the
     /// same key gets that answer again (`replayed`), never a second claim. The key with another
-    /// coupon is [`Error::KeyReused`].
+    /// coupon is [`Error::KeyReused`]. [`Error::CouponNotFound`] is not recorded (it depends on
+    /// nothing stored): the key stays unused, and a retry is answered afresh.
     pub fn claim_once(
         &self,
         user: UserId,
@@ -694,20 +695,35 @@ fn insert_claims(
     Ok(ids.into_iter().map(ClaimId).collect())
 }
 
-/// What an idempotency key records of a claim's result: the outcome, the claim's id and the
-/// stock left. `None` for an error that is no answer (the transaction fails with it instead).
-fn to_record(result: &Result<Claimed, Error>) -> Option<(&'static str, Option<u64>, Option<i64>)> {
+/// What an idempotency key keeps of a claim's answer.
+enum Kept {
+    /// The outcome, the claim's id and the stock left: replayed to every retry.
+    Answer(&'static str, Option<u64>, Option<i64>),
+    /// Nothing: the answer depends on nothing stored (no such coupon, or a deleted one, which
+    /// stays deleted), so a retry gets it again anyway. The reserved row is deleted, so a flood
+    /// of claims on made-up coupons leaves no rows behind.
+    Nothing,
+}
+
+/// What an idempotency key keeps of a claim's result. `None` for an error that is no answer
+/// (the transaction fails with it instead).
+fn to_record(result: &Result<Claimed, Error>) -> Option<Kept> {
     match result {
-        Ok(c) => Some((
+        Ok(c) => Some(Kept::Answer(
             "claimed",
             Some(c.claim.id.0),
             Some(c.available_count as i64),
         )),
-        Err(e) => e.outcome().map(|name| (name, None, None)),
+        Err(Error::CouponNotFound) => Some(Kept::Nothing),
+        Err(e) => e.outcome().map(|name| Kept::Answer(name, None, None)),
     }
 }
 
-/// Records every keyed open request's answer in one statement (their rows are reserved).
+/// Records every keyed open request's answer in one statement (their rows are reserved), and
+/// deletes in another the reservations of answers not kept ([`Kept::Nothing`]): in this
+/// transaction, which holds their rows' locks from the reservation, so no row is left after
+/// the commit. A request with the same key waiting on the row then reserves it afresh (two
+/// or more waiting may deadlock on the freed row: the database picks one, which is retried).
 fn record_keys(
     tx: &mut Transaction<'_>,
     batch: &[&Ticket],
@@ -716,41 +732,54 @@ fn record_keys(
 ) -> Result<(), Error> {
     let now = Timestamp::now();
     let mut rows: Vec<[Value; 7]> = Vec::new();
+    let mut forget: Vec<[Value; 2]> = Vec::new();
     for &i in open {
         let (Some(k), Step::Done(result)) = (&batch[i].key, &steps[i]) else {
             continue;
         };
-        let Some((outcome, id, count)) = to_record(result) else {
-            let e = result
-                .as_ref()
-                .err()
-                .map(Error::to_string)
-                .unwrap_or_default();
-            return Err(Error::Internal(format!("no outcome to record for {e}")));
-        };
-        rows.push([
-            batch[i].user.0.into(),
-            k.key.as_str().into(),
-            k.request.as_str().into(),
-            outcome.into(),
-            id.into(),
-            count.into(),
-            now.into(),
-        ]);
+        let (user, key) = (batch[i].user.0.into(), k.key.as_str().into());
+        match to_record(result) {
+            Some(Kept::Answer(outcome, id, count)) => rows.push([
+                user,
+                key,
+                k.request.as_str().into(),
+                outcome.into(),
+                id.into(),
+                count.into(),
+                now.into(),
+            ]),
+            Some(Kept::Nothing) => forget.push([user, key]),
+            None => {
+                let e = result
+                    .as_ref()
+                    .err()
+                    .map(Error::to_string)
+                    .unwrap_or_default();
+                return Err(Error::Internal(format!("no outcome to record for {e}")));
+            }
+        }
     }
-    if rows.is_empty() {
-        return Ok(());
+    if !rows.is_empty() {
+        let rows = padded(rows);
+        let sql = format!(
+            "INSERT INTO idempotency_keys
+               (user_id, idem_key, request_sha256, outcome, result_id, result_count, created_at)
+             VALUES {}
+             ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), result_id = VALUES(result_id),
+               result_count = VALUES(result_count)",
+            placeholders(rows.len(), "(?, ?, ?, ?, ?, ?, ?)")
+        );
+        tx.exec_drop(sql, rows.concat())?;
     }
-    let rows = padded(rows);
-    let sql = format!(
-        "INSERT INTO idempotency_keys
-           (user_id, idem_key, request_sha256, outcome, result_id, result_count, created_at)
-         VALUES {}
-         ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), result_id = VALUES(result_id),
-           result_count = VALUES(result_count)",
-        placeholders(rows.len(), "(?, ?, ?, ?, ?, ?, ?)")
-    );
-    tx.exec_drop(sql, rows.concat())?;
+    if !forget.is_empty() {
+        // By the primary key (user_id, idem_key): a point delete for each.
+        let forget = padded(forget);
+        let sql = format!(
+            "DELETE FROM idempotency_keys WHERE {}",
+            vec!["(user_id = ? AND idem_key = ?)"; forget.len()].join(" OR ")
+        );
+        tx.exec_drop(sql, forget.concat())?;
+    }
     Ok(())
 }
 

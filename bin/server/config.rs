@@ -37,6 +37,9 @@ pub struct Config {
     pub login_fails_per_ip: u32,
     /// `REGISTRATIONS_PER_IP_PER_MIN`: registrations from one client address before 429s.
     pub registrations_per_ip: u32,
+    /// `KEYED_CLAIMS_PER_USER_PER_MIN`: claims (and admin creates) with an `Idempotency-Key`
+    /// by one user before 429s (0: no limit); each writes a key row, kept 24 hours.
+    pub keyed_claims_per_user: u32,
     /// `TRUSTED_PROXIES`: comma-separated proxy addresses whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// `MAX_CONNECTIONS`: open client connections served at once; unset, from the fd limit.
@@ -91,6 +94,7 @@ impl Config {
             login_fails_per_email: number("LOGIN_FAILS_PER_EMAIL_PER_MIN", 5, 0..=1_000_000)?,
             login_fails_per_ip: number("LOGIN_FAILS_PER_IP_PER_MIN", 60, 0..=1_000_000)?,
             registrations_per_ip: number("REGISTRATIONS_PER_IP_PER_MIN", 600, 0..=1_000_000)?,
+            keyed_claims_per_user: number("KEYED_CLAIMS_PER_USER_PER_MIN", 600, 0..=1_000_000)?,
             trusted_proxies: var("TRUSTED_PROXIES")
                 .unwrap_or_default()
                 .split(',')

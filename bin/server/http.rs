@@ -317,7 +317,11 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
         .queue(ticket.user, ticket.coupon, ticket.key.as_ref(), answer)
     {
         Ok(()) => None,
-        Err(answer) => answer.give_back(),
+        Err(answer) => {
+            // A worker reads it again, and counts it then.
+            ticket.put_back(app);
+            answer.give_back()
+        }
     }
 }
 

@@ -1,16 +1,21 @@
-//! Brute-force limits: failed logins per email and per client address, registrations per
-//! client address. Token buckets in this process's memory (each service process keeps its
-//! own). A request past a limit gets 429 with `Retry-After`, before any bcrypt work.
+//! Limits: failed logins per email and per client address, registrations per client address
+//! (brute force), and keyed requests per user (each writes an idempotency key row, kept 24
+//! hours). Token buckets in this process's memory (each service process keeps its own). A
+//! request past a limit gets 429 with `Retry-After`, before any bcrypt or database work.
 
+use coupons::UserId;
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// One limit: `per_minute` events, refilled evenly; 0 turns it off.
-pub struct Limit {
+/// One limit: `per_minute` events per key (an email, an address, a user), refilled evenly; 0
+/// turns it off.
+pub struct Limit<K = String> {
     per_minute: u32,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
 struct Bucket {
@@ -21,8 +26,8 @@ struct Bucket {
 /// Entries kept before full buckets are swept out.
 const SWEEP_AT: usize = 20_000;
 
-impl Limit {
-    pub fn new(per_minute: u32) -> Limit {
+impl<K: Hash + Eq> Limit<K> {
+    pub fn new(per_minute: u32) -> Limit<K> {
         Limit {
             per_minute,
             buckets: Mutex::new(HashMap::new()),
@@ -37,7 +42,11 @@ impl Limit {
 
     /// Takes one event for `key` now, or `Err(seconds)` to wait when none is left. Taking
     /// before the work (not after) means parallel attempts cannot share the last event.
-    pub fn take(&self, key: &str) -> Result<(), u64> {
+    pub fn take<Q>(&self, key: &Q) -> Result<(), u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         if self.per_minute == 0 {
             return Ok(());
         }
@@ -71,7 +80,11 @@ impl Limit {
     }
 
     /// Gives back an event taken for work that turned out not to count (a good password).
-    pub fn refund(&self, key: &str) {
+    pub fn refund<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let cap = f64::from(self.per_minute);
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = buckets.get_mut(key) {
@@ -85,6 +98,8 @@ pub struct Limits {
     pub login_fails_per_email: Limit,
     pub login_fails_per_ip: Limit,
     pub registrations_per_ip: Limit,
+    /// Claims and admin creates with an `Idempotency-Key`, by user: each writes a key row.
+    pub keyed_per_user: Limit<UserId>,
     pub trusted_proxies: Vec<IpAddr>,
 }
 
@@ -135,7 +150,11 @@ mod tests {
         l.refund("a");
         assert!(l.take("a").is_ok());
         assert!(l.take("b").is_ok());
-        let off = Limit::new(0);
+        let per_user: Limit<UserId> = Limit::new(1);
+        assert!(per_user.take(&UserId(1)).is_ok());
+        assert!(per_user.take(&UserId(1)).is_err());
+        assert!(per_user.take(&UserId(2)).is_ok());
+        let off: Limit = Limit::new(0);
         for _ in 0..100 {
             assert!(off.take("a").is_ok());
         }
@@ -147,6 +166,7 @@ mod tests {
             login_fails_per_email: Limit::new(1),
             login_fails_per_ip: Limit::new(1),
             registrations_per_ip: Limit::new(1),
+            keyed_per_user: Limit::new(1),
             trusted_proxies: vec!["10.0.0.1".parse().unwrap()],
         };
         let proxy = Some("10.0.0.1".parse().unwrap());

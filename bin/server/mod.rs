@@ -52,6 +52,7 @@ pub fn app(
             login_fails_per_email: limits::Limit::new(config.login_fails_per_email),
             login_fails_per_ip: limits::Limit::new(config.login_fails_per_ip),
             registrations_per_ip: limits::Limit::new(config.registrations_per_ip),
+            keyed_per_user: limits::Limit::new(config.keyed_claims_per_user),
             trusted_proxies: config.trusted_proxies.clone(),
         },
         metrics: metrics::Metrics::default(),

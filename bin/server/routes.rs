@@ -11,7 +11,7 @@ use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesCh
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
     claim, db, ClaimId, CouponCode, CouponId, Email, Error, Label, Page, Password, PerUserLimit,
-    Status, Stock, Timestamp,
+    Status, Stock, Timestamp, UserId,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -227,7 +227,7 @@ pub static ROUTES: &[Route] = &[
             who: Who::User,
             body: None,
             ok: (201, "ClaimResult"),
-            errors: &[401, 404, 409, 422],
+            errors: &[401, 404, 409, 422, 429],
         },
     },
     Route {
@@ -266,7 +266,7 @@ pub static ROUTES: &[Route] = &[
             who: Who::Admin,
             body: Some("NewCoupon"),
             ok: (201, "Coupon"),
-            errors: &[400, 401, 403, 409, 411, 413, 415, 422],
+            errors: &[400, 401, 403, 409, 411, 413, 415, 422, 429],
         },
     },
     Route {
@@ -714,20 +714,46 @@ fn claim(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
 
 /// A claim request, read and checked: who claims which coupon, with which key.
 pub struct ClaimTicket {
-    pub user: coupons::UserId,
+    pub user: UserId,
     pub coupon: CouponId,
     pub key: Option<IdempotencyKey>,
 }
 
-/// Reads and checks a claim request (the claim itself is the claims' to make).
+/// Reads and checks a claim request (the claim itself is the claims' to make). A keyed one
+/// takes one from its user's keyed-request limit, last: a request refused before writes no
+/// key row. In memory, under a lock held for a map look-up: this runs on a connection's thread.
 pub fn claim_ticket(app: &App, rq: &Request, id: Params) -> Result<ClaimTicket> {
     ready(app)?;
     let who = principal(app, rq)?;
+    let coupon = id.coupon()?;
+    let key = idempotency_key(rq)?;
+    keyed_limit(app, who.user_id, key.as_ref())?;
     Ok(ClaimTicket {
         user: who.user_id,
-        coupon: id.coupon()?,
-        key: idempotency_key(rq)?,
+        coupon,
+        key,
     })
+}
+
+impl ClaimTicket {
+    /// Gives back what [`claim_ticket`] took from the limit, for a request handed on to be
+    /// read again (by a worker, after a connection's thread found its lane idle).
+    pub fn put_back(&self, app: &App) {
+        if self.key.is_some() {
+            app.limits.keyed_per_user.refund(&self.user);
+        }
+    }
+}
+
+/// With a key, one request from `user`'s `KEYED_CLAIMS_PER_USER_PER_MIN`, or 429: each keyed
+/// request writes a key row, kept 24 hours, so the limit bounds an account's share of them.
+/// Requests without a key write none and are not counted.
+fn keyed_limit(app: &App, user: UserId, key: Option<&IdempotencyKey>) -> Result<()> {
+    if key.is_some() {
+        let limit = &app.limits.keyed_per_user;
+        limit.take(&user).map_err(ApiError::TooManyRequests)?;
+    }
+    Ok(())
 }
 
 /// The answer to a claim request.
@@ -858,6 +884,7 @@ fn create(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
             }
         },
     };
+    keyed_limit(app, who.user_id, key.as_ref())?;
     let answer = match key {
         Some(key) => coupon::create_once(&app.pool, who.user_id, &new, &key),
         None => Answer {

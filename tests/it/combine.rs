@@ -942,7 +942,7 @@ fn a_claim_on_a_coupon_that_never_existed_is_answered_in_its_lane() {
     let nowhere = CouponId(999_999);
     let key = IdempotencyKey::parse("nowhere").unwrap();
     // Alone, with a key, and beside a real coupon's claims in parallel: not found each time,
-    // the key's answer replayed, and no stock touched.
+    // the key's answer kept nowhere (a retry finds the same), and no stock touched.
     let answers: Vec<Result<claim::Claimed, Error>> = (0..40)
         .into_par_iter()
         .map(|i| match i % 4 {
@@ -959,5 +959,6 @@ fn a_claim_on_a_coupon_that_never_existed_is_answered_in_its_lane() {
         }
     }
     assert_eq!(db.stock(real.0), (0, 10, 10));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys"), 0);
     assert_eq!(db.claims.stats().queued, 0);
 }

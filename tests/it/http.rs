@@ -1067,6 +1067,161 @@ fn idempotent_claims_over_http() {
     );
 }
 
+/// Each keyed request writes a key row, kept 24 hours (issue 16: one account wrote 3,500 a
+/// second). Past `KEYED_CLAIMS_PER_USER_PER_MIN`, an account's keyed claims and an admin's keyed
+/// creates get 429 with `Retry-After` and write no row; its claims without a key, and another
+/// account's keyed claims, go on. A parallel burst, queued on connections' threads or run by
+/// workers, gets exactly what the bucket holds.
+#[test]
+fn keyed_claims_past_the_per_user_limit_get_429_and_write_no_key_row() {
+    let db = TestDb::new();
+    let svc = Service::start_with(&db, &[("KEYED_CLAIMS_PER_USER_PER_MIN", "5")]);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let coupon = create_coupon(&svc, &admin, "RUSH", 100);
+    let (a, b, c) = (
+        svc.register("a@example.com"),
+        svc.register("b@example.com"),
+        svc.register("c@example.com"),
+    );
+    let path = format!("/coupons/{coupon}/claim");
+    let claim = |token: &str, key: Option<&str>| {
+        let auth = bearer(token);
+        let mut headers = vec![(auth.0, auth.1.as_str())];
+        headers.extend(key.map(|k| ("Idempotency-Key", k)));
+        svc.call("POST", &path, &headers, None)
+    };
+    let rows = |email: &str| {
+        db.conn()
+            .exec_first::<i64, _, _>(
+                "SELECT COUNT(*) FROM idempotency_keys k JOIN users u ON u.id = k.user_id
+                 WHERE u.email = ?",
+                (email,),
+            )
+            .unwrap()
+            .unwrap()
+    };
+    let refused = |r: &Resp, what: &str| {
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (429, Some("too_many_requests")),
+            "{what}: {}",
+            r.body
+        );
+        let wait: u64 = r.headers["retry-after"].parse().unwrap();
+        assert!((1..=60).contains(&wait), "{what}: {wait}");
+    };
+    for i in 0..5 {
+        let r = claim(&a, Some(&format!("a-{i}")));
+        assert_eq!(r.status, 201, "keyed claim {i}: {}", r.body);
+    }
+    refused(&claim(&a, Some("a-5")), "the sixth keyed claim");
+    assert_eq!(rows("a@example.com"), 5);
+    for i in 0..10 {
+        let r = claim(&a, None);
+        assert_eq!(r.status, 201, "claim {i} without a key: {}", r.body);
+    }
+    let r = claim(&b, Some("b-0"));
+    assert_eq!(r.status, 201, "another account: {}", r.body);
+    assert_eq!(rows("b@example.com"), 1);
+
+    // Ten at once: five through, whichever thread reads them.
+    let started = std::time::Instant::now();
+    let burst: Vec<Resp> = thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let claim = &claim;
+                let c = &c;
+                s.spawn(move || claim(c, Some(&format!("c-{i}"))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // The bucket refills one every 12 s: a slow burst may see one more.
+    let refilled = (started.elapsed().as_secs() / 12) as usize;
+    let ok = burst.iter().filter(|r| r.status == 201).count();
+    assert!((5..=5 + refilled).contains(&ok), "{ok} of 10 went through");
+    for r in burst.iter().filter(|r| r.status != 201) {
+        refused(r, "the burst");
+    }
+    assert_eq!(rows("c@example.com"), ok as i64);
+
+    // An admin's keyed creates share the limit; creates without a key do not count.
+    let h = bearer(&admin);
+    let create = |i: usize| {
+        let body = format!(r#"{{"code":"KEYED{i}","available_count":1}}"#);
+        let key = format!("create-{i}");
+        svc.call(
+            "POST",
+            "/admin/coupons",
+            &[JSON, (h.0, &h.1), ("Idempotency-Key", &key)],
+            Some(&body),
+        )
+    };
+    for i in 0..5 {
+        assert_eq!(create(i).status, 201, "keyed create {i}");
+    }
+    refused(&create(5), "the sixth keyed create");
+    create_coupon(&svc, &admin, "UNKEYED", 1);
+    assert_eq!(rows("admin@example.com"), 5);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM coupons WHERE code = 'KEYED5'"),
+        0
+    );
+    assert_eq!(db.stock(coupon), (84 - ok as i64, 16 + ok as i64, 100));
+}
+
+/// A keyed claim on a coupon that does not exist (never did, or deleted) records nothing: its
+/// answer depends on nothing stored, so its retry is the same 404, answered afresh. Refusals
+/// that depend on the coupon's state (here `sold_out`) are still recorded and replayed.
+#[test]
+fn a_keyed_claim_on_no_coupon_leaves_no_key_row_and_its_retry_is_a_404() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let gone = create_coupon(&svc, &admin, "GONE", 5);
+    let h = bearer(&admin);
+    let path = format!("/admin/coupons/{gone}");
+    assert_eq!(svc.call("DELETE", &path, &[(h.0, &h.1)], None).status, 200);
+    let empty = create_coupon(&svc, &admin, "EMPTY", 0);
+    let user = svc.register("user@example.com");
+    let auth = bearer(&user);
+    let claim = |coupon: u64, key: &str| {
+        svc.call(
+            "POST",
+            &format!("/coupons/{coupon}/claim"),
+            &[(auth.0, &auth.1), ("Idempotency-Key", key)],
+            None,
+        )
+    };
+    let replayed = |r: &Resp| {
+        r.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    };
+    for (coupon, key) in [(424_242, "nowhere"), (gone, "deleted")] {
+        for attempt in ["first", "retry"] {
+            let r = claim(coupon, key);
+            assert_eq!(
+                (r.status, r.body["code"].as_str(), replayed(&r)),
+                (404, Some("coupon_not_found"), false),
+                "{key}, {attempt}"
+            );
+        }
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys"), 0);
+    let first = claim(empty, "empty");
+    let again = claim(empty, "empty");
+    assert_eq!(
+        (first.status, first.body["code"].as_str(), replayed(&first)),
+        (409, Some("sold_out"), false)
+    );
+    assert_eq!(
+        (again.status, again.body["code"].as_str(), replayed(&again)),
+        (409, Some("sold_out"), true)
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM idempotency_keys"), 1);
+}
+
 #[test]
 fn every_bad_token_is_a_401_with_www_authenticate() {
     let db = TestDb::new();

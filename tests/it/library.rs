@@ -590,6 +590,46 @@ fn a_refusal_is_replayed_too_and_keys_expire() {
     }
 }
 
+/// A keyed claim refused as not found (no such coupon, or a deleted one) keeps no key row: its
+/// answer depends on nothing stored, and a flood of them filled the disk. Its retries get the
+/// same answer, not replayed, and leave nothing either, also when they race: in a lane (one
+/// batch after another) and each in a transaction of its own, waiting on the reservation of
+/// another request with the key, which is gone when that one commits.
+#[test]
+fn a_keyed_claim_on_no_coupon_keeps_no_key_even_when_its_retries_race() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let gone = new_coupon(&db, "GONE", 5);
+    coupon::delete(&db.pool, UserId(0), gone).unwrap();
+    let nowhere = CouponId(999_999);
+    let lone = db.claims.clone().with_batching(1);
+    for (case, claims, coupon) in [
+        ("combined, no row", &db.claims, nowhere),
+        ("alone, no row", &lone, nowhere),
+        ("alone, deleted", &lone, gone),
+    ] {
+        let k = key(&format!("nowhere-{coupon}"));
+        let answers: Vec<_> = threads(8).install(|| {
+            (0..8)
+                .into_par_iter()
+                .map(|_| claims.claim_once(users[0], coupon, &k))
+                .collect()
+        });
+        for a in answers {
+            assert!(
+                matches!(a.result, Err(Error::CouponNotFound)) && !a.replayed,
+                "{case}: {a:?}"
+            );
+        }
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM idempotency_keys"),
+            0,
+            "{case}"
+        );
+    }
+    assert_eq!(db.stock(gone.0), (5, 0, 5));
+}
+
 /// A key recorded as text, before keys kept their request's digest (sql/006), is converted by
 /// that migration: its retry still replays, and it still refuses another coupon.
 #[test]

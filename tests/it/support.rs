@@ -157,12 +157,19 @@ pub struct Service {
 impl Service {
     /// Serves `db` with the test secret and cheap hashing.
     pub fn start(db: &TestDb) -> Service {
-        Service::spawn(&[
+        Service::start_with(db, &[])
+    }
+
+    /// [`Service::start`] with `extra` variables besides.
+    pub fn start_with(db: &TestDb, extra: &[(&str, &str)]) -> Service {
+        let mut env = vec![
             ("DATABASE_URL", db.url.as_str()),
             ("JWT_SECRET", SECRET),
             ("BCRYPT_COST", "4"),
             ("WORKERS", "16"),
-        ])
+        ];
+        env.extend_from_slice(extra);
+        Service::spawn(&env)
     }
 
     /// Runs `coupons` with `env` on port 0 and waits for the address it prints.
@@ -265,6 +272,7 @@ pub const SERVICE_VARS: &[&str] = &[
     "LOGIN_FAILS_PER_EMAIL_PER_MIN",
     "LOGIN_FAILS_PER_IP_PER_MIN",
     "REGISTRATIONS_PER_IP_PER_MIN",
+    "KEYED_CLAIMS_PER_USER_PER_MIN",
     "TRUSTED_PROXIES",
     "MAX_CONNECTIONS",
     "ACCESS_LOG",

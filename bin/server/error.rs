@@ -19,6 +19,8 @@ pub enum ApiError {
     LengthRequired,
     /// No such route (404).
     RouteNotFound,
+    /// An `Upgrade` request: nothing here upgrades a connection (400).
+    UpgradeRefused,
     /// The route exists with other methods (405, with `Allow`).
     MethodNotAllowed(String),
     /// The bcrypt queue is full (503, with `Retry-After`).
@@ -96,6 +98,11 @@ impl ApiError {
                 "send the body as Content-Type: application/json".into(),
             ),
             A::RouteNotFound => (404, "not_found".into(), "no such route".into()),
+            A::UpgradeRefused => (
+                400,
+                "upgrade_not_supported".into(),
+                "this service does not upgrade connections".into(),
+            ),
             A::LengthRequired => (
                 411,
                 "length_required".into(),

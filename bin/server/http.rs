@@ -300,6 +300,16 @@ fn claim(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
 /// has a batch in flight is read and queued in the lane here, so that no worker is woken just
 /// to pass it on. Anything else, and a claim that would run at once, goes to the workers.
 fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
+    // Nothing here upgrades a connection: refused before any worker sees it (tiny_http then
+    // closes the connection, as it does after any upgrade request).
+    if rq.headers().iter().any(|h| h.field.equiv("Upgrade")) {
+        let started = Instant::now();
+        let what = what(&rq);
+        let route = routes::route_name(rq.method(), rq.url());
+        let reply = ApiError::UpgradeRefused.reply(&what);
+        finish(app, rq, reply, route, &what, started);
+        return None;
+    }
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
         return Some(rq);
     };

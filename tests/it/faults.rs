@@ -629,3 +629,82 @@ fn an_unread_body_closes_the_connection_and_is_never_a_request() {
     let r = crate::support::send(&svc.addr, chunked.as_bytes(), b"");
     assert_eq!(r.status, 411);
 }
+
+#[test]
+fn continue_and_upgrade_bodies_are_read_before_any_worker_sees_them() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let login = r#"{"email":"slow@example.com","password":"password123"}"#;
+    svc.call("POST", "/register", &[JSON], Some(login));
+    // A well-behaved `Expect: 100-continue`: the 100, then the body, then the answer.
+    let mut c = TcpStream::connect(&svc.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        login.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    // Reads until `want` has arrived, and returns all read so far.
+    let mut seen = String::new();
+    let mut read_until = |c: &mut TcpStream, want: &str| {
+        let mut buf = [0u8; 1024];
+        while !seen.contains(want) {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before {want:?}: {seen}");
+            seen += &String::from_utf8_lossy(&buf[..n]);
+        }
+        seen.clone()
+    };
+    let first = read_until(&mut c, "\r\n\r\n");
+    assert!(first.starts_with("HTTP/1.1 100 "), "{first}");
+    c.write_all(login.as_bytes()).unwrap();
+    let all = read_until(&mut c, "\"token\"");
+    assert!(all.contains("HTTP/1.1 200 "), "{all}");
+
+    // Logins that trickle their bodies after a 100-continue, or with an upgrade, hold no
+    // worker and no bcrypt thread: other logins are answered meanwhile.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let (addr, stop) = (&svc.addr, &stop);
+            s.spawn(move || {
+                let Ok(mut c) = TcpStream::connect(addr) else { return };
+                let extra = if i % 2 == 0 {
+                    "Expect: 100-continue\r\n"
+                } else {
+                    "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                };
+                let head = format!("POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: 5000\r\n\r\n{{");
+                let _ = c.write_all(head.as_bytes());
+                while !stop.load(Ordering::SeqCst) {
+                    if c.write_all(b" ").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        for _ in 0..4 {
+            let r = svc.call("POST", "/login", &[JSON], Some(login));
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
+        stop.store(true, Ordering::SeqCst);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "logins stalled for {:?}",
+            started.elapsed()
+        );
+    });
+
+    // An upgrade is refused, with its body read, and nothing upgrades.
+    let head =
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let r = crate::support::send(&svc.addr, head.as_bytes(), b"");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["code"], "upgrade_not_supported");
+}

@@ -139,7 +139,7 @@ pub fn new_request<R, W>(
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
-    writer: W,
+    mut writer: W,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -176,30 +176,29 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
     // coupons patch: tells the connection whether the body was read to its end.
     let mut body_signal = None;
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
+    // coupons patch: the original kept the raw stream for a `Connection: upgrade` request and
+    // did not read a body ahead after `Expect: 100-continue`, so a worker got a reader that
+    // waits on the client. Now an upgrade's body is read like any other (the server refuses
+    // the upgrade), and a small body after `Expect: 100-continue` is read ahead too, once the
+    // connection's thread has sent the `100 Continue` itself (in its turn: after the answers
+    // to the connection's earlier requests).
+    let mut expects_continue = expects_continue;
+    let reader = if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= BODY_READ_AHEAD && !expects_continue {
+        } else if content_length <= BODY_READ_AHEAD {
+            if expects_continue {
+                Response::new_empty(StatusCode(100))
+                    .raw_print(&mut writer, version.clone(), &headers, true, None)
+                    .and_then(|()| writer.flush())
+                    .map_err(RequestCreationError::CreationIoError)?;
+                expects_continue = false;
+            }
             // if the content-length is small enough, we just read everything into a buffer
 
             let mut buffer = vec![0; content_length];

@@ -135,12 +135,28 @@ impl r2d2::ManageConnection for Manager {
 /// crate would otherwise open a second connection to switch to the server's socket. On a
 /// Galera cluster, `wsrep_sync_wait=N` sets that session variable on every connection (1: reads
 /// wait until the node has applied what the cluster committed, so a read after a write made
-/// through another node sees it).
+/// through another node sees it). `lock_wait_timeout=S` sets how long a statement waits for a
+/// row lock, 1 to 3,600 s (default 2: a claim held up by a lock is retried, and answered
+/// `Busy` after about 5 s).
 pub fn opts_from_url(url: &str) -> Result<Opts, Error> {
     let (url, sync_wait) = take_param(url, "wsrep_sync_wait");
+    let (url, lock_wait) = take_param(&url, "lock_wait_timeout");
     let opts = Opts::from_url(&url).map_err(|e| Error::invalid("database URL", e.to_string()))?;
+    let lock_wait = match lock_wait {
+        None => LOCK_WAIT_SECS,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|s| (1..=3600).contains(s))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "database URL",
+                    "lock_wait_timeout must be a number of seconds from 1 to 3600",
+                )
+            })?,
+    };
     let mut init = vec![format!(
-        "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"
+        "SET SESSION innodb_lock_wait_timeout = {lock_wait}"
     )];
     if let Some(v) = sync_wait {
         let n: u8 = v.parse().ok().filter(|n| *n <= 15).ok_or_else(|| {
@@ -410,5 +426,8 @@ mod tests {
         assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=1").is_ok());
         assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=x").is_err());
         assert!(opts_from_url("mysql://h/db?wsrep_sync_wait=16").is_err());
+        assert!(opts_from_url("mysql://h/db?lock_wait_timeout=30&wsrep_sync_wait=1").is_ok());
+        assert!(opts_from_url("mysql://h/db?lock_wait_timeout=0").is_err());
+        assert!(opts_from_url("mysql://h/db?lock_wait_timeout=x").is_err());
     }
 }

@@ -66,6 +66,17 @@ fn waiting(db: &TestDb, like: &str) -> Vec<u64> {
         .unwrap()
 }
 
+/// Claims in one lane over a pool of their own whose statements wait up to 60 s for a row lock
+/// (not 2 s), so that a claim held up for the whole of a test on a slow machine still waits,
+/// instead of timing out and being retried.
+fn patient(db: &TestDb) -> claim::Claims {
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}lock_wait_timeout=60", db.url);
+    let opts = coupons::db::opts_from_url(&url).unwrap();
+    let pool = coupons::db::pool(opts, 16, coupons::db::CHECKOUT_TIMEOUT).unwrap();
+    claim::Claims::new(pool).with_lanes(1)
+}
+
 /// What a test holds so that claims queue.
 #[derive(Clone, Copy)]
 enum Hold {
@@ -609,7 +620,10 @@ fn claims_on_many_coupons_share_a_batch_and_each_coupon_keeps_its_own_rules() {
 #[test]
 fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
     let mut db = TestDb::new();
-    db.claims = db.claims.clone().with_lanes(1);
+    // Both "processes" wait for row locks as long as the test may take: with the 2 s default,
+    // a slow machine would time a waiting claim out, and its retry could hand its key to the
+    // other process's retry (a fair outcome, but not the one this test pins down).
+    db.claims = patient(&db);
     let users = new_users(&db, &auth(), 8);
     let locked = new_coupon(&db, "LOCKED", 10);
     let free: Vec<CouponId> = (0..4)
@@ -619,24 +633,20 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
         .map(|i| IdempotencyKey::parse(&format!("locked-{i}")).unwrap())
         .collect();
     // A second pool on the same database: another process, with its own lanes.
-    let other = claim::Claims::new(
-        coupons::db::pool(
-            coupons::db::opts_from_url(&db.url).unwrap(),
-            16,
-            coupons::db::CHECKOUT_TIMEOUT,
-        )
-        .unwrap(),
-    )
-    .with_lanes(1);
+    let other = patient(&db);
     let mut holder = hold(&db, locked);
     let (db, users, keys, other) = (&db, &users, &keys, &other);
     let (waited, retried) = std::thread::scope(|s| {
         // Keyed claims on the held coupon: the lane's batch skips it, and they wait for the
         // lock by coupon, the first alone, the others queued behind it.
+        // The first (whose key the retry below sends again) is the one waiting for the lock.
         let queued_before = db.claims.stats().queued;
-        let first: Vec<_> = (0..3)
-            .map(|i| s.spawn(move || db.claims.claim_once(users[i], locked, &keys[i])))
-            .collect();
+        let claim = |i: usize| s.spawn(move || db.claims.claim_once(users[i], locked, &keys[i]));
+        let mut first = vec![claim(0)];
+        wait_until("the first claim to wait for the held coupon", || {
+            lock_waiters(db).len() == 1
+        });
+        first.extend([claim(1), claim(2)]);
         wait_until("the claims to wait for the held coupon", || {
             lock_waiters(db).len() == 1 && db.claims.stats().queued == queued_before + 2
         });
@@ -645,6 +655,15 @@ fn a_coupon_locked_elsewhere_holds_up_only_its_own_claims() {
         // the key, and the retry waits for the key by coupon.
         let key_waiters = || waiting(db, "INSERT INTO idempotency_keys%").len();
         let retry = s.spawn(move || other.claim_once(users[0], locked, &keys[0]));
+        std::thread::sleep(Duration::from_secs(2));
+        let rows: Vec<(u64, Option<String>, Option<String>)> = db
+            .conn()
+            .exec(
+                "SELECT id, info, state FROM information_schema.processlist WHERE db = ?",
+                (&db.name,),
+            )
+            .unwrap();
+        eprintln!("DEBUG {rows:#?} retry finished: {}", retry.is_finished());
         wait_until("the retry to wait for the key", || key_waiters() == 1);
         // Meanwhile both processes' lanes serve every other coupon: nothing waits for the held
         // one (a batch that did would time out while it is held, and answer 503).
@@ -830,7 +849,7 @@ fn claims_left_with_callbacks_give_exactly_the_stock_over_many_coupons() {
 #[test]
 fn a_held_coupon_holds_up_only_its_own_callbacks() {
     let mut db = TestDb::new();
-    db.claims = db.claims.clone().with_lanes(1);
+    db.claims = patient(&db);
     let users = new_users(&db, &auth(), 8);
     let locked = new_coupon(&db, "HELD", 10);
     let free = new_coupon(&db, "FREE", 100);
@@ -841,32 +860,36 @@ fn a_held_coupon_holds_up_only_its_own_callbacks() {
         move |a: Answer<claim::Claimed>| tx.send((tag, a)).unwrap()
     };
     // Claims on the held coupon: the lane skips it, and they wait for the lock on a thread of
-    // their own, never on the submitting thread.
-    let started = Instant::now();
+    // their own, never on the submitting thread (a wait for the lock would take 2 s at least).
+    let quick = |what: &str, submit: &dyn Fn()| {
+        let started = Instant::now();
+        submit();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{what} waited {took:?}");
+    };
     for &u in &users[..3] {
-        db.claims.submit(u, locked, None, send(&tx, "held"));
+        quick("a held coupon's submit", &|| {
+            db.claims.submit(u, locked, None, send(&tx, "held"))
+        });
     }
     wait_until("a claim to wait for the held coupon", || {
         lock_waiters(&db).len() == 1
     });
     // The lane goes on: claims on the free coupon are answered while the other is held.
     for &u in &users {
-        db.claims.submit(u, free, None, send(&tx, "free"));
+        quick("a free coupon's submit", &|| {
+            db.claims.submit(u, free, None, send(&tx, "free"))
+        });
     }
     for _ in &users {
         let (tag, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(tag, "free", "{a:?}");
         assert!(a.result.is_ok(), "{a:?}");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "a submit waited"
-    );
-    assert_eq!(
-        lock_waiters(&db).len(),
-        1,
-        "the held coupon's claims still wait"
-    );
+    // The held coupon's claims still wait (between two 2 s lock waits, look again).
+    wait_until("the held coupon's claims to be waiting still", || {
+        lock_waiters(&db).len() == 1
+    });
     holder.query_drop("ROLLBACK").unwrap();
     for _ in 0..3 {
         let (tag, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -1,13 +1,14 @@
 //! The claim: [`Claims`] makes every claim, alone or combined with others (see
 //! `combine.rs`), in one claim transaction; [`verdict`] decides each one.
 
-use crate::audit;
 use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
 use crate::coupon::{self, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
 use crate::idempotency::{self, Answer, IdempotencyKey, Keyed, Recorded, RequestDigest};
-use crate::{ClaimId, CouponId, Error, Label, Page, Status, Timestamp, UserId};
+use crate::{
+    ClaimId, ClaimStatus, CouponCode, CouponId, Error, HoldSeconds, Page, Status, Timestamp, UserId,
+};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
 use serde::Serialize;
@@ -28,6 +29,39 @@ pub struct Claim {
     pub name: Option<String>,
     /// When the claim committed (service clock, UTC).
     pub claimed_at: Timestamp,
+    /// `held` or `claimed` when made; see [`crate::life`] for the rest of its life.
+    pub status: ClaimStatus,
+    /// When a hold runs out; `None` for a claim made without one.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// What a claim asks for: one unit of `coupon` for `user`, held for a while or claimed
+/// outright, named by its id or by its code.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// Who claims.
+    pub user: UserId,
+    /// The coupon.
+    pub coupon: CouponId,
+    /// Hold the unit this long, to be confirmed, released or left to expire
+    /// ([`crate::life`]); `None` claims it outright.
+    pub hold: Option<HoldSeconds>,
+    /// The code the claimer typed, when the coupon was found by it
+    /// ([`crate::coupon::id_for_code`]): checked again under the coupon's lock, so a code
+    /// changed or freed in between is [`Error::CouponNotFound`], never another coupon.
+    pub code: Option<CouponCode>,
+}
+
+impl Ask {
+    /// One unit of `coupon` for `user`, outright.
+    pub fn new(user: UserId, coupon: CouponId) -> Ask {
+        Ask {
+            user,
+            coupon,
+            hold: None,
+            code: None,
+        }
+    }
 }
 
 /// A successful claim and the stock left right after it.
@@ -37,25 +71,6 @@ pub struct Claimed {
     pub claim: Claim,
     /// Units left right after this claim.
     pub available_count: u64,
-}
-
-/// One line of a user's claim history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HistoryEntry {
-    /// The claim's id.
-    pub claim_id: ClaimId,
-    /// The coupon claimed.
-    pub coupon_id: CouponId,
-    /// The coupon's code when it was claimed.
-    pub code: String,
-    /// The coupon's name when it was claimed, if it had one.
-    pub name: Option<String>,
-    /// When the claim committed (UTC).
-    pub claimed_at: Timestamp,
-    /// When an admin voided it, if one did.
-    pub voided_at: Option<Timestamp>,
-    /// Why it was voided.
-    pub void_reason: Option<String>,
 }
 
 /// The most claims combined into one transaction, unless told otherwise.
@@ -183,7 +198,13 @@ impl Claims {
     /// [`Error::Token`] if the user no longer exists, [`Error::Busy`] if deadlocks or lock-wait
     /// timeouts outlast the retries, [`Error::Unavailable`] without a database.
     pub fn claim(&self, user: UserId, coupon: CouponId) -> Result<Claimed, Error> {
-        self.wait_for(ticket(user, coupon, None)).result
+        self.wait_for(ticket(&Ask::new(user, coupon), None)).result
+    }
+
+    /// Any claim: [`Claims::claim`] as `ask` says (held, or by code), guarded by an idempotency
+    /// key if one is given (as [`Claims::claim_once`]).
+    pub fn ask(&self, ask: &Ask, key: Option<&IdempotencyKey>) -> Answer<Claimed> {
+        self.wait_for(ticket(ask, key))
     }
 
     /// [`Claims::claim`] guarded by an idempotency key: the first request with `key` claims (or
@@ -197,7 +218,7 @@ impl Claims {
         coupon: CouponId,
         key: &IdempotencyKey,
     ) -> Answer<Claimed> {
-        self.wait_for(ticket(user, coupon, Some(key)))
+        self.wait_for(ticket(&Ask::new(user, coupon), Some(key)))
     }
 
     /// [`Claims::claim_once`] (or [`Claims::claim`] without a key) for a caller that does not
@@ -205,14 +226,8 @@ impl Claims {
     /// once, unless this thread finds the claim's lane idle: then it runs the lane's batches
     /// until no claim is left queued in it. A server answers requests so without a thread per
     /// waiting claim.
-    pub fn submit(
-        &self,
-        user: UserId,
-        coupon: CouponId,
-        key: Option<&IdempotencyKey>,
-        reply: impl Reply,
-    ) {
-        let ticket = ticket(user, coupon, key);
+    pub fn submit(&self, ask: &Ask, key: Option<&IdempotencyKey>, reply: impl Reply) {
+        let ticket = ticket(ask, key);
         if let Err(reply) = self.hand_in(ticket.clone(), reply, true) {
             reply.send(alone(&self.pool, &ticket));
         }
@@ -224,12 +239,11 @@ impl Claims {
     /// under load, without waking a worker to do it.
     pub fn queue<R: Reply>(
         &self,
-        user: UserId,
-        coupon: CouponId,
+        ask: &Ask,
         key: Option<&IdempotencyKey>,
         reply: R,
     ) -> Result<(), R> {
-        self.hand_in(ticket(user, coupon, key), reply, false)
+        self.hand_in(ticket(ask, key), reply, false)
     }
 
     /// Leaves `ticket` with its lane's queue (or its coupon's, while that coupon's claims wait
@@ -327,14 +341,21 @@ fn undecided() -> Answer<Claimed> {
     Answer::new(Err(Error::Internal("claim left undecided".into())))
 }
 
-/// A claim request; its idempotency key with what it asks, `claim {coupon}`, digested once.
-fn ticket(user: UserId, coupon: CouponId, key: Option<&IdempotencyKey>) -> Ticket {
+/// A claim request; its idempotency key with what it asks, `claim {coupon}` (and `hold {n}`),
+/// digested once. By id or by code, the request is the coupon's.
+fn ticket(ask: &Ask, key: Option<&IdempotencyKey>) -> Ticket {
+    let request = match ask.hold {
+        None => format!("claim {}", ask.coupon),
+        Some(h) => format!("claim {} hold {}", ask.coupon, h.get()),
+    };
     Ticket {
-        coupon,
-        user,
+        coupon: ask.coupon,
+        user: ask.user,
+        hold: ask.hold,
+        code: ask.code.clone(),
         key: key.map(|key| Keyed {
             key: key.clone(),
-            request: RequestDigest::of(&format!("claim {coupon}")),
+            request: RequestDigest::of(&request),
         }),
     }
 }
@@ -496,8 +517,15 @@ fn decide(
     steps: &mut [Step],
     locked: &HashMap<CouponId, Option<Coupon>>,
 ) -> Result<(), Error> {
-    // Live coupons only: a deleted one (locked all the same) or one with no row is not found.
-    let coupon = |i: usize| locked.get(&batch[i].coupon).and_then(Option::as_ref);
+    // Live coupons only: a deleted one (locked all the same) or one with no row is not found;
+    // so is one whose code is no longer the one the claimer typed.
+    let coupon = |i: usize| {
+        let typed = batch[i].code.as_ref();
+        locked
+            .get(&batch[i].coupon)
+            .and_then(Option::as_ref)
+            .filter(|c| typed.is_none_or(|t| t.as_str().eq_ignore_ascii_case(&c.code)))
+    };
     let now = Timestamp::now();
     // A plain read, after every lock: the snapshot starts here, and every change to these
     // counts is made under a lock we hold, so they are current.
@@ -532,11 +560,18 @@ fn decide(
         .collect();
     write_counts(tx, counted)?;
     take_stock(tx, &taken)?;
-    let rows: Vec<(UserId, &Coupon)> = granted.iter().map(|&(i, c)| (batch[i].user, c)).collect();
+    let rows: Vec<NewClaim> = granted
+        .iter()
+        .map(|&(i, c)| NewClaim {
+            user: batch[i].user,
+            coupon: c,
+            expires_at: batch[i].hold.map(|h| now.plus(h.duration())),
+        })
+        .collect();
     let ids = insert_claims(tx, now, &rows)?;
     // Each coupon's stock right after each of its claims, in order.
     let mut left: HashMap<CouponId, u64> = HashMap::new();
-    for (&(i, c), id) in granted.iter().zip(ids) {
+    for ((&(i, c), row), id) in granted.iter().zip(&rows).zip(ids) {
         let left = left.entry(c.id).or_insert(c.available_count);
         *left -= 1;
         steps[i] = Step::Done(Ok(Claimed {
@@ -546,6 +581,8 @@ fn decide(
                 code: c.code.clone(),
                 name: c.name.clone(),
                 claimed_at: now,
+                status: row.status(),
+                expires_at: row.expires_at,
             },
             available_count: *left,
         }));
@@ -633,11 +670,27 @@ fn take_stock(tx: &mut Transaction<'_>, taken: &HashMap<CouponId, u64>) -> Resul
     Ok(())
 }
 
-/// Inserts one claim row per (user, coupon), in order, and returns their ids in the same order.
+/// A claim row to insert: held until `expires_at`, or claimed outright.
+struct NewClaim<'a> {
+    user: UserId,
+    coupon: &'a Coupon,
+    expires_at: Option<Timestamp>,
+}
+
+impl NewClaim<'_> {
+    fn status(&self) -> ClaimStatus {
+        match self.expires_at {
+            Some(_) => ClaimStatus::Held,
+            None => ClaimStatus::Claimed,
+        }
+    }
+}
+
+/// Inserts the claim rows, in order, and returns their ids in the same order.
 fn insert_claims(
     tx: &mut Transaction<'_>,
     now: Timestamp,
-    rows: &[(UserId, &Coupon)],
+    rows: &[NewClaim],
 ) -> Result<Vec<ClaimId>, Error> {
     let mut first = None;
     let mut rest = rows;
@@ -645,18 +698,21 @@ fn insert_claims(
     while !rest.is_empty() {
         let (chunk, more) = rest.split_at(1 << rest.len().ilog2());
         let sql = format!(
-            "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name) VALUES {}",
-            placeholders(chunk.len(), "(?, ?, ?, ?, ?)")
+            "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name, status, expires_at)
+             VALUES {}",
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?)")
         );
         let params: Vec<Value> = chunk
             .iter()
-            .flat_map(|&(u, c)| {
+            .flat_map(|r| {
                 [
-                    u.0.into(),
-                    c.id.0.into(),
+                    r.user.0.into(),
+                    r.coupon.id.0.into(),
                     now.into(),
-                    c.code.as_str().into(),
-                    c.name.as_deref().into(),
+                    r.coupon.code.as_str().into(),
+                    r.coupon.name.as_deref().into(),
+                    r.status().as_str().into(),
+                    r.expires_at.into(),
                 ]
             })
             .collect();
@@ -670,7 +726,7 @@ fn insert_claims(
     if rows.len() == 1 {
         return Ok(vec![ClaimId(first)]);
     }
-    let mut coupons: Vec<u64> = rows.iter().map(|(_, c)| c.id.0).collect();
+    let mut coupons: Vec<u64> = rows.iter().map(|r| r.coupon.id.0).collect();
     coupons.sort_unstable();
     coupons.dedup();
     let coupons = padded(coupons);
@@ -783,28 +839,15 @@ fn record_keys(
     Ok(())
 }
 
-/// The answer recorded for an idempotency key, again.
+/// The answer recorded for an idempotency key, again, with the claim as it is now.
 fn replay(tx: &mut Transaction<'_>, first: Recorded) -> Result<Answer<Claimed>, Error> {
     let result = match (first.outcome.as_str(), first.result_id) {
-        ("claimed", Some(id)) => {
-            let row: Option<(u64, String, Option<String>, Timestamp)> = tx.exec_first(
-                "SELECT cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name), cl.claimed_at
-                 FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id = ?",
-                (id,),
-            )?;
-            let (coupon_id, code, name, claimed_at) =
-                row.ok_or(Error::Internal("recorded claim is missing".into()))?;
-            Ok(Claimed {
-                claim: Claim {
-                    id: ClaimId(id),
-                    coupon_id: CouponId(coupon_id),
-                    code,
-                    name,
-                    claimed_at,
-                },
-                available_count: first.result_count.unwrap_or(0).max(0) as u64,
-            })
-        }
+        ("claimed", Some(id)) => Ok(Claimed {
+            claim: read(tx, ClaimId(id))?
+                .ok_or(Error::Internal("recorded claim is missing".into()))?
+                .claim,
+            available_count: first.result_count.unwrap_or(0).max(0) as u64,
+        }),
         (outcome, _) => Err(Error::from_outcome(outcome)),
     };
     Ok(Answer {
@@ -813,88 +856,126 @@ fn replay(tx: &mut Transaction<'_>, first: Recorded) -> Result<Answer<Claimed>, 
     })
 }
 
-/// A claim an admin voided: when, by whom, why.
+/// Whether a user may claim a coupon now, decided as a claim would be ([`verdict`]), without a
+/// claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Voided {
-    /// The claim.
-    pub claim_id: ClaimId,
-    /// Its coupon, which got the unit back.
+pub struct Eligibility {
+    /// The coupon.
     pub coupon_id: CouponId,
-    /// When it was voided.
-    pub voided_at: Timestamp,
-    /// The admin who voided it.
-    pub voided_by: UserId,
-    /// Why.
-    pub reason: String,
+    /// Whether a claim now would be granted (unless others take the stock first).
+    pub eligible: bool,
+    /// Why not: `sold_out`, `inactive`, `not_started`, `expired` or `limit_reached`.
+    pub reason: Option<&'static str>,
+    /// Units left.
+    pub available_count: u64,
+    /// The user's held, claimed and redeemed claims of it.
+    pub claimed_by_you: u64,
 }
 
-/// Voids a claim: marks it (the row stays) and returns its unit to the coupon's stock, exactly
-/// once; a second void is [`Error::AlreadyVoided`]. The user's per-user count drops by one.
-/// Runs under the coupon's row lock, like claims, so parallel voids of one claim return one unit.
-pub fn void(pool: &Pool, admin: UserId, claim: ClaimId, reason: &Label) -> Result<Voided, Error> {
-    transaction(pool, |tx| {
-        let owner: Option<(u64, u64)> = tx.exec_first(
-            "SELECT coupon_id, user_id FROM claims WHERE id = ?",
-            (claim.0,),
+/// [`Eligibility`] of `coupon` for `user`: reads only. [`Error::CouponNotFound`] for an
+/// unknown or deleted coupon.
+pub fn eligibility(pool: &Pool, user: UserId, coupon: CouponId) -> Result<Eligibility, Error> {
+    with_conn(pool, |conn| {
+        let c = coupon::read(&mut **conn, coupon, true)?.ok_or(Error::CouponNotFound)?;
+        let held: Option<u64> = conn.exec_first(
+            "SELECT COUNT(*) FROM claims WHERE user_id = ? AND coupon_id = ?
+               AND status IN ('held', 'claimed', 'redeemed')",
+            (user.0, coupon.0),
         )?;
-        let (coupon, user) = owner.ok_or(Error::ClaimNotFound)?;
-        // The coupon first, then the claim: the order claims take locks in.
-        tx.exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon,))?;
-        let voided: Option<Option<Timestamp>> = tx.exec_first(
-            "SELECT voided_at FROM claims WHERE id = ? FOR UPDATE",
-            (claim.0,),
-        )?;
-        if voided.flatten().is_some() {
-            return Err(Error::AlreadyVoided);
-        }
-        let now = Timestamp::now();
-        tx.exec_drop(
-            "UPDATE claims SET voided_at = ?, voided_by = ?, void_reason = ? WHERE id = ?",
-            (now, admin.0, reason.as_str(), claim.0),
-        )?;
-        tx.exec_drop(
-            "UPDATE coupons SET available_count = available_count + 1 WHERE id = ?",
-            (coupon,),
-        )?;
-        tx.exec_drop(
-            "UPDATE user_coupon_claims SET claimed = GREATEST(claimed - 1, 0)
-             WHERE user_id = ? AND coupon_id = ?",
-            (user, coupon),
-        )?;
-        let detail = serde_json::json!({ "reason": reason.as_str(), "user_id": user });
-        audit::record(
-            tx,
-            admin,
-            "claim.void",
-            Some(CouponId(coupon)),
-            Some(claim),
-            &detail,
-        )?;
-        Ok(Voided {
-            claim_id: claim,
-            coupon_id: CouponId(coupon),
-            voided_at: now,
-            voided_by: admin,
-            reason: reason.as_str().to_owned(),
+        let held = held.unwrap_or(0);
+        let reason = verdict(Some(&c), Timestamp::now(), held, 0)
+            .err()
+            .map(|e| e.outcome().unwrap_or("internal"));
+        Ok(Eligibility {
+            coupon_id: coupon,
+            eligible: reason.is_none(),
+            reason,
+            available_count: c.available_count,
+            claimed_by_you: held,
         })
     })
+}
+
+/// A claim with everything its life has recorded: who holds it, and its redemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClaimRecord {
+    /// The claim.
+    #[serde(flatten)]
+    pub claim: Claim,
+    /// Who claimed.
+    pub user_id: UserId,
+    /// When it was redeemed, if it was.
+    pub redeemed_at: Option<Timestamp>,
+    /// The order it was redeemed against.
+    pub order_id: Option<String>,
+    /// The order's amount, in minor units.
+    pub order_amount: Option<u64>,
+    /// The order's currency.
+    pub order_currency: Option<String>,
+    /// The discount the order got, in minor units.
+    pub discount_amount: Option<u64>,
+    /// When an admin voided it, if one did.
+    pub voided_at: Option<Timestamp>,
+    /// Why it was voided.
+    pub void_reason: Option<String>,
+}
+
+/// The columns [`record`] reads, of `claims cl JOIN coupons co`.
+const RECORD: &str = "cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+    cl.claimed_at, cl.status, cl.expires_at, cl.user_id, cl.redeemed_at, cl.order_id,
+    cl.order_amount, cl.order_currency, cl.discount_amount, cl.voided_at, cl.void_reason";
+
+/// A row of [`RECORD`].
+fn record(mut row: mysql::Row) -> Result<ClaimRecord, Error> {
+    fn col<T: mysql::prelude::FromValue>(row: &mut mysql::Row, i: usize) -> Result<T, Error> {
+        row.take_opt(i)
+            .ok_or_else(|| Error::Internal(format!("claim row has no column {i}")))?
+            .map_err(|e| Error::Internal(format!("claim row, column {i}: {e}")))
+    }
+    let r = &mut row;
+    Ok(ClaimRecord {
+        claim: Claim {
+            id: ClaimId(col(r, 0)?),
+            coupon_id: CouponId(col(r, 1)?),
+            code: col(r, 2)?,
+            name: col(r, 3)?,
+            claimed_at: col(r, 4)?,
+            status: ClaimStatus::from_db(&col::<String>(r, 5)?)?,
+            expires_at: col(r, 6)?,
+        },
+        user_id: UserId(col(r, 7)?),
+        redeemed_at: col(r, 8)?,
+        order_id: col(r, 9)?,
+        order_amount: col(r, 10)?,
+        order_currency: col(r, 11)?,
+        discount_amount: col(r, 12)?,
+        voided_at: col(r, 13)?,
+        void_reason: col(r, 14)?,
+    })
+}
+
+/// One claim, as it is now, by a plain read (no lock).
+pub(crate) fn read(conn: &mut impl Queryable, id: ClaimId) -> Result<Option<ClaimRecord>, Error> {
+    let row: Option<mysql::Row> = conn.exec_first(
+        format!(
+            "SELECT {RECORD} FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
+             WHERE cl.id = ?"
+        ),
+        (id.0,),
+    )?;
+    row.map(record).transpose()
 }
 
 /// A claim as admins see it, with who made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CouponClaim {
-    /// The claim.
+    /// The claim's id.
     pub claim_id: ClaimId,
-    /// Who claimed.
-    pub user_id: UserId,
     /// Their email.
     pub email: String,
-    /// When.
-    pub claimed_at: Timestamp,
-    /// When it was voided, if it was.
-    pub voided_at: Option<Timestamp>,
-    /// Why it was voided.
-    pub void_reason: Option<String>,
+    /// The claim and its life.
+    #[serde(flatten)]
+    pub record: ClaimRecord,
 }
 
 /// A coupon's claims, oldest first (voided ones included).
@@ -903,34 +984,36 @@ pub fn coupon_claims(pool: &Pool, coupon: CouponId, page: Page) -> Result<Vec<Co
         let exists: Option<u64> =
             conn.exec_first("SELECT id FROM coupons WHERE id = ?", (coupon.0,))?;
         exists.ok_or(Error::CouponNotFound)?;
-        type Row = (
-            u64,
-            u64,
-            String,
-            Timestamp,
-            Option<Timestamp>,
-            Option<String>,
-        );
-        let rows: Vec<Row> = conn.exec(
-            "SELECT cl.id, cl.user_id, u.email, cl.claimed_at, cl.voided_at, cl.void_reason
-             FROM claims cl JOIN users u ON u.id = cl.user_id
-             WHERE cl.coupon_id = ? AND cl.id > ? ORDER BY cl.id LIMIT ?",
+        let rows: Vec<mysql::Row> = conn.exec(
+            format!(
+                "SELECT {RECORD}, u.email
+                 FROM claims cl JOIN coupons co ON co.id = cl.coupon_id JOIN users u ON u.id = cl.user_id
+                 WHERE cl.coupon_id = ? AND cl.id > ? ORDER BY cl.id LIMIT ?"
+            ),
             (coupon.0, page.after.unwrap_or(0), page.limit),
         )?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, user, email, claimed_at, voided_at, void_reason)| CouponClaim {
-                    claim_id: ClaimId(id),
-                    user_id: UserId(user),
+        rows.into_iter()
+            .map(|mut row| {
+                let email: String = row.take(15).unwrap_or_default();
+                let record = record(row)?;
+                Ok(CouponClaim {
+                    claim_id: record.claim.id,
                     email,
-                    claimed_at,
-                    voided_at,
-                    void_reason,
-                },
-            )
-            .collect())
+                    record,
+                })
+            })
+            .collect()
     })
+}
+
+/// One line of a user's claim history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// The claim's id.
+    pub claim_id: ClaimId,
+    /// The claim and its life.
+    #[serde(flatten)]
+    pub record: ClaimRecord,
 }
 
 /// The user's claims, newest first, including claims of coupons deleted since.
@@ -941,36 +1024,22 @@ pub fn history(pool: &Pool, user: UserId, page: Page) -> Result<Vec<HistoryEntry
         if exists.is_none() {
             return Err(Error::Token(TokenProblem::UnknownUser));
         }
-        type Row = (
-            u64,
-            u64,
-            String,
-            Option<String>,
-            Timestamp,
-            Option<Timestamp>,
-            Option<String>,
-        );
-        let rows: Vec<Row> = conn.exec(
-            "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
-                    cl.claimed_at, cl.voided_at, cl.void_reason
-             FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
-             WHERE cl.user_id = ? AND cl.id < ? ORDER BY cl.id DESC LIMIT ?",
+        let rows: Vec<mysql::Row> = conn.exec(
+            format!(
+                "SELECT {RECORD} FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
+                 WHERE cl.user_id = ? AND cl.id < ? ORDER BY cl.id DESC LIMIT ?"
+            ),
             (user.0, page.after.unwrap_or(u64::MAX), page.limit),
         )?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, coupon_id, code, name, claimed_at, voided_at, void_reason)| HistoryEntry {
-                    claim_id: ClaimId(id),
-                    coupon_id: CouponId(coupon_id),
-                    code,
-                    name,
-                    claimed_at,
-                    voided_at,
-                    void_reason,
-                },
-            )
-            .collect())
+        rows.into_iter()
+            .map(|row| {
+                let record = record(row)?;
+                Ok(HistoryEntry {
+                    claim_id: record.claim.id,
+                    record,
+                })
+            })
+            .collect()
     })
 }
 

@@ -18,7 +18,7 @@
 
 use crate::claim::Claimed;
 use crate::idempotency::{Answer, Keyed};
-use crate::{CouponId, Error, UserId};
+use crate::{CouponCode, CouponId, Error, HoldSeconds, UserId};
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +34,14 @@ pub(crate) type Callback = Box<dyn FnOnce(Outcome) + Send>;
 /// Runs one batch: a claim transaction for the tickets, one outcome each, in order.
 pub(crate) type Run = dyn Fn(&[&Ticket]) -> Vec<Outcome> + Send + Sync;
 
-/// One claim request: which coupon, who, and the idempotency key it came with.
+/// One claim request: which coupon, who, how (see [`crate::claim::Ask`]), and the idempotency
+/// key it came with.
 #[derive(Debug, Clone)]
 pub(crate) struct Ticket {
     pub coupon: CouponId,
     pub user: UserId,
+    pub hold: Option<HoldSeconds>,
+    pub code: Option<CouponCode>,
     pub key: Option<Keyed>,
 }
 

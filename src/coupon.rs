@@ -5,7 +5,8 @@ use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey, RequestDigest};
 use crate::{
-    CouponCode, CouponId, Error, Label, Page, PerUserLimit, Status, Stock, Timestamp, UserId,
+    ClaimStatus, CouponCode, CouponId, Error, Label, Page, PerUserLimit, Status, Stock, Timestamp,
+    UserId,
 };
 use mysql::prelude::Queryable;
 use serde::{Serialize, Serializer};
@@ -377,7 +378,11 @@ pub fn get(pool: &Pool, id: CouponId) -> Result<Coupon, Error> {
     })
 }
 
-fn read(conn: &mut impl Queryable, id: CouponId, live_only: bool) -> Result<Option<Coupon>, Error> {
+pub(crate) fn read(
+    conn: &mut impl Queryable,
+    id: CouponId,
+    live_only: bool,
+) -> Result<Option<Coupon>, Error> {
     let live = if live_only {
         " AND deleted_at IS NULL"
     } else {
@@ -388,6 +393,17 @@ fn read(conn: &mut impl Queryable, id: CouponId, live_only: bool) -> Result<Opti
         (id.0,),
     )?;
     Ok(row.map(from_row))
+}
+
+/// The live coupon whose code is `code`, compared case-insensitively (what a customer types).
+pub fn id_for_code(pool: &Pool, code: &CouponCode) -> Result<CouponId, Error> {
+    with_conn(pool, |conn| {
+        let id: Option<u64> = conn.exec_first(
+            "SELECT id FROM coupons WHERE live_code = ?",
+            (code.as_str(),),
+        )?;
+        id.map(CouponId).ok_or(Error::CouponNotFound)
+    })
 }
 
 /// Claimable coupons (active, not deleted, inside their window), oldest first; sold-out ones
@@ -413,10 +429,66 @@ pub struct AdminCoupon {
     /// The coupon.
     #[serde(flatten)]
     pub coupon: Coupon,
-    /// Claims not voided: `total_count - available_count`.
-    pub claimed: u64,
+    /// Its claims by status.
+    #[serde(flatten)]
+    pub claims: StatusCounts,
     /// When it was deleted, if it was.
     pub deleted_at: Option<Timestamp>,
+}
+
+/// A coupon's claims by status. `held + claimed + redeemed == total_count - available_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StatusCounts {
+    /// Held, not confirmed yet.
+    pub held: u64,
+    /// Claimed (or confirmed).
+    pub claimed: u64,
+    /// Redeemed against an order.
+    pub redeemed: u64,
+    /// Voided by an admin.
+    pub voided: u64,
+    /// Holds released.
+    pub released: u64,
+    /// Holds that ran out.
+    pub expired: u64,
+}
+
+impl StatusCounts {
+    fn add(&mut self, status: ClaimStatus, n: u64) {
+        let count = match status {
+            ClaimStatus::Held => &mut self.held,
+            ClaimStatus::Claimed => &mut self.claimed,
+            ClaimStatus::Redeemed => &mut self.redeemed,
+            ClaimStatus::Voided => &mut self.voided,
+            ClaimStatus::Released => &mut self.released,
+            ClaimStatus::Expired => &mut self.expired,
+        };
+        *count += n;
+    }
+}
+
+/// Counts each coupon's claims by status, from the (coupon_id, status) index, in one
+/// statement.
+fn count_claims(conn: &mut impl Queryable, coupons: &mut [AdminCoupon]) -> Result<(), Error> {
+    if coupons.is_empty() {
+        return Ok(());
+    }
+    let ids = padded(coupons.iter().map(|c| c.coupon.id.0).collect());
+    let rows: Vec<(u64, String, u64)> = conn.exec(
+        format!(
+            "SELECT coupon_id, status, COUNT(*) FROM claims WHERE coupon_id IN ({})
+             GROUP BY coupon_id, status",
+            placeholders(ids.len(), "?")
+        ),
+        ids,
+    )?;
+    for (coupon, status, n) in rows {
+        let status = ClaimStatus::from_db(&status)?;
+        if let Some(c) = coupons.iter_mut().find(|c| c.coupon.id.0 == coupon) {
+            c.claims.add(status, n);
+        }
+    }
+    Ok(())
 }
 
 /// What `GET /admin/coupons` may filter on.
@@ -452,7 +524,12 @@ pub fn admin_list(
                 page.limit,
             ),
         )?;
-        rows.into_iter().map(admin_row).collect()
+        let mut coupons = rows
+            .into_iter()
+            .map(admin_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        count_claims(&mut **conn, &mut coupons)?;
+        Ok(coupons)
     })
 }
 
@@ -479,8 +556,8 @@ fn admin_row(row: mysql::Row) -> Result<AdminCoupon, Error> {
         id, code, av, tot, st, name, desc, limit, starts, ends, version,
     ));
     Ok(AdminCoupon {
-        claimed: coupon.total_count - coupon.available_count,
         coupon,
+        claims: StatusCounts::default(),
         deleted_at,
     })
 }
@@ -492,7 +569,10 @@ pub fn admin_get(pool: &Pool, id: CouponId) -> Result<AdminCoupon, Error> {
             format!("SELECT {COLUMNS}, deleted_at FROM coupons WHERE id = ?"),
             (id.0,),
         )?;
-        admin_row(row.ok_or(Error::CouponNotFound)?)
+        let mut coupon = [admin_row(row.ok_or(Error::CouponNotFound)?)?];
+        count_claims(&mut **conn, &mut coupon)?;
+        let [coupon] = coupon;
+        Ok(coupon)
     })
 }
 
@@ -531,7 +611,8 @@ fn recount_per_user(tx: &mut impl Queryable, id: CouponId) -> Result<(), Error> 
     )?;
     tx.exec_drop(
         "INSERT INTO user_coupon_claims (user_id, coupon_id, claimed)
-         SELECT user_id, coupon_id, COUNT(*) FROM claims WHERE coupon_id = ? AND voided_at IS NULL
+         SELECT user_id, coupon_id, COUNT(*) FROM claims
+         WHERE coupon_id = ? AND status IN ('held', 'claimed', 'redeemed')
          GROUP BY user_id, coupon_id",
         (id.0,),
     )?;

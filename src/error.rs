@@ -44,6 +44,19 @@ pub enum Error {
     ClaimNotFound,
     /// The claim was voided already (409 `already_voided`).
     AlreadyVoided,
+    /// The hold ran out before it was confirmed or redeemed (409 `hold_expired`).
+    HoldExpired,
+    /// The claim was released, expired or voided: nothing more can happen to it (409
+    /// `not_active`).
+    NotActive,
+    /// The claim was redeemed before, against another order (409 `already_redeemed`).
+    AlreadyRedeemed,
+    /// The order's id was redeemed with another amount or currency (422 `order_mismatch`).
+    OrderMismatch,
+    /// The order is below the coupon's `min_order_amount` (409 `order_below_minimum`).
+    OrderBelowMinimum,
+    /// The order's currency is not the coupon's (422 `currency_mismatch`).
+    CurrencyMismatch,
     /// The idempotency key was used before for a different request (422 `idempotency_key_reused`).
     KeyReused,
     /// The coupon has no stock left (409 `sold_out`).
@@ -150,6 +163,14 @@ impl fmt::Display for Error {
             Error::UserNotFound => f.write_str("user not found"),
             Error::ClaimNotFound => f.write_str("claim not found"),
             Error::AlreadyVoided => f.write_str("the claim was voided already"),
+            Error::HoldExpired => f.write_str("the hold has expired"),
+            Error::NotActive => f.write_str("the claim was released, expired or voided"),
+            Error::AlreadyRedeemed => f.write_str("the claim was redeemed for another order"),
+            Error::OrderMismatch => {
+                f.write_str("this order was redeemed with another amount or currency")
+            }
+            Error::OrderBelowMinimum => f.write_str("the order is below the coupon's minimum"),
+            Error::CurrencyMismatch => f.write_str("the order's currency is not the coupon's"),
             Error::KeyReused => f.write_str("this Idempotency-Key was used for another request"),
             Error::SoldOut => f.write_str("No coupons available"),
             Error::Inactive => f.write_str("coupon is not active"),

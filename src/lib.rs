@@ -49,10 +49,11 @@ pub mod embedded;
 mod error;
 mod gate;
 pub mod idempotency;
+pub mod life;
 mod types;
 
 pub use error::{Error, TokenProblem};
 pub use types::{
-    ClaimId, CouponCode, CouponId, Email, Label, Page, Password, PerUserLimit, Role, Status, Stock,
-    Timestamp, UserId,
+    ClaimId, ClaimStatus, CouponCode, CouponId, Email, HoldSeconds, Label, OrderId, Page, Password,
+    PerUserLimit, Role, Status, Stock, Timestamp, UserId,
 };

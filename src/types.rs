@@ -302,6 +302,124 @@ impl Role {
     }
 }
 
+/// Where a claim is in its life. A claim is made `Held` (with an end) or `Claimed`; a hold
+/// becomes `Claimed` when confirmed, or `Released` or `Expired`, giving its unit back; a held
+/// or claimed claim becomes `Redeemed` against an order; an admin may void any of the three
+/// (`Voided`, the unit back). The three live ones hold a unit of stock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimStatus {
+    /// Taken from the stock until its `expires_at`, waiting to be confirmed.
+    Held,
+    /// Granted.
+    Claimed,
+    /// Used against an order.
+    Redeemed,
+    /// A hold its owner (or an admin) let go.
+    Released,
+    /// A hold that ran out.
+    Expired,
+    /// Cancelled by an admin.
+    Voided,
+}
+
+impl ClaimStatus {
+    /// Every status, in the order of its life.
+    pub const ALL: [ClaimStatus; 6] = [
+        ClaimStatus::Held,
+        ClaimStatus::Claimed,
+        ClaimStatus::Redeemed,
+        ClaimStatus::Released,
+        ClaimStatus::Expired,
+        ClaimStatus::Voided,
+    ];
+
+    /// The database and wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimStatus::Held => "held",
+            ClaimStatus::Claimed => "claimed",
+            ClaimStatus::Redeemed => "redeemed",
+            ClaimStatus::Released => "released",
+            ClaimStatus::Expired => "expired",
+            ClaimStatus::Voided => "voided",
+        }
+    }
+
+    /// Whether a claim in this status holds a unit of stock (and counts toward a per-user
+    /// limit).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            ClaimStatus::Held | ClaimStatus::Claimed | ClaimStatus::Redeemed
+        )
+    }
+
+    pub(crate) fn from_db(s: &str) -> Result<ClaimStatus, Error> {
+        ClaimStatus::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| Error::Internal(format!("unknown claim status {s:?}")))
+    }
+}
+
+impl Serialize for ClaimStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// How long a hold lasts: 1 second to 1 day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldSeconds(u32);
+
+impl HoldSeconds {
+    /// The longest hold.
+    pub const MAX: i64 = 86_400;
+
+    /// Refuses anything outside 1 to [`HoldSeconds::MAX`].
+    pub fn parse(n: i64) -> Result<HoldSeconds, Error> {
+        if !(1..=HoldSeconds::MAX).contains(&n) {
+            return Err(Error::invalid(
+                "hold_seconds",
+                format!("must be a whole number from 1 to {}", HoldSeconds::MAX),
+            ));
+        }
+        Ok(HoldSeconds(n as u32))
+    }
+
+    /// The seconds.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The hold's length.
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0.into())
+    }
+}
+
+/// A shop's order id, as redemption records it: 1 to 64 printable ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderId(String);
+
+impl OrderId {
+    /// Refuses anything but 1 to 64 printable ASCII characters (space included).
+    pub fn parse(s: &str) -> Result<OrderId, Error> {
+        if !(1..=64).contains(&s.len()) || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(Error::invalid(
+                "order_id",
+                "must be 1 to 64 printable ASCII characters",
+            ));
+        }
+        Ok(OrderId(s.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $not_found:expr) => {
         $(#[$doc])*

@@ -143,6 +143,15 @@ pub fn serve(
         catch_unwind(AssertUnwindSafe(|| first_look(&look, rq))).unwrap_or(None)
     }));
     let stopping = &shutdown.requested;
+    let sweeping = Arc::clone(&app);
+    // Holds that ran out go back to stock within a second or so of their end.
+    let _sweeper = coupons::life::Sweeper::start(app.pool.clone(), SWEEP_EVERY, move |e| {
+        let ready = sweeping.ready.load(Ordering::SeqCst);
+        if ready && !matches!(e, coupons::Error::Unavailable(_)) {
+            eprintln!("coupons: expiring holds: {e}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
@@ -221,6 +230,8 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 /// gets a 503.
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How often holds that ran out are looked for: well within the 5 s promised.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
     let mut drain_until = None;
@@ -292,8 +303,7 @@ fn claim(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
     let Some((ticket, answer)) = ClaimAnswer::read(app, rq, route, id) else {
         return;
     };
-    app.claims
-        .submit(ticket.user, ticket.coupon, ticket.key.as_ref(), answer);
+    app.claims.submit(&ticket.ask, ticket.key.as_ref(), answer);
 }
 
 /// On a connection's thread, before the request is queued for a worker: a claim whose lane
@@ -313,19 +323,20 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
         return Some(rq);
     };
-    if route.class != Class::Claim {
+    // A claim with a body (a hold, or by code) is read by a worker: its body is read once, and
+    // a claim by code finds its coupon by a read.
+    let bodiless = rq.body_length().is_none_or(|n| n == 0);
+    if route.class != Class::Claim || !bodiless || !matches!(id, routes::Params::Coupon(_)) {
         return Some(rq);
     }
     // An error is answered by a worker, as any request's; only a good claim is queued here.
-    let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id)));
+    let mut rq = rq;
+    let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq, id)));
     let Ok(Ok(ticket)) = checked else {
         return Some(rq);
     };
     let answer = ClaimAnswer::new(app, rq, route.name);
-    match app
-        .claims
-        .queue(ticket.user, ticket.coupon, ticket.key.as_ref(), answer)
-    {
+    match app.claims.queue(&ticket.ask, ticket.key.as_ref(), answer) {
         Ok(()) => None,
         Err(answer) => {
             // A worker reads it again, and counts it then.
@@ -362,11 +373,11 @@ impl ClaimAnswer {
     /// once (a bad token, a bad key, a handler panic).
     fn read(
         app: &Arc<App>,
-        rq: Request,
+        mut rq: Request,
         route: &'static str,
         id: routes::Params,
     ) -> Option<(routes::ClaimTicket, ClaimAnswer)> {
-        let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &rq, id)));
+        let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq, id)));
         let answer = ClaimAnswer::new(app, rq, route);
         let error = match checked {
             Ok(Ok(ticket)) => return Some((ticket, answer)),

@@ -29,12 +29,12 @@ fn reason(status: u16) -> &'static str {
         401 => "No, bad, expired or foreign token; unknown user (missing_token, invalid_token, token_expired, unknown_user, invalid_credentials)",
         403 => "Not an admin (admin_required)",
         404 => "No such coupon or claim, or an id that is not a number",
-        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_locked, email_taken, already_voided",
+        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_locked, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
         411 => "Chunked body; send a Content-Length (length_required)",
         412 => "If-Match names an older version (precondition_failed)",
         413 => "Body over 64 KiB (payload_too_large)",
         415 => "Body is not application/json (unsupported_media_type)",
-        422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused)",
+        422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused, order_mismatch, currency_mismatch)",
         429 => "Too many attempts; see Retry-After (too_many_requests)",
         _ => "",
     }
@@ -68,10 +68,38 @@ fn schemas() -> Value {
             props.extend(extra.clone());
         }
     }
-    let claim = json!({"type": "object", "properties": {"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
-        "code": {"type": "string"}, "name": nstr, "claimed_at": ts}});
-    let history_entry = json!({"type": "object", "properties": {"claim_id": {"type": "integer"}, "coupon_id": {"type": "integer"},
-        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "voided_at": nts, "void_reason": nstr}});
+    let claim_status =
+        json!({"enum": ["held", "claimed", "redeemed", "released", "expired", "voided"]});
+    let claim_props = json!({"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
+        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "status": claim_status, "expires_at": nts});
+    let claim = json!({"type": "object", "properties": claim_props});
+    let nint = json!({"type": ["integer", "null"]});
+    let mut record_props = claim_props.clone();
+    if let Some(p) = record_props.as_object_mut() {
+        for (k, v) in [
+            ("user_id", json!({"type": "integer"})),
+            ("redeemed_at", nts.clone()),
+            ("order_id", nstr.clone()),
+            ("order_amount", nint.clone()),
+            ("order_currency", nstr.clone()),
+            ("discount_amount", nint.clone()),
+            ("voided_at", nts.clone()),
+            ("void_reason", nstr.clone()),
+        ] {
+            p.insert(k.into(), v);
+        }
+    }
+    let record = json!({"type": "object", "properties": record_props});
+    let with_claim_id = |extra: Value| {
+        let mut props = record_props.clone();
+        if let (Some(p), Some(e)) = (props.as_object_mut(), extra.as_object()) {
+            p.insert("claim_id".into(), json!({"type": "integer"}));
+            p.extend(e.clone());
+        }
+        json!({"type": "object", "properties": props})
+    };
+    let history_entry = with_claim_id(json!({}));
+    let hold = json!({"type": "integer", "minimum": 1, "maximum": 86400});
     let admin_coupon = json!({"allOf": [schema_ref("Coupon"), {"type": "object", "properties": {
         "claimed": {"type": "integer"}, "deleted_at": nts}}]});
     let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
@@ -96,8 +124,15 @@ fn schemas() -> Value {
             "claim": schema_ref("Claim"), "available_count": {"type": "integer"}}},
         "HistoryEntry": history_entry,
         "History": list("HistoryEntry"),
-        "CouponClaim": {"type": "object", "properties": {"claim_id": {"type": "integer"}, "user_id": {"type": "integer"},
-            "email": {"type": "string"}, "claimed_at": ts, "voided_at": nts, "void_reason": nstr}},
+        "CouponClaim": with_claim_id(json!({"email": {"type": "string"}})),
+        "ClaimRecord": record,
+        "ClaimOptions": {"type": "object", "properties": {"hold_seconds": hold}},
+        "ClaimByCode": {"type": "object", "required": ["code"], "properties": {
+            "code": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "hold_seconds": hold}},
+        "Eligibility": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
+            "eligible": {"type": "boolean"},
+            "reason": {"enum": [null, "sold_out", "inactive", "not_started", "expired", "limit_reached"]},
+            "available_count": {"type": "integer"}, "claimed_by_you": {"type": "integer"}}},
         "CouponClaims": list("CouponClaim"),
         "VoidRequest": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "maxLength": 500}}},
         "Voided": {"type": "object", "properties": {"claim_id": {"type": "integer"}, "coupon_id": {"type": "integer"},

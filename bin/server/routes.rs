@@ -10,8 +10,8 @@ use coupons::auth::{self, Principal};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
-    claim, db, ClaimId, CouponCode, CouponId, Email, Error, Label, Page, Password, PerUserLimit,
-    Status, Stock, Timestamp, UserId,
+    claim, db, life, ClaimId, CouponCode, CouponId, Email, Error, HoldSeconds, Label, Page,
+    Password, PerUserLimit, Status, Stock, Timestamp, UserId,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -223,11 +223,63 @@ pub static ROUTES: &[Route] = &[
         class: Class::Claim,
         handler: claim,
         doc: Op {
-            summary: "Claim one unit (Idempotency-Key optional)",
+            summary: "Claim one unit, or hold it with hold_seconds (Idempotency-Key optional)",
+            who: Who::User,
+            body: Some("ClaimOptions"),
+            ok: (201, "ClaimResult"),
+            errors: &[400, 401, 404, 409, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "POST /claims",
+        id: None,
+        class: Class::Claim,
+        handler: claim,
+        doc: Op {
+            summary: "Claim (or hold) one unit of the coupon with this code, in any case (Idempotency-Key optional)",
+            who: Who::User,
+            body: Some("ClaimByCode"),
+            ok: (201, "ClaimResult"),
+            errors: &[400, 401, 404, 409, 411, 413, 415, 422, 429],
+        },
+    },
+    Route {
+        name: "POST /claims/{id}/confirm",
+        id: Some(Id::Claim),
+        class: Class::Inline,
+        handler: confirm,
+        doc: Op {
+            summary: "Confirm a held claim (the owner): it becomes claimed; again, the same answer",
             who: Who::User,
             body: None,
-            ok: (201, "ClaimResult"),
-            errors: &[401, 404, 409, 422, 429],
+            ok: (200, "ClaimRecord"),
+            errors: &[401, 404, 409],
+        },
+    },
+    Route {
+        name: "POST /claims/{id}/release",
+        id: Some(Id::Claim),
+        class: Class::Inline,
+        handler: release,
+        doc: Op {
+            summary: "Release a held claim (the owner or an admin): its unit goes back, exactly once",
+            who: Who::User,
+            body: None,
+            ok: (200, "ClaimRecord"),
+            errors: &[401, 404, 409],
+        },
+    },
+    Route {
+        name: "GET /coupons/{id}/eligibility",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: eligibility,
+        doc: Op {
+            summary: "Whether the caller could claim the coupon now, and why not; writes nothing",
+            who: Who::User,
+            body: None,
+            ok: (200, "Eligibility"),
+            errors: &[401, 404],
         },
     },
     Route {
@@ -613,8 +665,43 @@ fn void(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let reason = Label::parse("reason", &body.reason, 500)?;
     Ok(Reply::json(
         200,
-        &claim::void(&app.pool, who.user_id, id, &reason)?,
+        &life::void(&app.pool, who.user_id, id, &reason)?,
     ))
+}
+
+fn confirm(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let who = principal(app, rq)?;
+    let id = id.claim()?;
+    Ok(Reply::json(
+        200,
+        &life::confirm(&app.pool, who.user_id, id)?,
+    ))
+}
+
+fn release(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let by = actor(app, rq)?;
+    let id = id.claim()?;
+    Ok(Reply::json(200, &life::release(&app.pool, by, id)?))
+}
+
+fn eligibility(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let who = principal(app, rq)?;
+    let id = id.coupon()?;
+    Ok(Reply::json(
+        200,
+        &claim::eligibility(&app.pool, who.user_id, id)?,
+    ))
+}
+
+/// The caller acting on a claim: an admin (as the database says, whatever the token) on
+/// anyone's, anyone else on their own.
+fn actor(app: &App, rq: &Request) -> Result<life::Actor> {
+    let who = principal(app, rq)?;
+    match auth::require_admin(&app.pool, &who) {
+        Ok(()) => Ok(life::Actor::Admin(who.user_id)),
+        Err(Error::NotAdmin) => Ok(life::Actor::Owner(who.user_id)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn register(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
@@ -700,37 +787,55 @@ fn answered<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Reply) -> Result<Reply> 
     Ok(reply)
 }
 
-/// `POST /coupons/{id}/claim`, waiting for the answer. The server does not wait: it hands the
-/// [`claim_ticket`] to `Claims::submit`, and the thread that runs the claim's batch sends the
-/// [`claim_reply`] (bin/server/http.rs).
+/// `POST /coupons/{id}/claim` and `POST /claims`, waiting for the answer. The server does not
+/// wait: it hands the [`claim_ticket`] to `Claims::submit`, and the thread that runs the
+/// claim's batch sends the [`claim_reply`] (bin/server/http.rs).
 fn claim(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let t = claim_ticket(app, rq, id)?;
-    let answer = match &t.key {
-        Some(key) => app.claims.claim_once(t.user, t.coupon, key),
-        None => Answer::new(app.claims.claim(t.user, t.coupon)),
-    };
-    claim_reply(app, answer)
+    claim_reply(app, app.claims.ask(&t.ask, t.key.as_ref()))
 }
 
-/// A claim request, read and checked: who claims which coupon, with which key.
+/// A claim request, read and checked: what it asks, with which key.
 pub struct ClaimTicket {
-    pub user: UserId,
-    pub coupon: CouponId,
+    pub ask: claim::Ask,
     pub key: Option<IdempotencyKey>,
 }
 
-/// Reads and checks a claim request (the claim itself is the claims' to make). A keyed one
-/// takes one from its user's keyed-request limit, last: a request refused before writes no
-/// key row. In memory, under a lock held for a map look-up: this runs on a connection's thread.
-pub fn claim_ticket(app: &App, rq: &Request, id: Params) -> Result<ClaimTicket> {
+/// The body of a claim: by id, optional; by code (`POST /claims`, no `{id}`), required.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    code: Option<String>,
+    hold_seconds: Option<i64>,
+}
+
+/// Reads and checks a claim request (the claim itself is the claims' to make). A claim by code
+/// finds its coupon here, by a read. A keyed one takes one from its user's keyed-request
+/// limit, last: a request refused before writes no key row. Without a body (all that a
+/// connection's thread sends here), no read and no lock but a map look-up.
+pub fn claim_ticket(app: &App, rq: &mut Request, id: Params) -> Result<ClaimTicket> {
     ready(app)?;
     let who = principal(app, rq)?;
-    let coupon = id.coupon()?;
+    let by_code = matches!(id, Params::None);
+    let body: ClaimBody = json_body(rq)?.unwrap_or_default();
+    let hold = body.hold_seconds.map(HoldSeconds::parse).transpose()?;
+    let (coupon, code) = match (by_code, body.code) {
+        (false, None) => (id.coupon()?, None),
+        (false, Some(_)) => return Err(Error::invalid("code", "goes to POST /claims").into()),
+        (true, code) => {
+            let code = CouponCode::parse(code.as_deref().unwrap_or_default())?;
+            (coupon::id_for_code(&app.pool, &code)?, Some(code))
+        }
+    };
     let key = idempotency_key(rq)?;
     keyed_limit(app, who.user_id, key.as_ref())?;
     Ok(ClaimTicket {
-        user: who.user_id,
-        coupon,
+        ask: claim::Ask {
+            user: who.user_id,
+            coupon,
+            hold,
+            code,
+        },
         key,
     })
 }
@@ -740,7 +845,7 @@ impl ClaimTicket {
     /// read again (by a worker, after a connection's thread found its lane idle).
     pub fn put_back(&self, app: &App) {
         if self.key.is_some() {
-            app.limits.keyed_per_user.refund(&self.user);
+            app.limits.keyed_per_user.refund(&self.ask.user);
         }
     }
 }

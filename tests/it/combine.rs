@@ -6,6 +6,7 @@
 
 use crate::library::{limited_coupon, new_coupon, new_users};
 use crate::support::{auth, counter_mismatches, TestDb};
+use coupons::claim::Ask;
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{claim, coupon, CouponId, Error, UserId};
 use mysql::prelude::Queryable;
@@ -772,7 +773,7 @@ fn submitted(
         .enumerate()
         .for_each_with(tx, |tx, (i, (user, coupon, key))| {
             let tx = tx.clone();
-            claims.submit(*user, *coupon, key.as_ref(), move |answer| {
+            claims.submit(&Ask::new(*user, *coupon), key.as_ref(), move |answer| {
                 tx.send((i, answer)).unwrap()
             });
         });
@@ -869,7 +870,8 @@ fn a_held_coupon_holds_up_only_its_own_callbacks() {
     };
     for &u in &users[..3] {
         quick("a held coupon's submit", &|| {
-            db.claims.submit(u, locked, None, send(&tx, "held"))
+            db.claims
+                .submit(&Ask::new(u, locked), None, send(&tx, "held"))
         });
     }
     wait_until("a claim to wait for the held coupon", || {
@@ -878,7 +880,8 @@ fn a_held_coupon_holds_up_only_its_own_callbacks() {
     // The lane goes on: claims on the free coupon are answered while the other is held.
     for &u in &users {
         quick("a free coupon's submit", &|| {
-            db.claims.submit(u, free, None, send(&tx, "free"))
+            db.claims
+                .submit(&Ask::new(u, free), None, send(&tx, "free"))
         });
     }
     for _ in &users {
@@ -921,9 +924,11 @@ fn a_claim_is_queued_without_its_thread_only_behind_a_batch_in_flight() {
     let users = new_users(&db, &auth(), 3);
     let (first, second) = (new_coupon(&db, "FIRST", 10), new_coupon(&db, "SECOND", 10));
     // An idle lane: the claim would run on this thread, so it is not taken.
-    let refused = db
-        .claims
-        .queue(users[1], first, None, |_: Answer<claim::Claimed>| {});
+    let refused = db.claims.queue(
+        &Ask::new(users[1], first),
+        None,
+        |_: Answer<claim::Claimed>| {},
+    );
     assert!(refused.is_err(), "an idle lane took a claim to queue");
     // A batch in flight, waiting for a key another connection holds: claims queue behind it.
     let mut holder = hold_key(&db, users[0], "held");
@@ -938,7 +943,7 @@ fn a_claim_is_queued_without_its_thread_only_behind_a_batch_in_flight() {
             let tx = tx.clone();
             let queued = db
                 .claims
-                .queue(user, coupon, None, move |a| tx.send(a).unwrap());
+                .queue(&Ask::new(user, coupon), None, move |a| tx.send(a).unwrap());
             assert!(
                 queued.is_ok(),
                 "a claim behind a batch in flight was not queued"

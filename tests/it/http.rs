@@ -5,12 +5,12 @@ use crate::support::{request, send, Resp, Service, TestDb, JSON, SECRET};
 use mysql::prelude::Queryable;
 use std::thread;
 
-fn bearer(token: &str) -> (&'static str, String) {
+pub(crate) fn bearer(token: &str) -> (&'static str, String) {
     ("Authorization", format!("Bearer {token}"))
 }
 
 /// Promotes through SQL, as the seed's README does.
-fn make_admin(db: &TestDb, svc: &Service, email: &str) -> String {
+pub(crate) fn make_admin(db: &TestDb, svc: &Service, email: &str) -> String {
     let token = svc.register(email);
     db.conn()
         .exec_drop("UPDATE users SET role = 'ADMIN' WHERE email = ?", (email,))

@@ -4,8 +4,8 @@ use crate::support::{auth, TestDb, SECRET};
 use coupons::auth::{self as auth_mod, Auth, Principal, Secret};
 use coupons::coupon::{self, CouponChange, NewCoupon};
 use coupons::{
-    claim, db, CouponCode, CouponId, Email, Error, Password, Role, Status, Stock, TokenProblem,
-    UserId,
+    claim, db, life, CouponCode, CouponId, Email, Error, Password, Role, Status, Stock,
+    TokenProblem, UserId,
 };
 use rayon::prelude::*;
 
@@ -432,10 +432,13 @@ fn coupon_lifecycle() {
     let history = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(
-        (history[0].code.as_str(), history[1].code.as_str()),
+        (
+            history[0].record.claim.code.as_str(),
+            history[1].record.claim.code.as_str()
+        ),
         ("OTHER", "Summer-26")
     );
-    assert!(history[0].claimed_at >= history[1].claimed_at);
+    assert!(history[0].record.claim.claimed_at >= history[1].record.claim.claimed_at);
     new_coupon(&db, "summer-26", 1);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 2);
     db.stock(id.0);
@@ -799,7 +802,7 @@ fn validity_windows_and_names_as_they_were() {
     assert_eq!((c.name.as_deref(), c.ends_at), (Some("Renamed"), None));
     // The history shows the name as it was at claim time.
     let h = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
-    assert_eq!(h[0].name.as_deref(), Some("OPEN deal"));
+    assert_eq!(h[0].record.claim.name.as_deref(), Some("OPEN deal"));
     assert_eq!(db.stock(open.0), (4, 1, 5));
 }
 
@@ -919,7 +922,7 @@ fn parallel_voids_of_one_claim_return_one_unit() {
         (0..30)
             .into_par_iter()
             .map(
-                |_| match claim::void(&db.pool, users[1], claimed.claim.id, &reason) {
+                |_| match life::void(&db.pool, users[1], claimed.claim.id, &reason) {
                     Ok(_) => true,
                     Err(Error::AlreadyVoided) => false,
                     Err(e) => panic!("unexpected {e}"),
@@ -932,13 +935,13 @@ fn parallel_voids_of_one_claim_return_one_unit() {
     assert_eq!(db.stock(c.0), (3, 0, 3));
     assert_eq!(db.scalar("SELECT COUNT(*) FROM claims"), 1);
     let h = claim::history(&db.pool, users[0], coupons::Page::first()).unwrap();
-    assert_eq!(h[0].void_reason.as_deref(), Some("fraud check"));
-    assert!(h[0].voided_at.is_some());
+    assert_eq!(h[0].record.void_reason.as_deref(), Some("fraud check"));
+    assert!(h[0].record.voided_at.is_some());
     // The user's count went down with it: they may claim again.
     db.claims.claim(users[0], c).unwrap();
     assert_eq!(db.stock(c.0), (2, 1, 3));
     assert!(matches!(
-        claim::void(&db.pool, users[1], coupons::ClaimId(999_999), &reason),
+        life::void(&db.pool, users[1], coupons::ClaimId(999_999), &reason),
         Err(Error::ClaimNotFound)
     ));
 }
@@ -955,7 +958,7 @@ fn claims_and_voids_racing_keep_the_invariant() {
             .into_par_iter()
             .for_each(|i| match db.claims.claim(users[i % 8], c) {
                 Ok(won) if i % 3 == 0 => {
-                    claim::void(&db.pool, users[0], won.claim.id, &reason).unwrap();
+                    life::void(&db.pool, users[0], won.claim.id, &reason).unwrap();
                 }
                 Ok(_) | Err(Error::SoldOut) => {}
                 Err(e) => panic!("unexpected {e}"),
@@ -973,7 +976,7 @@ fn a_limit_set_later_does_not_count_voided_claims() {
     let c = new_coupon(&db, "LATERLIMIT", 5);
     let first = db.claims.claim(users[0], c).unwrap();
     let reason = Label::parse("reason", "returned", 500).unwrap();
-    claim::void(&db.pool, users[1], first.claim.id, &reason).unwrap();
+    life::void(&db.pool, users[1], first.claim.id, &reason).unwrap();
     let limit_one = CouponChange {
         rules: coupon::RulesChange {
             per_user_limit: Some(Some(coupons::PerUserLimit::parse(1).unwrap())),

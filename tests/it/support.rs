@@ -102,7 +102,7 @@ impl TestDb {
     }
 
     /// Checks `available_count + claims not voided == total_count` for every coupon, and
-    /// returns (available, claims not voided, total) of the one asked for.
+    /// returns (available, live claims, total) of the one asked for.
     #[track_caller]
     pub fn stock(&self, coupon: u64) -> (i64, i64, i64) {
         let broken = unbalanced(&mut self.conn());
@@ -112,7 +112,7 @@ impl TestDb {
         );
         self.conn()
             .exec_first(
-                "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id AND voided_at IS NULL), co.total_count
+                "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id AND status IN ('held', 'claimed', 'redeemed')), co.total_count
                  FROM coupons co WHERE co.id = ?",
                 (coupon,),
             )
@@ -291,22 +291,23 @@ pub fn coupons_command(env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// Coupons where `available_count + claims not voided != total_count`, as (id, available,
-/// claims, total).
+/// Coupons where `available_count + claims held, claimed or redeemed != total_count`, as (id,
+/// available, live claims, total).
 pub fn unbalanced(conn: &mut impl Queryable) -> Vec<(u64, i64, i64, i64)> {
     conn.query(
-        "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) AS SIGNED), co.total_count
+        "SELECT co.id, co.available_count, CAST(COALESCE(SUM(cl.status IN ('held', 'claimed', 'redeemed')), 0) AS SIGNED), co.total_count
          FROM coupons co LEFT JOIN claims cl ON cl.coupon_id = co.id
          GROUP BY co.id
-         HAVING co.available_count + COALESCE(SUM(cl.id IS NOT NULL AND cl.voided_at IS NULL), 0) <> co.total_count",
+         HAVING co.available_count + COALESCE(SUM(cl.status IN ('held', 'claimed', 'redeemed')), 0) <> co.total_count",
     )
     .unwrap()
 }
 
-/// Per-user counter rows that disagree with the claims not voided, as (user, counted, claims).
+/// Per-user counter rows that disagree with the live claims (held, claimed or redeemed), as
+/// (user, counted, claims).
 pub fn counter_mismatches(conn: &mut impl Queryable) -> Vec<(u64, i64, i64)> {
     conn.query(
-        "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id AND c.voided_at IS NULL) n
+        "SELECT u.user_id, u.claimed, (SELECT COUNT(*) FROM claims c WHERE c.user_id = u.user_id AND c.coupon_id = u.coupon_id AND c.status IN ('held', 'claimed', 'redeemed')) n
          FROM user_coupon_claims u HAVING u.claimed <> n",
     )
     .unwrap()

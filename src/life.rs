@@ -1,0 +1,453 @@
+//! A claim's life after [`crate::claim`] made it: a hold confirmed, released or run out, a
+//! claim redeemed against an order, or voided by an admin. [`next`] decides every change of
+//! status; a change that ends a live claim gives its unit back, exactly once, under the
+//! coupon's row lock, as claims take units under it.
+//!
+//! Locks: a change that gives a unit back locks the coupon, then the claim (the order claims
+//! and every other such change lock in); confirming and redeeming lock only the claim, so
+//! they never wait behind a hot coupon's claims.
+
+use crate::audit;
+use crate::claim::{self, ClaimRecord};
+use crate::db::{padded, placeholders, transaction, Pool};
+use crate::{ClaimId, ClaimStatus, CouponId, Error, Label, Timestamp, UserId};
+use mysql::prelude::Queryable;
+use mysql::{Transaction, Value};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What happens to a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Its owner confirms a hold.
+    Confirm,
+    /// Its owner (or an admin) lets a hold go.
+    Release,
+    /// It is used against an order.
+    Redeem,
+    /// An admin cancels it.
+    Void,
+    /// Its hold ran out.
+    Expire,
+}
+
+impl Action {
+    /// The audit log's name for it.
+    fn audit_name(self) -> &'static str {
+        match self {
+            Action::Confirm => "claim.confirm",
+            Action::Release => "claim.release",
+            Action::Redeem => "claim.redeem",
+            Action::Void => "claim.void",
+            Action::Expire => "claim.expire",
+        }
+    }
+}
+
+/// Who acts on a claim: its owner, or an admin, who may act on anyone's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// The claim's owner (anyone else's claim is [`Error::ClaimNotFound`] to them).
+    Owner(UserId),
+    /// An admin (checked by the caller, e.g. [`crate::auth::require_admin`]).
+    Admin(UserId),
+}
+
+impl Actor {
+    fn id(self) -> UserId {
+        match self {
+            Actor::Owner(id) | Actor::Admin(id) => id,
+        }
+    }
+
+    fn may_touch(self, owner: UserId) -> bool {
+        match self {
+            Actor::Owner(id) => id == owner,
+            Actor::Admin(_) => true,
+        }
+    }
+}
+
+/// The one decision of a claim's life: the status `action` takes a claim in `status` (a hold
+/// ending at `expires_at`) to at `now`. `Ok(None)`: nothing changes (confirming a claim
+/// confirmed already, redeeming one redeemed already: the caller compares the orders, expiring
+/// one that is not a hold run out). Pure, so that every path decides alike.
+pub fn next(
+    status: ClaimStatus,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+    action: Action,
+) -> Result<Option<ClaimStatus>, Error> {
+    use ClaimStatus::*;
+    let ran_out = status == Held && expires_at.is_none_or(|e| now >= e);
+    match (action, status) {
+        (Action::Expire, Held) if ran_out => Ok(Some(Expired)),
+        (Action::Expire, _) => Ok(None),
+        (Action::Void, Held | Claimed | Redeemed) => Ok(Some(Voided)),
+        (Action::Void, Voided) => Err(Error::AlreadyVoided),
+        (_, Released | Expired | Voided) => Err(Error::NotActive),
+        (_, Held) if ran_out => Err(Error::HoldExpired),
+        (Action::Confirm, Held) => Ok(Some(Claimed)),
+        (Action::Confirm, Claimed | Redeemed) => Ok(None),
+        (Action::Release, Held) => Ok(Some(Released)),
+        (Action::Release, Claimed | Redeemed) => Err(Error::NotActive),
+        (Action::Redeem, Held | Claimed) => Ok(Some(Redeemed)),
+        (Action::Redeem, Redeemed) => Ok(None),
+    }
+}
+
+/// Whether going from `from` to `to` gives the claim's unit back to the coupon.
+fn gives_back(from: ClaimStatus, to: ClaimStatus) -> bool {
+    from.is_live() && !to.is_live()
+}
+
+/// Confirms `claim`, a hold of `owner`'s: it becomes `claimed`. Confirming a claimed (or
+/// redeemed) claim again changes nothing and answers the same. Errors: [`Error::ClaimNotFound`]
+/// (none, or someone else's), [`Error::HoldExpired`], [`Error::NotActive`].
+pub fn confirm(pool: &Pool, owner: UserId, claim: ClaimId) -> Result<ClaimRecord, Error> {
+    transaction(pool, |tx| {
+        let c = lock_claim(tx, claim, Actor::Owner(owner))?;
+        if let Some(to) = next(c.status, c.expires_at, Timestamp::now(), Action::Confirm)? {
+            set_status(
+                tx,
+                &c,
+                to,
+                Action::Confirm,
+                Actor::Owner(owner),
+                &json_none(),
+            )?;
+        }
+        claim::read(tx, claim)?.ok_or(Error::ClaimNotFound)
+    })
+}
+
+/// Releases `claim`, a hold: it becomes `released` and its unit goes back to the coupon,
+/// exactly once. Errors: [`Error::ClaimNotFound`], [`Error::HoldExpired`], [`Error::NotActive`]
+/// (anything but a hold).
+pub fn release(pool: &Pool, by: Actor, claim: ClaimId) -> Result<ClaimRecord, Error> {
+    end(pool, by, claim, Action::Release, &json_none())
+}
+
+/// A claim an admin voided: when, by whom, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Voided {
+    /// The claim.
+    pub claim_id: ClaimId,
+    /// Its coupon, which got the unit back.
+    pub coupon_id: CouponId,
+    /// When it was voided.
+    pub voided_at: Timestamp,
+    /// The admin who voided it.
+    pub voided_by: UserId,
+    /// Why.
+    pub reason: String,
+}
+
+/// Voids a held, claimed or redeemed claim: marks it (the row stays) and returns its unit to
+/// the coupon, exactly once. Errors: [`Error::ClaimNotFound`], [`Error::AlreadyVoided`],
+/// [`Error::NotActive`] (released or expired). `admin` must have been checked as one.
+pub fn void(pool: &Pool, admin: UserId, claim: ClaimId, reason: &Label) -> Result<Voided, Error> {
+    let detail = serde_json::json!({ "reason": reason.as_str() });
+    let record = end(pool, Actor::Admin(admin), claim, Action::Void, &detail)?;
+    Ok(Voided {
+        claim_id: claim,
+        coupon_id: record.claim.coupon_id,
+        voided_at: record.voided_at.unwrap_or_else(Timestamp::now),
+        voided_by: admin,
+        reason: reason.as_str().to_owned(),
+    })
+}
+
+/// Release or void: a change that may give the unit back, under the coupon's lock.
+fn end(
+    pool: &Pool,
+    by: Actor,
+    claim: ClaimId,
+    action: Action,
+    detail: &serde_json::Value,
+) -> Result<ClaimRecord, Error> {
+    transaction(pool, |tx| {
+        // The coupon first, then the claim: the order every change of stock locks in.
+        let coupon: Option<u64> =
+            tx.exec_first("SELECT coupon_id FROM claims WHERE id = ?", (claim.0,))?;
+        let coupon = coupon.ok_or(Error::ClaimNotFound)?;
+        tx.exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (coupon,))?;
+        let c = lock_claim(tx, claim, by)?;
+        if let Some(to) = next(c.status, c.expires_at, Timestamp::now(), action)? {
+            set_status(tx, &c, to, action, by, detail)?;
+        }
+        claim::read(tx, claim)?.ok_or(Error::ClaimNotFound)
+    })
+}
+
+/// What a change of status needs to know of a claim, read under its row lock.
+struct Locked {
+    id: ClaimId,
+    user: UserId,
+    coupon: CouponId,
+    status: ClaimStatus,
+    expires_at: Option<Timestamp>,
+}
+
+/// Locks a claim's row (only its row: not its coupon's) and reads it; someone else's claim is
+/// not found, unless `by` is an admin.
+fn lock_claim(tx: &mut Transaction<'_>, id: ClaimId, by: Actor) -> Result<Locked, Error> {
+    let row: Option<(u64, u64, String, Option<Timestamp>)> = tx.exec_first(
+        "SELECT user_id, coupon_id, status, expires_at FROM claims WHERE id = ? FOR UPDATE",
+        (id.0,),
+    )?;
+    let (user, coupon, status, expires_at) = row.ok_or(Error::ClaimNotFound)?;
+    if !by.may_touch(UserId(user)) {
+        return Err(Error::ClaimNotFound);
+    }
+    Ok(Locked {
+        id,
+        user: UserId(user),
+        coupon: CouponId(coupon),
+        status: ClaimStatus::from_db(&status)?,
+        expires_at,
+    })
+}
+
+/// Moves a locked claim to `to`, gives its unit back if that ends it (the caller holds the
+/// coupon's lock then), and records the change in the audit log.
+fn set_status(
+    tx: &mut Transaction<'_>,
+    c: &Locked,
+    to: ClaimStatus,
+    action: Action,
+    by: Actor,
+    detail: &serde_json::Value,
+) -> Result<(), Error> {
+    let now = Timestamp::now();
+    if action == Action::Void {
+        let reason = detail.get("reason").and_then(|r| r.as_str());
+        tx.exec_drop(
+            "UPDATE claims SET status = ?, voided_at = ?, voided_by = ?, void_reason = ?
+             WHERE id = ?",
+            (to.as_str(), now, by.id().0, reason, c.id.0),
+        )?;
+    } else {
+        tx.exec_drop(
+            "UPDATE claims SET status = ? WHERE id = ?",
+            (to.as_str(), c.id.0),
+        )?;
+    }
+    if gives_back(c.status, to) {
+        give_back(tx, &[(c.coupon, c.user)])?;
+    }
+    let mut detail = detail.clone();
+    if let Some(d) = detail.as_object_mut() {
+        d.insert("user_id".into(), c.user.0.into());
+        d.insert("from".into(), c.status.as_str().into());
+        d.insert("to".into(), to.as_str().into());
+    }
+    audit::record(
+        tx,
+        by.id(),
+        action.audit_name(),
+        Some(c.coupon),
+        Some(c.id),
+        &detail,
+    )
+}
+
+fn json_none() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+/// Gives one unit back to the coupon for each (coupon, user), and takes one off that user's
+/// count of it, under the coupons' locks (held by the caller).
+fn give_back(tx: &mut Transaction<'_>, ended: &[(CouponId, UserId)]) -> Result<(), Error> {
+    for &(coupon, user) in ended {
+        tx.exec_drop(
+            "UPDATE coupons SET available_count = available_count + 1 WHERE id = ?",
+            (coupon.0,),
+        )?;
+        tx.exec_drop(
+            "UPDATE user_coupon_claims SET claimed = GREATEST(claimed - 1, 0)
+             WHERE user_id = ? AND coupon_id = ?",
+            (user.0, coupon.0),
+        )?;
+    }
+    Ok(())
+}
+
+/// The most holds one sweep expires in one transaction.
+pub const SWEEP_BATCH: usize = 256;
+
+/// Expires holds that ran out by now, up to [`SWEEP_BATCH`] of them: each becomes `expired`
+/// and its unit goes back, exactly once, however many processes sweep at once (each hold is
+/// checked again under its coupon's lock). Returns how many it expired; call it again while
+/// that is [`SWEEP_BATCH`].
+pub fn expire_due(pool: &Pool) -> Result<usize, Error> {
+    transaction(pool, |tx| {
+        let now = Timestamp::now();
+        let due: Vec<(u64, u64)> = tx.exec(
+            "SELECT id, coupon_id FROM claims WHERE status = 'held' AND expires_at <= ?
+             ORDER BY expires_at LIMIT ?",
+            (now, SWEEP_BATCH as u64),
+        )?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut coupons: Vec<u64> = due.iter().map(|&(_, c)| c).collect();
+        coupons.sort_unstable();
+        coupons.dedup();
+        let coupons = padded(coupons);
+        tx.exec_drop(
+            format!(
+                "SELECT id FROM coupons WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                placeholders(coupons.len(), "?")
+            ),
+            coupons,
+        )?;
+        let ids = padded(due.iter().map(|&(id, _)| id).collect());
+        // Under the locks, the holds still due: another sweep, a confirm or a release may
+        // have come first.
+        let still: Vec<(u64, u64, u64)> = tx.exec(
+            format!(
+                "SELECT id, user_id, coupon_id FROM claims
+                 WHERE id IN ({}) AND status = 'held' AND expires_at <= ? ORDER BY id FOR UPDATE",
+                placeholders(ids.len(), "?")
+            ),
+            ids.into_iter()
+                .map(Value::from)
+                .chain([now.into()])
+                .collect::<Vec<Value>>(),
+        )?;
+        for &(id, user, coupon) in &still {
+            let c = Locked {
+                id: ClaimId(id),
+                user: UserId(user),
+                coupon: CouponId(coupon),
+                status: ClaimStatus::Held,
+                expires_at: Some(now),
+            };
+            if let Some(to) = next(c.status, c.expires_at, now, Action::Expire)? {
+                set_status(
+                    tx,
+                    &c,
+                    to,
+                    Action::Expire,
+                    Actor::Admin(UserId(0)),
+                    &json_none(),
+                )?;
+            }
+        }
+        Ok(still.len())
+    })
+}
+
+/// A thread that expires holds that ran out ([`expire_due`]) every `every`, until dropped.
+/// Any number of processes may run one over the same database.
+pub struct Sweeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts sweeping `pool` every `every`; errors (the database away) are retried at the next
+    /// turn, and `log` hears of them.
+    pub fn start(
+        pool: Pool,
+        every: Duration,
+        log: impl Fn(&Error) + Send + 'static,
+    ) -> Result<Sweeper, Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("hold-sweeper".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    match expire_due(&pool) {
+                        Ok(n) if n == SWEEP_BATCH => continue,
+                        Ok(_) => {}
+                        Err(e) => log(&e),
+                    }
+                    std::thread::park_timeout(every);
+                }
+            })
+            .map_err(|e| Error::Internal(format!("could not start the hold sweeper: {e}")))?;
+        Ok(Sweeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ClaimStatus::*;
+
+    #[test]
+    fn next_decides_every_change_of_a_claims_life() {
+        let now = Timestamp::now();
+        let hour = Duration::from_secs(3600);
+        let (later, gone) = (Some(now.plus(hour)), Some(now));
+        type Case = (
+            Action,
+            ClaimStatus,
+            Option<Timestamp>,
+            Result<Option<ClaimStatus>, &'static str>,
+        );
+        let cases: &[Case] = &[
+            (Action::Confirm, Held, later, Ok(Some(Claimed))),
+            (Action::Confirm, Held, gone, Err("hold_expired")),
+            (Action::Confirm, Claimed, None, Ok(None)),
+            (Action::Confirm, Redeemed, None, Ok(None)),
+            (Action::Confirm, Released, later, Err("not_active")),
+            (Action::Confirm, Expired, gone, Err("not_active")),
+            (Action::Confirm, Voided, None, Err("not_active")),
+            (Action::Release, Held, later, Ok(Some(Released))),
+            (Action::Release, Held, gone, Err("hold_expired")),
+            (Action::Release, Claimed, None, Err("not_active")),
+            (Action::Release, Redeemed, None, Err("not_active")),
+            (Action::Release, Released, later, Err("not_active")),
+            (Action::Release, Voided, None, Err("not_active")),
+            (Action::Redeem, Held, later, Ok(Some(Redeemed))),
+            (Action::Redeem, Held, gone, Err("hold_expired")),
+            (Action::Redeem, Claimed, None, Ok(Some(Redeemed))),
+            (Action::Redeem, Redeemed, None, Ok(None)),
+            (Action::Redeem, Expired, gone, Err("not_active")),
+            (Action::Redeem, Voided, None, Err("not_active")),
+            (Action::Void, Held, later, Ok(Some(Voided))),
+            (Action::Void, Held, gone, Ok(Some(Voided))),
+            (Action::Void, Claimed, None, Ok(Some(Voided))),
+            (Action::Void, Redeemed, None, Ok(Some(Voided))),
+            (Action::Void, Voided, None, Err("already_voided")),
+            (Action::Void, Released, later, Err("not_active")),
+            (Action::Void, Expired, gone, Err("not_active")),
+            (Action::Expire, Held, gone, Ok(Some(Expired))),
+            (Action::Expire, Held, later, Ok(None)),
+            (Action::Expire, Claimed, None, Ok(None)),
+            (Action::Expire, Released, later, Ok(None)),
+        ];
+        for &(action, status, expires_at, want) in cases {
+            let got = next(status, expires_at, now, action).map_err(|e| match e {
+                Error::HoldExpired => "hold_expired",
+                Error::NotActive => "not_active",
+                Error::AlreadyVoided => "already_voided",
+                _ => "other",
+            });
+            assert_eq!(got, want, "{action:?} on {status:?}");
+        }
+        // Exactly the changes that end a live claim give its unit back.
+        assert!(gives_back(Held, Released) && gives_back(Held, Expired));
+        assert!(gives_back(Claimed, Voided) && gives_back(Redeemed, Voided));
+        assert!(!gives_back(Held, Claimed) && !gives_back(Claimed, Redeemed));
+    }
+}

@@ -1,0 +1,560 @@
+//! A claim's life: holds, confirm, release, expiry, voids, redemption, claim by code and
+//! eligibility; each race run with rayon and checked in the database afterwards.
+
+use crate::http::{bearer, make_admin};
+use crate::library::{new_coupon, new_users};
+use crate::support::{auth, Service, TestDb, JSON};
+use coupons::claim::{Ask, Claimed};
+use coupons::coupon::{self, CouponChange, RulesChange};
+use coupons::life::{self, Actor};
+use coupons::{
+    ClaimId, ClaimStatus, CouponCode, CouponId, Error, HoldSeconds, Label, PerUserLimit, UserId,
+};
+use mysql::prelude::Queryable;
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+fn threads(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+}
+
+fn hold(user: UserId, coupon: CouponId, secs: i64) -> Ask {
+    Ask {
+        hold: Some(HoldSeconds::parse(secs).unwrap()),
+        ..Ask::new(user, coupon)
+    }
+}
+
+/// Claims of `coupon` by status, from the claim rows.
+fn statuses(db: &TestDb, coupon: CouponId) -> Vec<(String, i64)> {
+    db.conn()
+        .exec(
+            "SELECT status, COUNT(*) FROM claims WHERE coupon_id = ? GROUP BY status ORDER BY status",
+            (coupon.0,),
+        )
+        .unwrap()
+}
+
+/// Checks the invariant and the per-user counters in the database.
+#[track_caller]
+fn balanced(db: &TestDb, coupon: CouponId) -> (i64, i64, i64) {
+    let mismatches = crate::support::counter_mismatches(&mut db.conn());
+    assert!(mismatches.is_empty(), "per-user counts: {mismatches:?}");
+    db.stock(coupon.0)
+}
+
+fn limit(db: &TestDb, coupon: CouponId, n: i64) {
+    let change = CouponChange {
+        rules: RulesChange {
+            per_user_limit: Some(Some(PerUserLimit::parse(n).unwrap())),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    coupon::update(&db.pool, UserId(0), coupon, &change).unwrap();
+}
+
+#[test]
+fn holds_and_claims_racing_sell_out_exactly_the_stock() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 8);
+    let c = new_coupon(&db, "HOLDRUSH", 40);
+    let won: Vec<ClaimStatus> = threads(16).install(|| {
+        (0..400)
+            .into_par_iter()
+            .filter_map(|i| {
+                let user = users[i % 8];
+                let ask = match i % 2 {
+                    0 => hold(user, c, 600),
+                    _ => Ask::new(user, c),
+                };
+                match db.claims.ask(&ask, None).result {
+                    Ok(won) => Some(won.claim.status),
+                    Err(Error::SoldOut) => None,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            })
+            .collect()
+    });
+    assert_eq!(won.len(), 40);
+    let held = won.iter().filter(|s| **s == ClaimStatus::Held).count() as i64;
+    assert!(held > 0 && held < 40, "{held} held of 40");
+    assert_eq!(balanced(&db, c), (0, 40, 40));
+    assert_eq!(
+        statuses(&db, c),
+        vec![("held".into(), held), ("claimed".into(), 40 - held)]
+    );
+    let admin = coupon::admin_get(&db.pool, c).unwrap();
+    assert_eq!(
+        (admin.claims.held, admin.claims.claimed),
+        (held as u64, 40 - held as u64)
+    );
+}
+
+#[test]
+fn per_user_limits_count_holds_and_a_release_frees_one() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let c = new_coupon(&db, "HOLDLIMIT", 100);
+    limit(&db, c, 2);
+    let won: Vec<(usize, Claimed)> = threads(16).install(|| {
+        (0..80)
+            .into_par_iter()
+            .filter_map(|i| {
+                let ask = match i % 3 {
+                    0 => Ask::new(users[i % 4], c),
+                    _ => hold(users[i % 4], c, 600),
+                };
+                match db.claims.ask(&ask, None).result {
+                    Ok(won) => Some((i % 4, won)),
+                    Err(Error::LimitReached) => None,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            })
+            .collect()
+    });
+    for u in 0..4 {
+        assert_eq!(won.iter().filter(|(w, _)| *w == u).count(), 2, "user {u}");
+    }
+    assert_eq!(balanced(&db, c), (92, 8, 100));
+    // A released hold no longer counts: its owner may claim once more, and only once.
+    let (u, held) = won
+        .iter()
+        .find(|(_, w)| w.claim.status == ClaimStatus::Held)
+        .expect("some hold");
+    let released = life::release(&db.pool, Actor::Owner(users[*u]), held.claim.id).unwrap();
+    assert_eq!(released.claim.status, ClaimStatus::Released);
+    db.claims.claim(users[*u], c).unwrap();
+    assert!(matches!(
+        db.claims.claim(users[*u], c),
+        Err(Error::LimitReached)
+    ));
+    assert_eq!(balanced(&db, c), (92, 8, 100));
+    let e = claim_eligibility(&db, users[*u], c);
+    assert_eq!(
+        (e.eligible, e.reason, e.claimed_by_you),
+        (false, Some("limit_reached"), 2)
+    );
+}
+
+fn claim_eligibility(db: &TestDb, user: UserId, c: CouponId) -> coupons::claim::Eligibility {
+    coupons::claim::eligibility(&db.pool, user, c).unwrap()
+}
+
+#[test]
+fn confirm_release_void_and_expiry_racing_end_each_hold_once() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 3);
+    let c = new_coupon(&db, "HOLDRACE", 60);
+    let holds: Vec<ClaimId> = (0..60)
+        .map(|i| {
+            let won = db.claims.ask(&hold(users[i % 3], c, 1), None).result;
+            won.unwrap().claim.id
+        })
+        .collect();
+    let reason = Label::parse("reason", "race", 500).unwrap();
+    // Start around the end of the holds, so some confirms and releases come before it and some
+    // after, while two sweepers run.
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(900));
+    threads(16).install(|| {
+        (0..60 * 5).into_par_iter().for_each(|i| {
+            let id = holds[i / 5];
+            let owner = users[(i / 5) % 3];
+            let result = match i % 5 {
+                0 => life::confirm(&db.pool, owner, id).map(|_| ()),
+                1 => life::release(&db.pool, Actor::Owner(owner), id).map(|_| ()),
+                2 => life::void(&db.pool, users[0], id, &reason).map(|_| ()),
+                _ => life::expire_due(&db.pool).map(|_| ()),
+            };
+            match result {
+                Ok(()) | Err(Error::HoldExpired | Error::NotActive | Error::AlreadyVoided) => {}
+                Err(e) => panic!("unexpected {e}"),
+            }
+        })
+    });
+    // Whatever is still held ran out by now: swept, it ends too.
+    let wait = Duration::from_millis(1100).saturating_sub(started.elapsed());
+    std::thread::sleep(wait);
+    while life::expire_due(&db.pool).unwrap() > 0 {}
+    let by_status = statuses(&db, c);
+    assert!(!by_status.iter().any(|(s, _)| s == "held"), "{by_status:?}");
+    let live: i64 = by_status
+        .iter()
+        .filter(|(s, _)| s == "claimed")
+        .map(|(_, n)| n)
+        .sum();
+    // Every ended hold gave its unit back once: the invariant, and the audit log's count.
+    assert_eq!(balanced(&db, c), (60 - live, live, 60));
+    let ended = db.scalar(
+        "SELECT COUNT(*) FROM audit_log
+         WHERE action IN ('claim.release', 'claim.void', 'claim.expire')",
+    );
+    assert_eq!(ended, 60 - live);
+}
+
+#[test]
+fn two_sweepers_expire_each_hold_once_and_in_time() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let c = new_coupon(&db, "SWEEP", 500);
+    let held: usize = threads(8).install(|| {
+        (0..400)
+            .into_par_iter()
+            .map(|i| {
+                let won = db.claims.ask(&hold(users[i % 4], c, 1), None).result;
+                won.map(|_| 1).unwrap()
+            })
+            .sum()
+    });
+    assert_eq!(held, 400);
+    assert_eq!(balanced(&db, c), (100, 400, 500));
+    // Two sweepers, as two service processes would run, each with its own pool.
+    let other = coupons::db::pool(
+        coupons::db::opts_from_url(&db.url).unwrap(),
+        4,
+        coupons::db::CHECKOUT_TIMEOUT,
+    )
+    .unwrap();
+    let every = Duration::from_millis(200);
+    let fail = |e: &Error| panic!("sweeping: {e}");
+    let a = life::Sweeper::start(db.pool.clone(), every, fail).unwrap();
+    let b = life::Sweeper::start(other, every, fail).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while db.stock(c.0).0 < 500 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop((a, b));
+    assert_eq!(balanced(&db, c), (500, 0, 500));
+    assert_eq!(statuses(&db, c), vec![("expired".into(), 400)]);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.expire'"),
+        400
+    );
+}
+
+#[test]
+fn a_claim_by_code_is_checked_again_under_the_lock() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let c = new_coupon(&db, "Welcome10", 5);
+    let typed = CouponCode::parse("WELCOME10").unwrap();
+    assert_eq!(coupon::id_for_code(&db.pool, &typed).unwrap(), c);
+    // The code changed after it was looked up: the claim finds no coupon with it.
+    let renamed = CouponChange {
+        code: Some(CouponCode::parse("SPRING").unwrap()),
+        ..Default::default()
+    };
+    coupon::update(&db.pool, UserId(0), c, &renamed).unwrap();
+    let ask = Ask {
+        code: Some(typed.clone()),
+        ..Ask::new(users[0], c)
+    };
+    assert!(matches!(
+        db.claims.ask(&ask, None).result,
+        Err(Error::CouponNotFound)
+    ));
+    assert!(matches!(
+        coupon::id_for_code(&db.pool, &typed),
+        Err(Error::CouponNotFound)
+    ));
+    let spring = Ask {
+        code: Some(CouponCode::parse("spring").unwrap()),
+        ..Ask::new(users[0], c)
+    };
+    assert!(db.claims.ask(&spring, None).result.is_ok());
+    assert_eq!(balanced(&db, c), (4, 1, 5));
+}
+
+/// A service with an admin and a user, and a coupon of `stock`.
+struct Shop {
+    db: TestDb,
+    svc: Service,
+    admin: String,
+    user: String,
+    coupon: u64,
+}
+
+fn shop(stock: u32) -> Shop {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let user = svc.register("user@example.com");
+    let body = format!(r#"{{"code":"Welcome10","available_count":{stock}}}"#);
+    let auth = bearer(&admin);
+    let headers = [JSON, (auth.0, auth.1.as_str())];
+    let r = svc.call("POST", "/admin/coupons", &headers, Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let coupon = r.body["id"].as_u64().unwrap();
+    Shop {
+        db,
+        svc,
+        admin,
+        user,
+        coupon,
+    }
+}
+
+impl Shop {
+    fn post(&self, token: &str, path: &str, body: Option<&str>) -> crate::support::Resp {
+        let auth = bearer(token);
+        let headers = [JSON, (auth.0, auth.1.as_str())];
+        self.svc.call("POST", path, &headers, body)
+    }
+
+    fn get(&self, token: &str, path: &str) -> crate::support::Resp {
+        let auth = bearer(token);
+        self.svc
+            .call("GET", path, &[(auth.0, auth.1.as_str())], None)
+    }
+}
+
+#[test]
+fn holds_over_http_confirm_release_and_show_their_status() {
+    let s = shop(3);
+    let claim_path = format!("/coupons/{}/claim", s.coupon);
+    let r = s.post(&s.user, &claim_path, Some(r#"{"hold_seconds": 600}"#));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["claim"]["status"], "held");
+    assert!(r.body["claim"]["expires_at"].is_string());
+    assert_eq!(r.body["available_count"], 2);
+    let held = r.body["claim"]["id"].as_u64().unwrap();
+    for (body, code) in [
+        (r#"{"hold_seconds": 0}"#, "invalid_hold_seconds"),
+        (r#"{"hold_seconds": 86401}"#, "invalid_hold_seconds"),
+        (r#"{"hold": 5}"#, "invalid_body"),
+        (r#"{"code": "Welcome10"}"#, "invalid_code"),
+    ] {
+        let r = s.post(&s.user, &claim_path, Some(body));
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (422, Some(code)),
+            "{body}"
+        );
+    }
+    // Someone else's claim is no claim to them.
+    let other = s.svc.register("other@example.com");
+    let r = s.post(&other, &format!("/claims/{held}/confirm"), None);
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("claim_not_found"))
+    );
+    let r = s.post(&other, &format!("/claims/{held}/release"), None);
+    assert_eq!(r.status, 404);
+    // Confirmed, and again: the same answer.
+    for _ in 0..2 {
+        let r = s.post(&s.user, &format!("/claims/{held}/confirm"), None);
+        assert_eq!(
+            (r.status, r.body["status"].as_str()),
+            (200, Some("claimed")),
+            "{}",
+            r.body
+        );
+        assert_eq!(r.body["id"].as_u64(), Some(held));
+    }
+    let r = s.post(&s.user, &format!("/claims/{held}/release"), None);
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (409, Some("not_active"))
+    );
+    // A second hold, released by an admin: its unit comes back.
+    let r = s.post(&s.user, &claim_path, Some(r#"{"hold_seconds": 600}"#));
+    let second = r.body["claim"]["id"].as_u64().unwrap();
+    let r = s.post(&s.admin, &format!("/claims/{second}/release"), None);
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (200, Some("released")),
+        "{}",
+        r.body
+    );
+    let r = s.post(&s.user, &format!("/claims/{second}/confirm"), None);
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (409, Some("not_active"))
+    );
+    assert_eq!(s.db.stock(s.coupon), (2, 1, 3));
+    // The history, the admin's views and the audit log show it all.
+    let r = s.get(&s.user, "/users/me/history");
+    let got: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ["released", "claimed"]);
+    let r = s.get(&s.admin, &format!("/admin/coupons/{}", s.coupon));
+    assert_eq!(
+        (
+            r.body["held"].as_u64(),
+            r.body["claimed"].as_u64(),
+            r.body["released"].as_u64()
+        ),
+        (Some(0), Some(1), Some(1)),
+        "{}",
+        r.body
+    );
+    let r = s.get(&s.admin, &format!("/admin/coupons/{}/claims", s.coupon));
+    assert_eq!(r.body[1]["status"], "released");
+    assert_eq!(
+        s.db.scalar(
+            "SELECT COUNT(*) FROM audit_log WHERE action IN ('claim.confirm', 'claim.release')"
+        ),
+        2
+    );
+}
+
+#[test]
+fn a_hold_left_alone_expires_within_seconds_with_two_services() {
+    let s = shop(2);
+    let second = Service::start(&s.db);
+    let r = s.post(
+        &s.user,
+        &format!("/coupons/{}/claim", s.coupon),
+        Some(r#"{"hold_seconds": 1}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["claim"]["id"].as_u64().unwrap();
+    let held_until = Instant::now() + Duration::from_secs(1);
+    let r = s.get(&s.user, "/coupons");
+    assert_eq!(r.body[0]["available_count"], 1);
+    // Back in the listing within 5 s of its end, and expired exactly once.
+    loop {
+        let r = s.get(&s.user, "/coupons");
+        if r.body[0]["available_count"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < held_until + Duration::from_secs(5),
+            "not back in 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(second);
+    assert_eq!(s.db.stock(s.coupon), (2, 0, 2));
+    let r = s.post(&s.user, &format!("/claims/{id}/confirm"), None);
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (409, Some("not_active"))
+    );
+    assert_eq!(
+        s.db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.expire'"),
+        1
+    );
+}
+
+#[test]
+fn claims_by_code_over_http_are_claims_of_that_coupon() {
+    let s = shop(5);
+    let r = s.post(&s.user, "/claims", Some(r#"{"code": "welcome10"}"#));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["claim"]["coupon_id"].as_u64(), Some(s.coupon));
+    assert_eq!(r.body["claim"]["status"], "claimed");
+    let r = s.post(
+        &s.user,
+        "/claims",
+        Some(r#"{"code": "WELCOME10", "hold_seconds": 60}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["claim"]["status"].as_str()),
+        (201, Some("held"))
+    );
+    for (body, status, code) in [
+        (r#"{"code": "nope"}"#, 404, "coupon_not_found"),
+        (r#"{"code": "bad code!"}"#, 422, "invalid_code"),
+        (r#"{}"#, 422, "invalid_code"),
+        (r#"{"code": "welcome10", "extra": 1}"#, 422, "invalid_body"),
+    ] {
+        let r = s.post(&s.user, "/claims", Some(body));
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    // Idempotency keys: the same answer again, never a second claim.
+    let auth = bearer(&s.user);
+    let headers = [
+        JSON,
+        (auth.0, auth.1.as_str()),
+        ("Idempotency-Key", "by-code-1"),
+    ];
+    let first = s.svc.call(
+        "POST",
+        "/claims",
+        &headers,
+        Some(r#"{"code": "Welcome10"}"#),
+    );
+    let again = s.svc.call(
+        "POST",
+        "/claims",
+        &headers,
+        Some(r#"{"code": "Welcome10"}"#),
+    );
+    assert_eq!(first.status, 201);
+    assert_eq!(
+        again.headers.get("idempotent-replayed").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(first.body["claim"]["id"], again.body["claim"]["id"]);
+    // A deleted coupon's code names nothing.
+    let auth = bearer(&s.admin);
+    let r = s.svc.call(
+        "DELETE",
+        &format!("/admin/coupons/{}", s.coupon),
+        &[(auth.0, auth.1.as_str())],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let r = s.post(&s.user, "/claims", Some(r#"{"code": "welcome10"}"#));
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("coupon_not_found"))
+    );
+    assert_eq!(s.db.stock(s.coupon), (2, 3, 5));
+}
+
+#[test]
+fn eligibility_says_why_without_writing() {
+    let s = shop(1);
+    let path = format!("/coupons/{}/eligibility", s.coupon);
+    let r = s.get(&s.user, &path);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (
+            &r.body["eligible"],
+            &r.body["reason"],
+            &r.body["available_count"],
+            &r.body["claimed_by_you"]
+        ),
+        (&true.into(), &serde_json::Value::Null, &1.into(), &0.into())
+    );
+    let r = s.post(
+        &s.user,
+        &format!("/coupons/{}/claim", s.coupon),
+        Some(r#"{"hold_seconds": 60}"#),
+    );
+    assert_eq!(r.status, 201);
+    let r = s.get(&s.user, &path);
+    assert_eq!(
+        (&r.body["reason"], &r.body["claimed_by_you"]),
+        (&"sold_out".into(), &1.into())
+    );
+    let other = s.svc.register("other@example.com");
+    let r = s.get(&other, &path);
+    assert_eq!(
+        (&r.body["eligible"], &r.body["claimed_by_you"]),
+        (&false.into(), &0.into())
+    );
+    let r = s.get(&s.user, "/coupons/999999/eligibility");
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("coupon_not_found"))
+    );
+    let r = s.svc.call("GET", &path, &[], None);
+    assert_eq!(r.status, 401);
+    assert_eq!(s.db.scalar("SELECT COUNT(*) FROM claims"), 1);
+}

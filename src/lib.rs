@@ -53,6 +53,6 @@ mod types;
 
 pub use error::{Error, TokenProblem};
 pub use types::{
-    ClaimId, CouponCode, CouponId, Email, Label, Page, Password, PerUserLimit, Role, Status, Stock,
-    Timestamp, UserId,
+    Amount, ClaimId, CouponCode, CouponId, Currency, Email, Label, Metadata, Page, Password,
+    PerUserLimit, PercentOff, Role, Status, Stock, Timestamp, UserId,
 };

@@ -1049,19 +1049,7 @@ mod tests {
     use std::time::Duration;
 
     fn coupon() -> Coupon {
-        Coupon {
-            id: CouponId(1),
-            code: "WELCOME".into(),
-            available_count: 3,
-            total_count: 10,
-            status: Status::Active,
-            name: None,
-            description: None,
-            per_user_limit: None,
-            starts_at: None,
-            ends_at: None,
-            version: 1,
-        }
+        crate::coupon::tests::example()
     }
 
     #[track_caller]

@@ -5,12 +5,12 @@ use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::OnConstraint;
 use crate::idempotency::{self, Answer, IdempotencyKey, RequestDigest};
 use crate::{
-    ClaimStatus, CouponCode, CouponId, Error, Label, Page, PerUserLimit, Status, Stock, Timestamp,
-    UserId,
+    Amount, ClaimStatus, CouponCode, CouponId, Currency, Error, Label, Metadata, Page,
+    PerUserLimit, PercentOff, Status, Stock, Timestamp, UserId,
 };
-use mysql::prelude::Queryable;
+use mysql::prelude::{FromValue, Queryable};
 use serde::{Serialize, Serializer};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A coupon as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,12 +36,23 @@ pub struct Coupon {
     pub starts_at: Option<Timestamp>,
     /// Claimable until (exclusive); `None`: no end.
     pub ends_at: Option<Timestamp>,
+    /// Percent off an order, 1 to 100; never with `amount_off`.
+    pub percent_off: Option<u32>,
+    /// Minor units of `currency` off an order; never with `percent_off`.
+    pub amount_off: Option<u64>,
+    /// The currency of `amount_off` and `min_order_amount` (three upper-case letters).
+    pub currency: Option<String>,
+    /// The least order, in minor units of `currency`, the coupon applies to.
+    pub min_order_amount: Option<u64>,
+    /// The admin's own keys and values.
+    pub metadata: Option<BTreeMap<String, String>>,
     /// Counts admin changes (not claims); the HTTP layer's ETag.
     pub version: u32,
 }
 
 /// The optional rules of a coupon: its name and description, a per-user limit, a validity
-/// window. The default is none of them, as the original service had.
+/// window, its value (its terms: a percentage or an amount off, a minimum order) and metadata.
+/// The default is none of them, as the original service had.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     /// A name for people, up to 200 characters.
@@ -54,6 +65,16 @@ pub struct Rules {
     pub starts_at: Option<Timestamp>,
     /// Claimable until (exclusive); must be after `starts_at`.
     pub ends_at: Option<Timestamp>,
+    /// Percent off an order; never with `amount_off`.
+    pub percent_off: Option<PercentOff>,
+    /// An amount off an order; never with `percent_off`, and only with a `currency`.
+    pub amount_off: Option<Amount>,
+    /// The currency of the amounts.
+    pub currency: Option<Currency>,
+    /// The least order the coupon applies to; only with a `currency`.
+    pub min_order_amount: Option<Amount>,
+    /// The admin's own keys and values.
+    pub metadata: Option<Metadata>,
 }
 
 /// A change to a coupon's rules: `None` leaves a rule as it is, `Some(None)` removes it.
@@ -69,6 +90,35 @@ pub struct RulesChange {
     pub starts_at: Option<Option<Timestamp>>,
     /// A new end, or none.
     pub ends_at: Option<Option<Timestamp>>,
+    /// A new percentage off, or none; refused with [`Error::TermsLocked`] once the coupon has
+    /// claims, as are changes to the three below but `metadata`.
+    pub percent_off: Option<Option<PercentOff>>,
+    /// A new amount off, or none.
+    pub amount_off: Option<Option<Amount>>,
+    /// A new currency, or none.
+    pub currency: Option<Option<Currency>>,
+    /// A new minimum order, or none.
+    pub min_order_amount: Option<Option<Amount>>,
+    /// New metadata, replacing the old whole, or none.
+    pub metadata: Option<Option<Metadata>>,
+}
+
+impl RulesChange {
+    /// The rules of a new coupon: a rule absent or `None` alike is not set.
+    pub fn flatten(self) -> Rules {
+        Rules {
+            name: self.name.flatten(),
+            description: self.description.flatten(),
+            per_user_limit: self.per_user_limit.flatten(),
+            starts_at: self.starts_at.flatten(),
+            ends_at: self.ends_at.flatten(),
+            percent_off: self.percent_off.flatten(),
+            amount_off: self.amount_off.flatten(),
+            currency: self.currency.flatten(),
+            min_order_amount: self.min_order_amount.flatten(),
+            metadata: self.metadata.flatten(),
+        }
+    }
 }
 
 fn check_window(starts_at: Option<Timestamp>, ends_at: Option<Timestamp>) -> Result<(), Error> {
@@ -76,6 +126,47 @@ fn check_window(starts_at: Option<Timestamp>, ends_at: Option<Timestamp>) -> Res
         (Some(s), Some(e)) if s >= e => Err(Error::invalid("ends_at", "must be after starts_at")),
         _ => Ok(()),
     }
+}
+
+/// A coupon's terms together: a percentage or an amount off, not both; amounts only with a
+/// currency.
+fn check_terms(c: &Coupon) -> Result<(), Error> {
+    if c.percent_off.is_some() && c.amount_off.is_some() {
+        return Err(Error::invalid(
+            "value",
+            "has both percent_off and amount_off; set the other to null",
+        ));
+    }
+    if c.currency.is_none() && (c.amount_off.is_some() || c.min_order_amount.is_some()) {
+        return Err(Error::invalid(
+            "value",
+            "needs a currency with amount_off or min_order_amount",
+        ));
+    }
+    Ok(())
+}
+
+/// What the coupon is worth: what cannot change once it has claims.
+fn terms(c: &Coupon) -> (Option<u32>, Option<u64>, Option<&str>, Option<u64>) {
+    (
+        c.percent_off,
+        c.amount_off,
+        c.currency.as_deref(),
+        c.min_order_amount,
+    )
+}
+
+/// The discount the coupon gives on an order of `order_amount` minor units: `percent_off`
+/// percent of it, rounded down; or `amount_off`, at most the order; or 0 for a coupon without
+/// value. Never more than the order, and no overflow whatever the numbers.
+pub fn discount(c: &Coupon, order_amount: u64) -> u64 {
+    let off = match (c.percent_off, c.amount_off) {
+        (Some(percent), _) => u128::from(order_amount) * u128::from(percent) / 100,
+        (None, Some(amount)) => amount.into(),
+        (None, None) => 0,
+    };
+    // At most `order_amount`, so it fits.
+    off.min(order_amount.into()) as u64
 }
 
 fn status_str<S: Serializer>(st: &Status, s: S) -> Result<S::Ok, S::Error> {
@@ -110,48 +201,55 @@ pub struct CouponChange {
     pub if_version: Option<u32>,
 }
 
-type CouponRow = (
-    u64,
-    String,
-    i64,
-    i64,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<u32>,
-    Option<Timestamp>,
-    Option<Timestamp>,
-    u32,
-);
-const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version";
+const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version, percent_off, amount_off, currency, min_order_amount, metadata";
 
-fn from_row(row: CouponRow) -> Coupon {
-    let (
-        id,
-        code,
-        available,
-        total,
-        status,
-        name,
-        description,
-        per_user_limit,
-        starts_at,
-        ends_at,
-        version,
-    ) = row;
-    Coupon {
-        id: CouponId(id),
-        code,
-        available_count: available.max(0) as u64,
-        total_count: total.max(0) as u64,
+/// Column `name` of a row, converted.
+fn take<T: FromValue>(row: &mut mysql::Row, name: &str) -> Result<T, Error> {
+    row.take_opt(name)
+        .ok_or_else(|| Error::Internal(format!("coupon row: no {name}")))?
+        .map_err(|e| Error::Internal(format!("coupon row: {name}: {e}")))
+}
+
+/// A coupon from a row of `{COLUMNS}`.
+fn from_row(mut row: mysql::Row) -> Result<Coupon, Error> {
+    let row = &mut row;
+    let status: String = take(row, "status")?;
+    let metadata: Option<String> = take(row, "metadata")?;
+    Ok(Coupon {
+        id: CouponId(take(row, "id")?),
+        code: take(row, "code")?,
+        available_count: take::<i64>(row, "available_count")?.max(0) as u64,
+        total_count: take::<i64>(row, "total_count")?.max(0) as u64,
         status: Status::parse(&status).unwrap_or(Status::Inactive),
-        name,
-        description,
-        per_user_limit,
-        starts_at,
-        ends_at,
-        version,
-    }
+        name: take(row, "name")?,
+        description: take(row, "description")?,
+        per_user_limit: take(row, "per_user_limit")?,
+        starts_at: take(row, "starts_at")?,
+        ends_at: take(row, "ends_at")?,
+        percent_off: take(row, "percent_off")?,
+        amount_off: take(row, "amount_off")?,
+        currency: take(row, "currency")?,
+        min_order_amount: take(row, "min_order_amount")?,
+        metadata: metadata
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| Error::Internal(format!("coupon row: metadata: {e}")))?,
+        version: take(row, "version")?,
+    })
+}
+
+/// The values of `percent_off, amount_off, currency, min_order_amount, metadata`, in that order.
+fn value_params(c: &Coupon) -> [mysql::Value; 5] {
+    [
+        c.percent_off.into(),
+        c.amount_off.into(),
+        c.currency.clone().into(),
+        c.min_order_amount.into(),
+        c.metadata
+            .as_ref()
+            .map(|m| serde_json::json!(m).to_string())
+            .into(),
+    ]
 }
 
 /// Creates a coupon whose total stock is its initial `available_count`; `actor` is the admin
@@ -177,26 +275,35 @@ fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<C
         per_user_limit: r.per_user_limit.map(PerUserLimit::get),
         starts_at: r.starts_at,
         ends_at: r.ends_at,
+        percent_off: r.percent_off.map(PercentOff::get),
+        amount_off: r.amount_off.map(Amount::get),
+        currency: r.currency.as_ref().map(|c| c.as_str().to_owned()),
+        min_order_amount: r.min_order_amount.map(Amount::get),
+        metadata: r.metadata.as_ref().map(|m| m.get().clone()),
         version: 1,
     };
+    check_terms(&c)?;
+    let mut params: Vec<mysql::Value> = vec![
+        c.code.as_str().into(),
+        stock.into(),
+        stock.into(),
+        c.status.as_str().into(),
+        c.name.clone().into(),
+        c.description.clone().into(),
+        c.per_user_limit.into(),
+        c.starts_at.into(),
+        c.ends_at.into(),
+        now.into(),
+        now.into(),
+    ];
+    params.extend(value_params(&c));
     let id = conn
         .exec_iter(
             "INSERT INTO coupons (code, available_count, total_count, status, name, description,
-                 per_user_limit, starts_at, ends_at, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                &c.code,
-                stock,
-                stock,
-                c.status.as_str(),
-                &c.name,
-                &c.description,
-                c.per_user_limit,
-                c.starts_at,
-                c.ends_at,
-                now,
-                now,
-            ),
+                 per_user_limit, starts_at, ends_at, created_at, updated_at,
+                 percent_off, amount_off, currency, min_order_amount, metadata)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            params,
         )
         .map(|r| r.last_insert_id().unwrap_or(0))
         .map_err(Error::from)
@@ -224,14 +331,7 @@ pub fn create_once(
     new: &NewCoupon,
     key: &IdempotencyKey,
 ) -> Answer<Coupon> {
-    // The canonical text as keys recorded it in full before they kept its digest (sql/006).
-    let request = RequestDigest::of(&format!(
-        "create {} {} {} {:?}",
-        new.code.as_str(),
-        new.available_count.get(),
-        new.status.as_str(),
-        new.rules
-    ));
+    let request = RequestDigest::of(&create_text(new));
     let done = transaction(pool, |tx| {
         if let Some(first) = idempotency::reserve(tx, admin, key, &request)? {
             let result = match (first.outcome.as_str(), first.result_id) {
@@ -256,6 +356,35 @@ pub fn create_once(
         Ok(Answer::new(result))
     });
     done.unwrap_or_else(|e| Answer::new(Err(e)))
+}
+
+/// The canonical text of a create, whose digest a key records. Without value or metadata, it is
+/// the text keys recorded in full before they kept its digest (sql/006), so keys recorded
+/// before value and metadata came still match their retries.
+fn create_text(new: &NewCoupon) -> String {
+    let r = &new.rules;
+    let mut text = format!(
+        "create {} {} {} Rules {{ name: {:?}, description: {:?}, per_user_limit: {:?}, starts_at: {:?}, ends_at: {:?} }}",
+        new.code.as_str(),
+        new.available_count.get(),
+        new.status.as_str(),
+        r.name,
+        r.description,
+        r.per_user_limit,
+        r.starts_at,
+        r.ends_at,
+    );
+    let value = (
+        &r.percent_off,
+        &r.amount_off,
+        &r.currency,
+        &r.min_order_amount,
+        &r.metadata,
+    );
+    if value != (&None, &None, &None, &None, &None) {
+        text.push_str(&format!(" value {value:?}"));
+    }
+    text
 }
 
 /// Applies `change` under the coupon's row lock, so it never races with a claim; `actor` is the
@@ -297,30 +426,51 @@ pub fn update(
                 .map_or(old.per_user_limit, |l| l.map(PerUserLimit::get)),
             starts_at: r.starts_at.unwrap_or(old.starts_at),
             ends_at: r.ends_at.unwrap_or(old.ends_at),
+            percent_off: r
+                .percent_off
+                .map_or(old.percent_off, |p| p.map(PercentOff::get)),
+            amount_off: r.amount_off.map_or(old.amount_off, |a| a.map(Amount::get)),
+            currency: r.currency.as_ref().map_or(old.currency.clone(), |c| {
+                c.as_ref().map(|c| c.as_str().to_owned())
+            }),
+            min_order_amount: r
+                .min_order_amount
+                .map_or(old.min_order_amount, |a| a.map(Amount::get)),
+            metadata: r.metadata.as_ref().map_or(old.metadata.clone(), |m| {
+                m.as_ref().map(|m| m.get().clone())
+            }),
             version: old.version + 1,
         };
         check_window(new.starts_at, new.ends_at)?;
+        // The coupon as it would be: a field this change leaves keeps counting.
+        check_terms(&new)?;
+        if terms(&new) != terms(&old) && has_claims(tx, id)? {
+            return Err(Error::TermsLocked);
+        }
         if new.per_user_limit.is_some() && old.per_user_limit.is_none() {
             recount_per_user(tx, id)?;
         }
+        let mut params: Vec<mysql::Value> = vec![
+            new.code.as_str().into(),
+            new.available_count.into(),
+            new.total_count.into(),
+            new.status.as_str().into(),
+            new.name.clone().into(),
+            new.description.clone().into(),
+            new.per_user_limit.into(),
+            new.starts_at.into(),
+            new.ends_at.into(),
+            Timestamp::now().into(),
+        ];
+        params.extend(value_params(&new));
+        params.push(id.0.into());
         tx.exec_drop(
             "UPDATE coupons SET code = ?, available_count = ?, total_count = ?, status = ?,
                  name = ?, description = ?, per_user_limit = ?, starts_at = ?, ends_at = ?,
-                 version = version + 1, updated_at = ?
+                 version = version + 1, updated_at = ?,
+                 percent_off = ?, amount_off = ?, currency = ?, min_order_amount = ?, metadata = ?
              WHERE id = ?",
-            (
-                &new.code,
-                new.available_count,
-                new.total_count,
-                new.status.as_str(),
-                &new.name,
-                &new.description,
-                new.per_user_limit,
-                new.starts_at,
-                new.ends_at,
-                Timestamp::now(),
-                id.0,
-            ),
+            params,
         )?;
         audit::record(
             tx,
@@ -388,11 +538,11 @@ pub(crate) fn read(
     } else {
         ""
     };
-    let row: Option<CouponRow> = conn.exec_first(
+    let row: Option<mysql::Row> = conn.exec_first(
         format!("SELECT {COLUMNS} FROM coupons WHERE id = ?{live}"),
         (id.0,),
     )?;
-    Ok(row.map(from_row))
+    row.map(from_row).transpose()
 }
 
 /// The live coupon whose code is `code`, compared case-insensitively (what a customer types).
@@ -411,7 +561,7 @@ pub fn id_for_code(pool: &Pool, code: &CouponCode) -> Result<CouponId, Error> {
 pub fn list_active(pool: &Pool, page: Page) -> Result<Vec<Coupon>, Error> {
     let now = Timestamp::now();
     with_conn(pool, |conn| {
-        let rows: Vec<CouponRow> = conn.exec(
+        let rows: Vec<mysql::Row> = conn.exec(
             format!(
                 "SELECT {COLUMNS} FROM coupons WHERE status = 'ACTIVE' AND deleted_at IS NULL
                  AND (starts_at IS NULL OR starts_at <= ?) AND (ends_at IS NULL OR ends_at > ?)
@@ -419,7 +569,7 @@ pub fn list_active(pool: &Pool, page: Page) -> Result<Vec<Coupon>, Error> {
             ),
             (now, now, page.after.unwrap_or(0), page.limit),
         )?;
-        Ok(rows.into_iter().map(from_row).collect())
+        rows.into_iter().map(from_row).collect()
     })
 }
 
@@ -534,27 +684,9 @@ pub fn admin_list(
 }
 
 /// A row of `{COLUMNS}, deleted_at`.
-fn admin_row(row: mysql::Row) -> Result<AdminCoupon, Error> {
-    let bad = |e: mysql::FromRowError| Error::Internal(format!("coupon row: {e}"));
-    type AdminRow = (
-        u64,
-        String,
-        i64,
-        i64,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<u32>,
-        Option<Timestamp>,
-        Option<Timestamp>,
-        u32,
-        Option<Timestamp>,
-    );
-    let (id, code, av, tot, st, name, desc, limit, starts, ends, version, deleted_at): AdminRow =
-        mysql::from_row_opt(row).map_err(bad)?;
-    let coupon = from_row((
-        id, code, av, tot, st, name, desc, limit, starts, ends, version,
-    ));
+fn admin_row(mut row: mysql::Row) -> Result<AdminCoupon, Error> {
+    let deleted_at = take(&mut row, "deleted_at")?;
+    let coupon = from_row(row)?;
     Ok(AdminCoupon {
         coupon,
         claims: StatusCounts::default(),
@@ -687,9 +819,156 @@ pub(crate) fn existing(
 
 /// Locks a live coupon's row until the transaction ends and reads it.
 fn lock_live(tx: &mut impl Queryable, id: CouponId) -> Result<Option<Coupon>, Error> {
-    let row: Option<CouponRow> = tx.exec_first(
+    let row: Option<mysql::Row> = tx.exec_first(
         format!("SELECT {COLUMNS} FROM coupons WHERE id = ? AND deleted_at IS NULL FOR UPDATE"),
         (id.0,),
     )?;
-    Ok(row.map(from_row))
+    row.map(from_row).transpose()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An active coupon without rules or value, 3 of 10 left: the unit tests' coupon.
+    pub(crate) fn example() -> Coupon {
+        Coupon {
+            id: CouponId(1),
+            code: "WELCOME".into(),
+            available_count: 3,
+            total_count: 10,
+            status: Status::Active,
+            name: None,
+            description: None,
+            per_user_limit: None,
+            starts_at: None,
+            ends_at: None,
+            percent_off: None,
+            amount_off: None,
+            currency: None,
+            min_order_amount: None,
+            metadata: None,
+            version: 1,
+        }
+    }
+
+    /// A coupon worth `percent_off` or `amount_off` (EUR).
+    fn worth(percent_off: Option<u32>, amount_off: Option<u64>) -> Coupon {
+        Coupon {
+            percent_off,
+            amount_off,
+            currency: amount_off.map(|_| "EUR".into()),
+            ..example()
+        }
+    }
+
+    #[test]
+    fn discounts_round_down_stay_within_the_order_and_never_overflow() {
+        #[track_caller]
+        fn check(percent_off: Option<u32>, amount_off: Option<u64>, order: u64, want: u64) {
+            let got = discount(&worth(percent_off, amount_off), order);
+            assert_eq!(
+                got, want,
+                "percent_off {percent_off:?}, amount_off {amount_off:?}, order {order}"
+            );
+        }
+        let max = u64::MAX;
+        let cases: &[(Option<u32>, Option<u64>, u64, u64)] = &[
+            // No value: nothing off.
+            (None, None, 12_000, 0),
+            (None, None, 0, 0),
+            // A percentage, rounded down.
+            (Some(10), None, 12_000, 1_200),
+            (Some(10), None, 12_345, 1_234),
+            (Some(15), None, 999, 149),
+            (Some(1), None, 99, 0),
+            (Some(1), None, 100, 1),
+            (Some(33), None, 1, 0),
+            (Some(100), None, 12_345, 12_345),
+            (Some(50), None, 0, 0),
+            // No overflow where order x percent is past u64.
+            (Some(100), None, max, max),
+            (Some(50), None, max, max / 2),
+            (Some(99), None, max, (u128::from(max) * 99 / 100) as u64),
+            // An amount, at most the order.
+            (None, Some(500), 12_000, 500),
+            (None, Some(500), 500, 500),
+            (None, Some(500), 499, 499),
+            (None, Some(500), 0, 0),
+            (None, Some(max), max, max),
+            (None, Some(Amount::MAX as u64), 10, 10),
+            // Never more than the order, even from numbers the checks would refuse.
+            (Some(250), None, 1_000, 1_000),
+        ];
+        for &(percent_off, amount_off, order, want) in cases {
+            check(percent_off, amount_off, order, want);
+        }
+    }
+
+    #[test]
+    fn terms_need_one_value_and_a_currency_for_amounts() {
+        let both = Coupon {
+            percent_off: Some(10),
+            ..worth(None, Some(500))
+        };
+        let no_currency = Coupon {
+            currency: None,
+            ..worth(None, Some(500))
+        };
+        let minimum_only = Coupon {
+            min_order_amount: Some(0),
+            ..worth(Some(10), None)
+        };
+        for bad in [both, no_currency, minimum_only] {
+            let got = check_terms(&bad);
+            assert!(
+                matches!(got, Err(Error::Invalid { field: "value", .. })),
+                "{bad:?}: {got:?}"
+            );
+        }
+        let percent_in_a_currency = Coupon {
+            currency: Some("USD".into()),
+            min_order_amount: Some(5_000),
+            ..worth(Some(10), None)
+        };
+        for good in [
+            worth(None, None),
+            worth(Some(10), None),
+            worth(None, Some(500)),
+            percent_in_a_currency,
+        ] {
+            assert!(check_terms(&good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn a_create_without_value_digests_as_before_and_with_one_differently() {
+        let mut new = NewCoupon {
+            code: CouponCode::parse("WELCOME").unwrap(),
+            available_count: Stock::parse(5).unwrap(),
+            status: Status::Active,
+            rules: Rules::default(),
+        };
+        // The text keys recorded before value and metadata came (the derived Debug of the
+        // old `Rules`), so their retries still match.
+        assert_eq!(
+            create_text(&new),
+            "create WELCOME 5 ACTIVE Rules { name: None, description: None, per_user_limit: None, \
+             starts_at: None, ends_at: None }"
+        );
+        let plain = create_text(&new);
+        new.rules.percent_off = Some(PercentOff::parse(10).unwrap());
+        let ten = create_text(&new);
+        new.rules.percent_off = Some(PercentOff::parse(20).unwrap());
+        let twenty = create_text(&new);
+        new.rules.percent_off = None;
+        new.rules.metadata = Some(Metadata::parse(&serde_json::json!({"a": "b"})).unwrap());
+        let tagged = create_text(&new);
+        let texts = [&plain, &ten, &twenty, &tagged];
+        for (i, a) in texts.iter().enumerate() {
+            for b in &texts[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
 }

@@ -76,6 +76,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (4, include_str!("../sql/004_voids.sql")),
     (5, include_str!("../sql/005_audit.sql")),
     (6, include_str!("../sql/006_request_digest.sql")),
+    (7, include_str!("../sql/007_coupon_value.sql")),
     (8, include_str!("../sql/008_claim_life.sql")),
 ];
 

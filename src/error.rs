@@ -71,6 +71,9 @@ pub enum Error {
     LimitReached,
     /// The coupon has claims, so its code can no longer change (409 `code_locked`).
     CodeLocked,
+    /// The coupon has claims, so what it is worth (`percent_off`, `amount_off`, `currency`,
+    /// `min_order_amount`) can no longer change (409 `terms_locked`).
+    TermsLocked,
     /// The coupon changed since the version the caller read (412 `precondition_failed`).
     Stale,
     /// Deadlocks or lock-wait timeouts outlasted the retries (503 `busy`, with Retry-After).
@@ -114,6 +117,7 @@ impl Error {
             Error::NotStarted => Some("not_started"),
             Error::Expired => Some("expired"),
             Error::LimitReached => Some("limit_reached"),
+            Error::TermsLocked => Some("terms_locked"),
             _ => None,
         }
     }
@@ -128,6 +132,7 @@ impl Error {
             "not_started" => Error::NotStarted,
             "expired" => Error::Expired,
             "limit_reached" => Error::LimitReached,
+            "terms_locked" => Error::TermsLocked,
             other => Error::Internal(format!("unknown recorded outcome {other:?}")),
         }
     }
@@ -180,6 +185,9 @@ impl fmt::Display for Error {
             Error::CodeLocked => {
                 f.write_str("the coupon has claims; its code can no longer change")
             }
+            Error::TermsLocked => f.write_str(
+                "the coupon has claims; its percent_off, amount_off, currency and min_order_amount can no longer change",
+            ),
             Error::Stale => f.write_str("the coupon changed since you read it; read it again"),
             Error::Busy => f.write_str("too much contention, try again"),
             Error::Unavailable(e) => write!(f, "database unavailable: {e}"),

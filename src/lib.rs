@@ -54,6 +54,7 @@ mod types;
 
 pub use error::{Error, TokenProblem};
 pub use types::{
-    ClaimId, ClaimStatus, CouponCode, CouponId, Email, HoldSeconds, Label, OrderId, Page, Password,
-    PerUserLimit, Role, Status, Stock, Timestamp, UserId,
+    Amount, ClaimId, ClaimStatus, CouponCode, CouponId, Currency, Email, HoldSeconds, Label,
+    Metadata, OrderId, Page, Password, PerUserLimit, PercentOff, Role, Status, Stock, Timestamp,
+    UserId,
 };

@@ -3,6 +3,7 @@
 
 use crate::Error;
 use serde::{Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use time::format_description::well_known::Rfc3339;
@@ -202,6 +203,155 @@ impl Label {
     /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A percentage off an order: a whole number from 1 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PercentOff(u32);
+
+impl PercentOff {
+    /// Refuses anything outside 1 to 100.
+    pub fn parse(n: i64) -> Result<PercentOff, Error> {
+        if !(1..=100).contains(&n) {
+            return Err(Error::invalid(
+                "percent_off",
+                "must be a whole number from 1 to 100",
+            ));
+        }
+        Ok(PercentOff(n as u32))
+    }
+
+    /// The percentage.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// An amount of money in minor units of a currency (cents for EUR), from 0 to [`Amount::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amount(u64);
+
+impl Amount {
+    /// The largest amount: 10^12 minor units, ten billion euros. Far above any order, yet an
+    /// amount times 100 (a percentage) and the sum of a million amounts still fit in an `i64`,
+    /// and every amount is exact as a JSON number in any client (below 2^53).
+    pub const MAX: i64 = 1_000_000_000_000;
+
+    /// An amount off an order (`amount_off`): 1 to [`Amount::MAX`].
+    pub fn off(n: i64) -> Result<Amount, Error> {
+        Amount::parse("amount_off", n, 1)
+    }
+
+    /// The least order a coupon applies to (`min_order_amount`): 0 to [`Amount::MAX`].
+    pub fn min_order(n: i64) -> Result<Amount, Error> {
+        Amount::parse("min_order_amount", n, 0)
+    }
+
+    fn parse(field: &'static str, n: i64, least: i64) -> Result<Amount, Error> {
+        if !(least..=Amount::MAX).contains(&n) {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "must be a whole number of minor units from {least} to {}",
+                    Amount::MAX
+                ),
+            ));
+        }
+        Ok(Amount(n as u64))
+    }
+
+    /// The amount in minor units.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// A currency: three upper-case letters, the shape of an ISO 4217 code (`EUR`, `USD`). Whether
+/// the code is assigned is the shop's business, not checked here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Currency(String);
+
+impl Currency {
+    /// Refuses anything but three letters `A` to `Z`.
+    pub fn parse(s: &str) -> Result<Currency, Error> {
+        if s.len() != 3 || !s.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Error::invalid(
+                "currency",
+                "must be three upper-case letters (ISO 4217), such as EUR",
+            ));
+        }
+        Ok(Currency(s.to_owned()))
+    }
+
+    /// The code.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A coupon's metadata: the admin's own string keys and values, kept and shown as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata(BTreeMap<String, String>);
+
+impl Metadata {
+    /// The most keys.
+    pub const MAX_KEYS: usize = 50;
+    /// The longest key, in characters.
+    pub const MAX_KEY_CHARS: usize = 40;
+    /// The longest value, in characters.
+    pub const MAX_VALUE_CHARS: usize = 500;
+    /// The most bytes of its JSON text (what the `TEXT` column holds); only reached by keys and
+    /// values mostly of 3- and 4-byte characters.
+    pub const MAX_JSON_BYTES: usize = 65_535;
+
+    /// Accepts a JSON object of at most 50 keys of 1 to 40 characters, each with a string of at
+    /// most 500 characters.
+    pub fn parse(v: &serde_json::Value) -> Result<Metadata, Error> {
+        let bad = |why: String| Err(Error::invalid("metadata", why));
+        let Some(object) = v.as_object() else {
+            return bad("must be an object of strings".into());
+        };
+        if object.len() > Metadata::MAX_KEYS {
+            return bad(format!("must have at most {} keys", Metadata::MAX_KEYS));
+        }
+        let mut map = BTreeMap::new();
+        for (key, value) in object {
+            if !(1..=Metadata::MAX_KEY_CHARS).contains(&key.chars().count()) {
+                return bad(format!(
+                    "keys must be 1 to {} characters",
+                    Metadata::MAX_KEY_CHARS
+                ));
+            }
+            let Some(value) = value.as_str() else {
+                return bad(format!("{key:?} must be a string"));
+            };
+            if value.chars().count() > Metadata::MAX_VALUE_CHARS {
+                return bad(format!(
+                    "values must be at most {} characters",
+                    Metadata::MAX_VALUE_CHARS
+                ));
+            }
+            map.insert(key.clone(), value.to_owned());
+        }
+        let m = Metadata(map);
+        if m.to_json().len() > Metadata::MAX_JSON_BYTES {
+            return bad(format!(
+                "must be at most {} bytes as JSON",
+                Metadata::MAX_JSON_BYTES
+            ));
+        }
+        Ok(m)
+    }
+
+    /// The keys and values.
+    pub fn get(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// The JSON text the database keeps.
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::json!(self.0).to_string()
     }
 }
 
@@ -941,5 +1091,81 @@ mod tests {
         assert_eq!(Stock::parse(0).unwrap().get(), 0);
         assert_eq!(Status::parse("inactive").unwrap(), Status::Inactive);
         assert!(Status::parse("PAUSED").is_err());
+    }
+
+    #[test]
+    fn values_currencies_and_metadata_parse() {
+        #[track_caller]
+        fn refused<T: fmt::Debug>(got: Result<T, Error>, want: &str) {
+            match got {
+                Err(Error::Invalid { field, .. }) if field == want => {}
+                other => panic!("want invalid {want}, got {other:?}"),
+            }
+        }
+        assert_eq!(PercentOff::parse(1).unwrap().get(), 1);
+        assert_eq!(PercentOff::parse(100).unwrap().get(), 100);
+        for bad in [0, -1, 101, i64::MAX, i64::MIN] {
+            refused(PercentOff::parse(bad), "percent_off");
+        }
+        assert_eq!(Amount::off(1).unwrap().get(), 1);
+        assert_eq!(Amount::min_order(0).unwrap().get(), 0);
+        assert_eq!(Amount::off(Amount::MAX).unwrap().get(), 1_000_000_000_000);
+        for bad in [0, -1, Amount::MAX + 1, i64::MAX, i64::MIN] {
+            refused(Amount::off(bad), "amount_off");
+        }
+        for bad in [-1, Amount::MAX + 1, i64::MIN] {
+            refused(Amount::min_order(bad), "min_order_amount");
+        }
+        assert_eq!(Currency::parse("EUR").unwrap().as_str(), "EUR");
+        for bad in [
+            "",
+            "eur",
+            "Eur",
+            "EU",
+            "EURO",
+            "E1R",
+            "EU ",
+            "\u{c9}UR",
+            "\u{ff25}UR",
+        ] {
+            refused(Currency::parse(bad), "currency");
+        }
+
+        let m = |v: serde_json::Value| Metadata::parse(&v);
+        let ok = m(serde_json::json!({"order": "A-1", "note": "", "\u{e9}t\u{e9}": "\u{1f600}"}));
+        assert_eq!(ok.unwrap().get().len(), 3);
+        assert!(m(serde_json::json!({})).unwrap().get().is_empty());
+        let fifty: serde_json::Map<_, _> = (0..50)
+            .map(|i| (format!("k{i}"), serde_json::json!("v".repeat(500))))
+            .collect();
+        assert_eq!(m(fifty.clone().into()).unwrap().get().len(), 50);
+        let mut fifty_one = fifty;
+        fifty_one.insert("k50".into(), "v".into());
+        refused(m(fifty_one.into()), "metadata");
+        // Characters, not bytes: 40 two-byte characters are a good key, 500 a good value.
+        assert!(m(serde_json::json!({"\u{e9}".repeat(40): "x"})).is_ok());
+        assert!(m(serde_json::json!({"k": "\u{e9}".repeat(500)})).is_ok());
+        for bad in [
+            serde_json::json!(null),
+            serde_json::json!("text"),
+            serde_json::json!(["a"]),
+            serde_json::json!({"": "x"}),
+            serde_json::json!({"k".repeat(41): "x"}),
+            serde_json::json!({"k": "v".repeat(501)}),
+            serde_json::json!({"n": 1}),
+            serde_json::json!({"b": true}),
+            serde_json::json!({"z": null}),
+            serde_json::json!({"o": {"nested": "x"}}),
+        ] {
+            refused(m(bad), "metadata");
+        }
+        // Past what the TEXT column holds: 50 keys and values all of four-byte characters.
+        let wide: serde_json::Map<_, _> = (0..50)
+            .map(|i| {
+                let key = format!("{i:02}{}", "\u{1f600}".repeat(38));
+                (key, serde_json::json!("\u{1f600}".repeat(500)))
+            })
+            .collect();
+        refused(m(wide.into()), "metadata");
     }
 }

@@ -169,6 +169,7 @@ pub fn app_parts(e: &Error) -> (u16, String, String) {
         Error::Expired => (409, "expired".into(), e.to_string()),
         Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
         Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
+        Error::TermsLocked => (409, "terms_locked".into(), e.to_string()),
         Error::Stale => (412, "precondition_failed".into(), e.to_string()),
         Error::Busy => (503, "busy".into(), e.to_string()),
         Error::Unavailable(_) => (

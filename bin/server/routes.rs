@@ -7,11 +7,11 @@ use super::error::ApiError;
 use super::http::{json_body, path, query, token, App, Reply};
 use super::openapi::{self, Op, Who};
 use coupons::auth::{self, Principal};
-use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, Rules, RulesChange};
+use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
-    claim, db, life, ClaimId, CouponCode, CouponId, Email, Error, HoldSeconds, Label, Page,
-    Password, PerUserLimit, Status, Stock, Timestamp, UserId,
+    claim, db, life, Amount, ClaimId, CouponCode, CouponId, Currency, Email, Error, HoldSeconds,
+    Label, Metadata, Page, Password, PerUserLimit, PercentOff, Status, Stock, Timestamp, UserId,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -909,6 +909,23 @@ struct CouponBody {
     starts_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     ends_at: Option<Option<String>>,
+    // Any JSON here, so that a mistyped value is `invalid_<field>` as a bad number is.
+    #[serde(default, deserialize_with = "present")]
+    percent_off: Option<Option<serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    amount_off: Option<Option<serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    currency: Option<Option<serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    min_order_amount: Option<Option<serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    metadata: Option<Option<serde_json::Value>>,
+}
+
+/// A JSON integer, or `invalid_<field>`.
+fn whole(field: &'static str, v: &serde_json::Value) -> std::result::Result<i64, Error> {
+    v.as_i64()
+        .ok_or_else(|| Error::invalid(field, "must be a whole number"))
 }
 
 /// A field that is present, possibly `null`: `Some(value or None)`; absent fields stay `None`.
@@ -937,6 +954,17 @@ impl CouponBody {
             per_user_limit: each(&self.per_user_limit, |l| PerUserLimit::parse(*l))?,
             starts_at: each(&self.starts_at, |t| Timestamp::parse("starts_at", t))?,
             ends_at: each(&self.ends_at, |t| Timestamp::parse("ends_at", t))?,
+            percent_off: each(&self.percent_off, |v| {
+                PercentOff::parse(whole("percent_off", v)?)
+            })?,
+            amount_off: each(&self.amount_off, |v| Amount::off(whole("amount_off", v)?))?,
+            currency: each(&self.currency, |v| {
+                Currency::parse(v.as_str().unwrap_or_default())
+            })?,
+            min_order_amount: each(&self.min_order_amount, |v| {
+                Amount::min_order(whole("min_order_amount", v)?)
+            })?,
+            metadata: each(&self.metadata, Metadata::parse)?,
         })
     }
 }
@@ -978,16 +1006,7 @@ fn create(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
             .status
             .as_deref()
             .map_or(Ok(Status::Active), Status::parse)?,
-        rules: {
-            let r = b.rules()?;
-            Rules {
-                name: r.name.flatten(),
-                description: r.description.flatten(),
-                per_user_limit: r.per_user_limit.flatten(),
-                starts_at: r.starts_at.flatten(),
-                ends_at: r.ends_at.flatten(),
-            }
-        },
+        rules: b.rules()?.flatten(),
     };
     keyed_limit(app, who.user_id, key.as_ref())?;
     let answer = match key {

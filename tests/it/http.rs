@@ -454,7 +454,9 @@ fn every_route_and_error_status() {
     assert_eq!(
         r.body,
         serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE",
-            "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null, "version": 1})
+            "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null,
+            "percent_off": null, "amount_off": null, "currency": null, "min_order_amount": null, "metadata": null,
+            "version": 1})
     );
     let w10 = r.body["id"].as_u64().unwrap();
     check(
@@ -1461,7 +1463,8 @@ fn look_alike_emails_are_one_account() {
 
 /// A key records its request whole, however long: a keyed create with a 500-character
 /// description (once a 500, `Data too long` for the text column) is created, replayed, and
-/// told apart from one that differs only at its last character.
+/// told apart from one that differs only at its last character. Value and metadata are part of
+/// the request: the same key with another amount, currency or metadata is refused too.
 #[test]
 fn a_keyed_create_with_a_long_description_is_recorded_whole() {
     let db = TestDb::new();
@@ -1492,7 +1495,40 @@ fn a_keyed_create_with_a_long_description_is_recorded_whole() {
         "{}",
         other.body
     );
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 1);
+
+    let headers = [
+        JSON,
+        (auth.0, auth.1.as_str()),
+        ("Idempotency-Key", "create-worth"),
+    ];
+    let worth = serde_json::json!({"code": "WORTH", "available_count": 5, "amount_off": 500,
+        "currency": "EUR", "metadata": {"a": "1"}});
+    let first = svc.call("POST", "/admin/coupons", &headers, Some(&worth.to_string()));
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = svc.call("POST", "/admin/coupons", &headers, Some(&worth.to_string()));
+    assert_eq!(
+        (again.status, &again.headers["idempotent-replayed"]),
+        (201, &"true".to_owned())
+    );
+    assert_eq!(again.body["id"], first.body["id"]);
+    for (field, other) in [
+        ("amount_off", serde_json::json!(600)),
+        ("currency", serde_json::json!("USD")),
+        ("metadata", serde_json::json!({"a": "2"})),
+        ("metadata", serde_json::json!(null)),
+        ("min_order_amount", serde_json::json!(0)),
+    ] {
+        let mut body = worth.clone();
+        body[field] = other;
+        let r = svc.call("POST", "/admin/coupons", &headers, Some(&body.to_string()));
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (422, Some("idempotency_key_reused")),
+            "{body}: {}",
+            r.body
+        );
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 2);
 }
 
 /// Everything in the database, as one comparable value.
@@ -2146,6 +2182,345 @@ fn coupon_rules_over_http() {
         "limit_reached",
     );
     assert_eq!(db.stock(id), (8, 2, 10));
+}
+
+/// Value and metadata: each field shown (`null` when unset) wherever a coupon is; each bad one
+/// a 422 naming it; the combination checked on the coupon as an update would leave it; metadata
+/// replaced whole or cleared; the terms locked once the coupon has claims, metadata not.
+#[test]
+fn coupon_value_and_metadata_over_http() {
+    use serde_json::json;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let h = bearer(&admin);
+    let admin_h = [JSON, (h.0, h.1.as_str())];
+    let value_fields = [
+        "percent_off",
+        "amount_off",
+        "currency",
+        "min_order_amount",
+        "metadata",
+    ];
+    let create = |body: serde_json::Value| {
+        let r = check(
+            &svc,
+            "POST",
+            "/admin/coupons",
+            &admin_h,
+            Some(&body.to_string()),
+            201,
+            "",
+        );
+        r.body
+    };
+    let put = |id: u64, body: serde_json::Value, status: u16, code: &str| {
+        let path = format!("/admin/coupons/{id}");
+        check(
+            &svc,
+            "PUT",
+            &path,
+            &admin_h,
+            Some(&body.to_string()),
+            status,
+            code,
+        )
+        .body
+    };
+    let shown = |c: &serde_json::Value| value_fields.map(|f| c[f].clone());
+
+    let plain = create(json!({"code": "PLAIN", "available_count": 5}));
+    for f in value_fields {
+        assert!(plain[f].is_null() && plain.get(f).is_some(), "{f}: {plain}");
+    }
+    let percent = create(
+        json!({"code": "TENOFF", "available_count": 5, "percent_off": 10,
+        "metadata": {"campaign": "winter", "channel": "email"}}),
+    );
+    assert_eq!(
+        shown(&percent),
+        [
+            json!(10),
+            json!(null),
+            json!(null),
+            json!(null),
+            json!({"campaign": "winter", "channel": "email"})
+        ]
+    );
+    let amount = create(
+        json!({"code": "FIVEOFF", "available_count": 5, "amount_off": 500,
+        "currency": "EUR", "min_order_amount": 2000}),
+    );
+    assert_eq!(
+        shown(&amount),
+        [
+            json!(null),
+            json!(500),
+            json!("EUR"),
+            json!(2000),
+            json!(null)
+        ]
+    );
+    let (percent, amount) = (
+        percent["id"].as_u64().unwrap(),
+        amount["id"].as_u64().unwrap(),
+    );
+    let plain_id = plain["id"].as_u64().unwrap();
+
+    let fifty_one: serde_json::Map<String, serde_json::Value> =
+        (0..51).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for (extra, code) in [
+        (json!({"percent_off": 0}), "invalid_percent_off"),
+        (json!({"percent_off": 101}), "invalid_percent_off"),
+        (json!({"percent_off": 12.5}), "invalid_percent_off"),
+        (json!({"percent_off": "10"}), "invalid_percent_off"),
+        (
+            json!({"amount_off": 0, "currency": "EUR"}),
+            "invalid_amount_off",
+        ),
+        (
+            json!({"amount_off": -5, "currency": "EUR"}),
+            "invalid_amount_off",
+        ),
+        (
+            json!({"amount_off": 1_000_000_000_001_i64, "currency": "EUR"}),
+            "invalid_amount_off",
+        ),
+        (
+            json!({"amount_off": 18_446_744_073_709_551_615_u64, "currency": "EUR"}),
+            "invalid_amount_off",
+        ),
+        (
+            json!({"amount_off": 1e30, "currency": "EUR"}),
+            "invalid_amount_off",
+        ),
+        (
+            json!({"amount_off": 5, "currency": "eur"}),
+            "invalid_currency",
+        ),
+        (
+            json!({"amount_off": 5, "currency": "EURO"}),
+            "invalid_currency",
+        ),
+        (
+            json!({"amount_off": 5, "currency": 978}),
+            "invalid_currency",
+        ),
+        (
+            json!({"min_order_amount": -1, "currency": "EUR"}),
+            "invalid_min_order_amount",
+        ),
+        (
+            json!({"percent_off": 10, "amount_off": 5, "currency": "EUR"}),
+            "invalid_value",
+        ),
+        (json!({"amount_off": 5}), "invalid_value"),
+        (json!({"min_order_amount": 100}), "invalid_value"),
+        (
+            json!({"percent_off": 10, "min_order_amount": 100}),
+            "invalid_value",
+        ),
+        (json!({"metadata": {"n": 1}}), "invalid_metadata"),
+        (json!({"metadata": {"n": null}}), "invalid_metadata"),
+        (json!({"metadata": {"o": {"x": "y"}}}), "invalid_metadata"),
+        (json!({"metadata": ["a"]}), "invalid_metadata"),
+        (json!({"metadata": "text"}), "invalid_metadata"),
+        (json!({"metadata": {"": "x"}}), "invalid_metadata"),
+        (
+            json!({"metadata": {"k".repeat(41): "x"}}),
+            "invalid_metadata",
+        ),
+        (
+            json!({"metadata": {"k": "v".repeat(501)}}),
+            "invalid_metadata",
+        ),
+        (json!({"metadata": fifty_one}), "invalid_metadata"),
+    ] {
+        let mut body = json!({"code": "BAD", "available_count": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let body = body.to_string();
+        check(
+            &svc,
+            "POST",
+            "/admin/coupons",
+            &admin_h,
+            Some(&body),
+            422,
+            code,
+        );
+        // So is an update of a coupon without value, which it leaves as it was.
+        put(plain_id, extra, 422, code);
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM coupons"), 3);
+    // At the edges: 50 keys, keys of 40 characters, values of 500; the largest amount.
+    let fifty: serde_json::Map<String, serde_json::Value> = (0..50)
+        .map(|i| (format!("{i:02}{}", "k".repeat(38)), json!("v".repeat(500))))
+        .collect();
+    let edge = create(
+        json!({"code": "EDGE", "available_count": 1, "metadata": fifty,
+        "amount_off": 1_000_000_000_000_i64, "currency": "JPY", "min_order_amount": 0}),
+    );
+    assert_eq!(edge["metadata"], json!(fifty));
+    assert_eq!(edge["amount_off"], 1_000_000_000_000_i64);
+
+    // Every representation shows the fields: the public list, the admin list and read.
+    let user = svc.register("user@example.com");
+    let u = [("token", user.as_str())];
+    for (path, headers) in [
+        ("/coupons", &u[..]),
+        ("/coupons", &[][..]),
+        ("/admin/coupons", &admin_h[..]),
+    ] {
+        let list = check(&svc, "GET", path, headers, None, 200, "").body;
+        let by_code = |code: &str| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["code"] == code)
+                .unwrap_or_else(|| panic!("{path}: no {code}"))
+                .clone()
+        };
+        assert_eq!(shown(&by_code("PLAIN")), shown(&plain), "{path}");
+        assert_eq!(by_code("TENOFF")["percent_off"], 10, "{path}");
+        assert_eq!(by_code("FIVEOFF")["currency"], "EUR", "{path}");
+    }
+    let read = check(
+        &svc,
+        "GET",
+        &format!("/admin/coupons/{amount}"),
+        &admin_h,
+        None,
+        200,
+        "",
+    );
+    assert_eq!(
+        shown(&read.body),
+        [
+            json!(null),
+            json!(500),
+            json!("EUR"),
+            json!(2000),
+            json!(null)
+        ]
+    );
+
+    // The combination is the coupon's as the change leaves it.
+    put(percent, json!({"amount_off": 300}), 422, "invalid_value");
+    put(
+        percent,
+        json!({"amount_off": 300, "currency": "EUR"}),
+        422,
+        "invalid_value",
+    );
+    put(amount, json!({"percent_off": 5}), 422, "invalid_value");
+    put(amount, json!({"currency": null}), 422, "invalid_value");
+    // Without claims the terms change freely; a field left out stays.
+    let c = put(
+        percent,
+        json!({"percent_off": null, "amount_off": 300, "currency": "EUR"}),
+        200,
+        "",
+    );
+    assert_eq!(
+        shown(&c)[..4],
+        [json!(null), json!(300), json!("EUR"), json!(null)]
+    );
+    let c = put(amount, json!({"amount_off": 700}), 200, "");
+    assert_eq!(
+        shown(&c)[..4],
+        [json!(null), json!(700), json!("EUR"), json!(2000)]
+    );
+    // Metadata is replaced whole, left alone when absent, cleared by null.
+    let c = put(percent, json!({"metadata": {"channel": "sms"}}), 200, "");
+    assert_eq!(c["metadata"], json!({"channel": "sms"}));
+    let c = put(percent, json!({"name": "Renamed"}), 200, "");
+    assert_eq!(c["metadata"], json!({"channel": "sms"}));
+    let c = put(percent, json!({"metadata": null}), 200, "");
+    assert!(c["metadata"].is_null() && c.get("metadata").is_some());
+    let c = put(percent, json!({"metadata": {}}), 200, "");
+    assert_eq!(c["metadata"], json!({}));
+
+    // Once claimed, the terms are locked; the same values are no change, metadata is free.
+    check(
+        &svc,
+        "POST",
+        &format!("/coupons/{amount}/claim"),
+        &u,
+        None,
+        201,
+        "",
+    );
+    for change in [
+        json!({"amount_off": 800}),
+        json!({"currency": "USD"}),
+        json!({"min_order_amount": 1}),
+        json!({"min_order_amount": null}),
+        json!({"amount_off": null, "percent_off": 5}),
+    ] {
+        put(amount, change, 409, "terms_locked");
+    }
+    let c = put(
+        amount,
+        json!({"amount_off": 700, "currency": "EUR", "min_order_amount": 2000,
+            "percent_off": null, "metadata": {"batch": "7"}}),
+        200,
+        "",
+    );
+    assert_eq!(
+        shown(&c),
+        [
+            json!(null),
+            json!(700),
+            json!("EUR"),
+            json!(2000),
+            json!({"batch": "7"})
+        ]
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM coupons WHERE id = {amount} AND amount_off = 700
+             AND currency = 'EUR' AND min_order_amount = 2000 AND percent_off IS NULL"
+        )),
+        1
+    );
+
+    // The audit log shows the new coupon whole and each change as [old, new].
+    let log = check(&svc, "GET", "/admin/audit", &admin_h, None, 200, "").body;
+    let entries = log.as_array().unwrap();
+    let created = entries
+        .iter()
+        .find(|e| e["action"] == "coupon.create" && e["coupon_id"] == amount)
+        .unwrap();
+    assert_eq!(
+        shown(&created["detail"]),
+        [
+            json!(null),
+            json!(500),
+            json!("EUR"),
+            json!(2000),
+            json!(null)
+        ]
+    );
+    let last = entries
+        .iter()
+        .find(|e| e["action"] == "coupon.update" && e["coupon_id"] == amount)
+        .unwrap();
+    assert_eq!(
+        last["detail"],
+        json!({"metadata": [null, {"batch": "7"}]}),
+        "the same terms are no change"
+    );
+    let cleared = entries
+        .iter()
+        .filter(|e| e["action"] == "coupon.update" && e["coupon_id"] == percent)
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        cleared["detail"]["metadata"],
+        json!([{"channel": "sms"}, null])
+    );
 }
 
 #[test]

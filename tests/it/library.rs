@@ -486,6 +486,96 @@ fn the_schema_refuses_negative_stock() {
     db.stock(id.0);
 }
 
+/// The schema's checks mirror the service's: a row with both values, an amount without a
+/// currency, a percentage or amount out of range, a lower-case currency or metadata that is not
+/// JSON cannot be written by hand either; a row within the rules can, and reads back.
+#[test]
+fn the_schema_refuses_what_the_value_rules_refuse() {
+    use mysql::prelude::Queryable;
+    let db = TestDb::new();
+    let id = new_coupon(&db, "WORTH", 1);
+    let mut conn = db.conn();
+    for bad in [
+        "percent_off = 0",
+        "percent_off = 101",
+        "percent_off = 10, amount_off = 5, currency = 'EUR'",
+        "amount_off = 5",
+        "amount_off = 0, currency = 'EUR'",
+        "amount_off = 1000000000001, currency = 'EUR'",
+        "min_order_amount = 5",
+        "min_order_amount = -1, currency = 'EUR'",
+        "currency = 'eur'",
+        "currency = 'EU'",
+        "currency = 'E1R'",
+        "metadata = '{not json'",
+    ] {
+        let r = conn.exec_drop(format!("UPDATE coupons SET {bad} WHERE id = ?"), (id.0,));
+        assert!(r.is_err(), "the schema let {bad} through");
+    }
+    conn.exec_drop(
+        "UPDATE coupons SET amount_off = 1000000000000, currency = 'EUR', min_order_amount = 0,
+             metadata = '{\"a\": \"b\"}' WHERE id = ?",
+        (id.0,),
+    )
+    .unwrap();
+    let c = coupon::get(&db.pool, id).unwrap();
+    assert_eq!(
+        (c.percent_off, c.amount_off, c.currency.as_deref()),
+        (None, Some(1_000_000_000_000), Some("EUR"))
+    );
+    assert_eq!(c.min_order_amount, Some(0));
+    assert_eq!(c.metadata.unwrap()["a"], "b");
+}
+
+/// Through the library: terms change freely until the first claim, then only to themselves;
+/// metadata stays free.
+#[test]
+fn terms_lock_at_the_first_claim() {
+    use coupons::{Amount, Currency, Metadata, PercentOff};
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let id = new_coupon(&db, "LOCKING", 5);
+    let change = |rules: coupon::RulesChange| CouponChange {
+        rules,
+        ..Default::default()
+    };
+    let percent = |p: i64| coupon::RulesChange {
+        percent_off: Some(Some(PercentOff::parse(p).unwrap())),
+        ..Default::default()
+    };
+    let c = coupon::update(&db.pool, UserId(0), id, &change(percent(10))).unwrap();
+    assert_eq!(c.percent_off, Some(10));
+    db.claims.claim(users[0], id).unwrap();
+    for locked in [
+        percent(20),
+        coupon::RulesChange {
+            percent_off: Some(None),
+            ..Default::default()
+        },
+        coupon::RulesChange {
+            currency: Some(Some(Currency::parse("EUR").unwrap())),
+            ..Default::default()
+        },
+        coupon::RulesChange {
+            percent_off: Some(None),
+            amount_off: Some(Some(Amount::off(5).unwrap())),
+            currency: Some(Some(Currency::parse("EUR").unwrap())),
+            ..Default::default()
+        },
+    ] {
+        let r = coupon::update(&db.pool, UserId(0), id, &change(locked.clone()));
+        assert!(matches!(r, Err(Error::TermsLocked)), "{locked:?}: {r:?}");
+    }
+    let tagged = coupon::RulesChange {
+        metadata: Some(Some(
+            Metadata::parse(&serde_json::json!({"k": "v"})).unwrap(),
+        )),
+        ..percent(10)
+    };
+    let c = coupon::update(&db.pool, UserId(0), id, &change(tagged)).unwrap();
+    assert_eq!((c.percent_off, c.metadata.unwrap().len()), (Some(10), 1));
+}
+
 #[test]
 fn a_held_row_lock_ends_in_busy_then_the_claim_goes_through() {
     use mysql::prelude::Queryable;

@@ -6,4 +6,5 @@ mod embedded;
 mod faults;
 mod http;
 mod library;
+mod openapi;
 mod support;

@@ -44,7 +44,7 @@ for _ in $(seq 150); do
   [ -n "$addr" ] && break
   sleep 0.2
 done
-[ -n "$addr" ] || { cat "$dir/out"; echo "schemathesis.sh: the service did not start" >&2; exit 1; }
+[ -n "$addr" ] || { cat "$dir/out"; echo "run.sh: the service did not start" >&2; exit 1; }
 
 # An admin, so that the admin routes are fuzzed past their 401 and 403.
 creds='{"email":"fuzz-admin@example.com","password":"fuzz-admin-password"}'
@@ -67,5 +67,5 @@ status=0
   --no-color || status=$?
 # The service's own account of a failure (a 500 logs its cause).
 [ "$status" = 0 ] || sed 's/^/service: /' "$dir/out" >&2
-echo "schemathesis.sh: $examples examples per operation, $(($(date +%s) - started)) s, exit $status"
+echo "run.sh: $examples examples per operation, $(($(date +%s) - started)) s, exit $status"
 exit "$status"

@@ -1,4 +1,4 @@
-"""Schemathesis hooks (tests/schemathesis/run.sh): the server's rules that JSON Schema cannot
+"""Schemathesis hooks (tests/schemathesis/run.sh passes them in SCHEMATHESIS_HOOKS): the server's rules that JSON Schema cannot
 state, applied to each generated request so that the document and the server agree on it. Each
 edit keeps the request as valid or invalid as it was; Schemathesis validates it again after
 this hook."""

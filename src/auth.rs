@@ -156,7 +156,9 @@ impl Auth {
 
     /// Creates a user with role USER. Fails with [`Error::EmailTaken`] if the email is registered.
     pub fn register(&self, pool: &Pool, email: &Email, password: &Password) -> Result<User, Error> {
-        let hash = bcrypt::non_truncating_hash(password.as_bytes(), self.cost)
+        // bcrypt hashes the password and a NUL, cut at 72 bytes: a `Password` has at most 72, so
+        // only the NUL can fall off. (`non_truncating_hash` refuses 72 bytes for that NUL.)
+        let hash = bcrypt::hash(password.as_bytes(), self.cost)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let id = with_conn(pool, |conn| {
             conn.exec_drop(
@@ -186,7 +188,9 @@ impl Auth {
             Err(_) => None,
         };
         let hash = row.as_ref().map_or(&self.dummy_hash, |(_, h, _)| h);
-        let matches = bcrypt::non_truncating_verify(password, hash).unwrap_or(false);
+        // As in `register`: at most 72 bytes, which bcrypt reads whole; a longer one never matches.
+        let fits = password.len() <= 72;
+        let matches = fits && bcrypt::verify(password, hash).unwrap_or(false);
         match row {
             Some((id, _, role)) if matches => self.issue(UserId(id), Role::from_db(&role)),
             _ => Err(Error::BadCredentials),

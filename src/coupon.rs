@@ -657,6 +657,11 @@ pub fn admin_list(
     page: Page,
 ) -> Result<Vec<AdminCoupon>, Error> {
     let prefix = filter.code_prefix.clone().unwrap_or_default();
+    // No code starts with a character codes cannot have; and the code column's ASCII collation
+    // cannot even be compared with other text (a 500, once).
+    if CouponCode::parse(&prefix).is_err() && !prefix.is_empty() {
+        return Ok(Vec::new());
+    }
     let status = filter.status.map(Status::as_str);
     with_conn(pool, |conn| {
         let rows: Vec<mysql::Row> = conn.exec(

@@ -9,8 +9,9 @@
 
 use crate::audit;
 use crate::claim::{self, ClaimRecord};
+use crate::coupon::{self, Coupon};
 use crate::db::{padded, placeholders, transaction, Pool};
-use crate::{ClaimId, ClaimStatus, CouponId, Error, Label, Timestamp, UserId};
+use crate::{ClaimId, ClaimStatus, CouponId, Currency, Error, Label, OrderId, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
 use serde::Serialize;
@@ -157,6 +158,155 @@ pub fn void(pool: &Pool, admin: UserId, claim: ClaimId, reason: &Label) -> Resul
         voided_at: record.voided_at.unwrap_or_else(Timestamp::now),
         voided_by: admin,
         reason: reason.as_str().to_owned(),
+    })
+}
+
+/// An order a claim is redeemed against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// The shop's id for it.
+    pub id: OrderId,
+    /// Its amount, in minor units of `currency`.
+    pub amount: u64,
+    /// Its currency.
+    pub currency: Currency,
+}
+
+/// A redeemed claim: the order, and the discount it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Redemption {
+    /// The claim.
+    pub claim_id: ClaimId,
+    /// Its coupon.
+    pub coupon_id: CouponId,
+    /// `redeemed`.
+    pub status: ClaimStatus,
+    /// The order's id.
+    pub order_id: String,
+    /// The order's amount, in minor units.
+    pub order_amount: u64,
+    /// The order's currency.
+    pub currency: String,
+    /// What the coupon takes off the order, in minor units ([`coupon::discount`]).
+    pub discount_amount: u64,
+    /// When it was redeemed (the first time).
+    pub redeemed_at: Timestamp,
+}
+
+/// The redemption decision, after [`next`] allowed it (`again`: the claim was redeemed
+/// before, with `first`): the discount of a new redemption, or `None` to answer the first one
+/// again. Pure, so it is table-tested; run under the claim's row lock, so one order wins.
+pub fn redemption(
+    first: Option<&Redemption>,
+    coupon: &Coupon,
+    order: &Order,
+    now: Timestamp,
+) -> Result<Option<u64>, Error> {
+    if let Some(first) = first {
+        return match first.order_id == order.id.as_str() {
+            false => Err(Error::AlreadyRedeemed),
+            true if first.order_amount == order.amount
+                && first.currency == order.currency.as_str() =>
+            {
+                Ok(None)
+            }
+            true => Err(Error::OrderMismatch),
+        };
+    }
+    if coupon.ends_at.is_some_and(|e| now >= e) {
+        Err(Error::Expired)
+    } else if coupon
+        .currency
+        .as_ref()
+        .is_some_and(|c| c != order.currency.as_str())
+    {
+        Err(Error::CurrencyMismatch)
+    } else if coupon.min_order_amount.is_some_and(|m| order.amount < m) {
+        Err(Error::OrderBelowMinimum)
+    } else {
+        Ok(Some(coupon::discount(coupon, order.amount)))
+    }
+}
+
+/// Redeems `claim` (held and not run out, or claimed) against `order`, exactly once: the same
+/// order again gets the first answer, writing nothing. Locks only the claim's row. Errors:
+/// [`Error::ClaimNotFound`] (none, or someone else's to an owner), [`Error::NotActive`],
+/// [`Error::HoldExpired`], [`Error::AlreadyRedeemed`], [`Error::OrderMismatch`],
+/// [`Error::Expired`] (the coupon ended), [`Error::CurrencyMismatch`],
+/// [`Error::OrderBelowMinimum`].
+pub fn redeem(pool: &Pool, by: Actor, claim: ClaimId, order: &Order) -> Result<Redemption, Error> {
+    transaction(pool, |tx| {
+        let c = lock_claim(tx, claim, by)?;
+        let now = Timestamp::now();
+        let to = next(c.status, c.expires_at, now, Action::Redeem)?;
+        // Plain reads, after the lock: current.
+        let first = match to {
+            None => Some(redeemed(tx, &c)?),
+            Some(_) => None,
+        };
+        let coupon = coupon::read(tx, c.coupon, false)?.ok_or(Error::ClaimNotFound)?;
+        let Some(discount) = redemption(first.as_ref(), &coupon, order, now)? else {
+            return first.ok_or(Error::Internal("no first redemption".into()));
+        };
+        tx.exec_drop(
+            "UPDATE claims SET status = 'redeemed', order_id = ?, order_amount = ?,
+                 order_currency = ?, discount_amount = ?, redeemed_at = ?
+             WHERE id = ?",
+            (
+                order.id.as_str(),
+                order.amount,
+                order.currency.as_str(),
+                discount,
+                now,
+                claim.0,
+            ),
+        )?;
+        let r = Redemption {
+            claim_id: claim,
+            coupon_id: c.coupon,
+            status: ClaimStatus::Redeemed,
+            order_id: order.id.as_str().to_owned(),
+            order_amount: order.amount,
+            currency: order.currency.as_str().to_owned(),
+            discount_amount: discount,
+            redeemed_at: now,
+        };
+        let detail = serde_json::json!({
+            "user_id": c.user.0, "from": c.status.as_str(), "to": "redeemed",
+            "order_id": r.order_id, "order_amount": r.order_amount, "currency": r.currency,
+            "discount_amount": r.discount_amount,
+        });
+        audit::record(
+            tx,
+            by.id(),
+            Action::Redeem.audit_name(),
+            Some(c.coupon),
+            Some(claim),
+            &detail,
+        )?;
+        Ok(r)
+    })
+}
+
+/// A redeemed claim's redemption, as recorded.
+fn redeemed(tx: &mut Transaction<'_>, c: &Locked) -> Result<Redemption, Error> {
+    type Row = (String, u64, String, u64, Timestamp);
+    let row: Option<Row> = tx.exec_first(
+        "SELECT order_id, order_amount, order_currency, discount_amount, redeemed_at
+         FROM claims WHERE id = ? AND status = 'redeemed'",
+        (c.id.0,),
+    )?;
+    let (order_id, order_amount, currency, discount_amount, redeemed_at) =
+        row.ok_or(Error::Internal("a redeemed claim without its order".into()))?;
+    Ok(Redemption {
+        claim_id: c.id,
+        coupon_id: c.coupon,
+        status: ClaimStatus::Redeemed,
+        order_id,
+        order_amount,
+        currency,
+        discount_amount,
+        redeemed_at,
     })
 }
 
@@ -449,5 +599,80 @@ mod tests {
         assert!(gives_back(Held, Released) && gives_back(Held, Expired));
         assert!(gives_back(Claimed, Voided) && gives_back(Redeemed, Voided));
         assert!(!gives_back(Held, Claimed) && !gives_back(Claimed, Redeemed));
+    }
+
+    #[test]
+    fn redemption_decides_each_order_once() {
+        let now = Timestamp::now();
+        let hour = Duration::from_secs(3600);
+        let mut c = crate::coupon::tests::example();
+        c.percent_off = Some(15);
+        let order = |id: &str, amount: u64, currency: &str| Order {
+            id: OrderId::parse(id).unwrap(),
+            amount,
+            currency: Currency::parse(currency).unwrap(),
+        };
+        let a = order("A-1", 12_000, "EUR");
+        let first = Redemption {
+            claim_id: ClaimId(1),
+            coupon_id: c.id,
+            status: Redeemed,
+            order_id: "A-1".into(),
+            order_amount: 12_000,
+            currency: "EUR".into(),
+            discount_amount: 1_800,
+            redeemed_at: now,
+        };
+        let name = |r: Result<Option<u64>, Error>| {
+            r.map_err(|e| match e {
+                Error::AlreadyRedeemed => "already_redeemed",
+                Error::OrderMismatch => "order_mismatch",
+                Error::Expired => "expired",
+                Error::CurrencyMismatch => "currency_mismatch",
+                Error::OrderBelowMinimum => "order_below_minimum",
+                _ => "other",
+            })
+        };
+        assert_eq!(name(redemption(None, &c, &a, now)), Ok(Some(1_800)));
+        assert_eq!(name(redemption(Some(&first), &c, &a, now)), Ok(None));
+        let other = order("A-2", 12_000, "EUR");
+        assert_eq!(
+            name(redemption(Some(&first), &c, &other, now)),
+            Err("already_redeemed")
+        );
+        let changed = order("A-1", 12_001, "EUR");
+        assert_eq!(
+            name(redemption(Some(&first), &c, &changed, now)),
+            Err("order_mismatch")
+        );
+        let usd = order("A-1", 12_000, "USD");
+        assert_eq!(
+            name(redemption(Some(&first), &c, &usd, now)),
+            Err("order_mismatch")
+        );
+        // A coupon without a currency takes any; with one, only its own.
+        assert_eq!(name(redemption(None, &c, &usd, now)), Ok(Some(1_800)));
+        let mut euros = c.clone();
+        (euros.percent_off, euros.amount_off) = (None, Some(5_000));
+        (euros.currency, euros.min_order_amount) = (Some("EUR".into()), Some(10_000));
+        assert_eq!(
+            name(redemption(None, &euros, &usd, now)),
+            Err("currency_mismatch")
+        );
+        assert_eq!(name(redemption(None, &euros, &a, now)), Ok(Some(5_000)));
+        let small = order("A-3", 9_999, "EUR");
+        assert_eq!(
+            name(redemption(None, &euros, &small, now)),
+            Err("order_below_minimum")
+        );
+        let tiny = order("A-4", 10_000, "EUR");
+        assert_eq!(name(redemption(None, &euros, &tiny, now)), Ok(Some(5_000)));
+        let mut ended = c.clone();
+        ended.ends_at = Some(now.minus(hour));
+        assert_eq!(name(redemption(None, &ended, &a, now)), Err("expired"));
+        // The first answer stands after the coupon ends.
+        assert_eq!(name(redemption(Some(&first), &ended, &a, now)), Ok(None));
+        let plain = crate::coupon::tests::example();
+        assert_eq!(name(redemption(None, &plain, &a, now)), Ok(Some(0)));
     }
 }

@@ -13,14 +13,83 @@ pub enum Who {
     Admin,
 }
 
-/// A route's operation: summary, caller, request body schema, success and error statuses.
-/// A summary that says `paged`, `Idempotency-Key` or `If-Match` documents those parameters.
+/// A route's operation: summary, caller, request body schema, parameters, success and error
+/// statuses, and the headers of its success.
 pub struct Op {
     pub summary: &'static str,
     pub who: Who,
+    /// The request body's schema, by name in [`schemas`]; `None` for no body.
     pub body: Option<&'static str>,
+    /// Query and header parameters, by key in [`parameter`].
+    pub params: &'static [&'static str],
+    /// The success status and its body: a schema name in [`schemas`], a media type (with a
+    /// `/`) for a body that is not JSON, or `""` for a JSON document of any shape.
     pub ok: (u16, &'static str),
+    /// Headers of the success answer, by name in [`header`] (`X-Request-Id` is on every answer).
+    pub headers: &'static [&'static str],
     pub errors: &'static [u16],
+}
+
+/// The parameters of a paged list.
+pub const PAGED: &[&str] = &["limit", "after"];
+
+/// What every string a person wrote (a name, a reason) must match: no control character but
+/// a line feed (`Label::parse`).
+/// The largest amount of money, in minor units (`coupons::Amount::MAX`).
+const AMOUNT_MAX: i64 = coupons::Amount::MAX;
+const NO_CONTROL: &str = r"^[^\x00-\x09\x0b-\x1f\x7f-\x9f]*$";
+
+/// A status, `ACTIVE` or `INACTIVE` in any case (`Status::parse`).
+fn status_schema() -> Value {
+    json!({"type": "string", "pattern": "^([Aa][Cc][Tt][Ii][Vv][Ee]|[Ii][Nn][Aa][Cc][Tt][Ii][Vv][Ee])$",
+        "description": "ACTIVE or INACTIVE, in any case"})
+}
+
+/// A query or header parameter, by its key in `Op::params`. A `seed ` key is the original
+/// service's query form of a body field: read only when no body is sent, so anything goes
+/// beside a body.
+fn parameter(key: &str) -> Value {
+    let text = json!({"type": "string"});
+    let (name, place, schema, description) = match key {
+        "limit" => ("limit", "query", json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+            "Items on the page"),
+        "after" => ("after", "query", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
+            "The cursor from a Link: rel=\"next\" header"),
+        "status" => ("status", "query", status_schema(), "Only coupons with this status"),
+        "q" => ("q", "query", text, "Only coupons whose code starts with this"),
+        "Idempotency-Key" => ("Idempotency-Key", "header",
+            json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
+            "1 to 255 printable ASCII characters, not ending in a space; a retry with the same key gets the same answer"),
+        "If-Match" => ("If-Match", "header", text, "An ETag from a read: 412 if the coupon has changed since"),
+        seed if seed.starts_with("seed ") => (&seed[5..], "query", text,
+            "The original service's form of the body field: read only when no body is sent"),
+        other => panic!("no parameter {other}"),
+    };
+    json!({"name": name, "in": place, "schema": schema, "description": description})
+}
+
+/// A response header, by name in `Op::headers`: whether every such answer has it, and its
+/// schema.
+fn header(name: &str) -> Value {
+    let (required, schema) = match name {
+        "X-Request-Id" => (
+            true,
+            json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}),
+        ),
+        "Retry-After" => (true, json!({"type": "integer", "minimum": 0})),
+        "WWW-Authenticate" => (true, json!({"const": "Bearer"})),
+        "ETag" => (true, json!({"type": "string", "pattern": "^\"v[0-9]+\"$"})),
+        "Link" => (
+            false,
+            json!({"type": "string", "description": "<URL>; rel=\"next\" on a full page"}),
+        ),
+        "Idempotent-Replayed" => (
+            false,
+            json!({"const": "true", "description": "The answer repeats the key's first one"}),
+        ),
+        other => panic!("no header {other}"),
+    };
+    json!({"required": required, "schema": schema})
 }
 
 fn reason(status: u16) -> &'static str {
@@ -36,7 +105,17 @@ fn reason(status: u16) -> &'static str {
         415 => "Body is not application/json (unsupported_media_type)",
         422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused, order_mismatch, currency_mismatch)",
         429 => "Too many attempts; see Retry-After (too_many_requests)",
+        503 => "Database unavailable, busy, overloaded or shutting down; see Retry-After",
         _ => "",
+    }
+}
+
+/// The headers an error status always carries.
+fn error_headers(status: u16) -> &'static [&'static str] {
+    match status {
+        401 => &["WWW-Authenticate"],
+        429 | 503 => &["Retry-After"],
+        _ => &[],
     }
 }
 
@@ -44,29 +123,54 @@ fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
+/// A request body's object: exactly these properties, `required` among them.
+fn body(required: &[&str], properties: Value) -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": required, "properties": properties})
+}
+
 fn schemas() -> Value {
     let ts = json!({"type": "string", "format": "date-time"});
     let nts = json!({"type": ["string", "null"], "format": "date-time"});
     let nstr = json!({"type": ["string", "null"]});
+    let label =
+        |max: u32| json!({"type": ["string", "null"], "maxLength": max, "pattern": NO_CONTROL});
     let coupon = json!({"type": "object", "properties": {
         "id": {"type": "integer"}, "code": {"type": "string"},
         "available_count": {"type": "integer"}, "total_count": {"type": "integer"},
         "status": {"enum": ["ACTIVE", "INACTIVE"]}, "name": nstr, "description": nstr,
         "per_user_limit": {"type": ["integer", "null"]}, "starts_at": nts, "ends_at": nts,
-        "version": {"type": "integer"}, "limit_reached": {"type": "boolean"}}});
-    let rules = json!({
-        "name": nstr, "description": nstr, "per_user_limit": {"type": ["integer", "null"], "minimum": 1},
-        "starts_at": nts, "ends_at": nts});
-    let mut new_coupon = json!({"type": "object", "required": ["code", "available_count"], "properties": {
+        "version": {"type": "integer"}, "limit_reached": {"type": "boolean"},
+        "percent_off": {"type": ["integer", "null"]}, "amount_off": {"type": ["integer", "null"]},
+        "currency": nstr, "min_order_amount": {"type": ["integer", "null"]},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}}}});
+    // A coupon as an admin sends it (`CouponBody`): the limits of Stock, CouponCode, Label,
+    // PerUserLimit and Timestamp.
+    let coupon_fields = json!({
         "code": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
         "available_count": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
-        "status": {"enum": ["ACTIVE", "INACTIVE"]}}});
-    let mut change = new_coupon.clone();
-    change.as_object_mut().map(|o| o.remove("required"));
-    for s in [&mut new_coupon, &mut change] {
-        if let (Some(props), Some(extra)) = (s["properties"].as_object_mut(), rules.as_object()) {
-            props.extend(extra.clone());
-        }
+        "status": status_schema(),
+        "name": label(200),
+        "description": label(2000),
+        "per_user_limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 1_000_000},
+        "starts_at": nts, "ends_at": nts,
+        "percent_off": {"type": ["integer", "null"], "minimum": 1, "maximum": 100},
+        "amount_off": {"type": ["integer", "null"], "minimum": 1, "maximum": AMOUNT_MAX},
+        "currency": {"type": ["string", "null"], "pattern": "^[A-Z]{3}$"},
+        "min_order_amount": {"type": ["integer", "null"], "minimum": 0, "maximum": AMOUNT_MAX},
+        "metadata": {"type": ["object", "null"], "maxProperties": 50,
+            "propertyNames": {"minLength": 1, "maxLength": 40},
+            "additionalProperties": {"type": "string", "maxLength": 500}}});
+    // A new coupon's value: never both percent_off and amount_off; a currency with an amount.
+    let value_rules = json!({"allOf": [
+        {"not": {"required": ["percent_off", "amount_off"],
+            "properties": {"percent_off": {"type": "integer"}, "amount_off": {"type": "integer"}}}},
+        {"if": {"required": ["amount_off"], "properties": {"amount_off": {"type": "integer"}}},
+            "then": {"required": ["currency"], "properties": {"currency": {"type": "string"}}}},
+        {"if": {"required": ["min_order_amount"], "properties": {"min_order_amount": {"type": "integer"}}},
+            "then": {"required": ["currency"], "properties": {"currency": {"type": "string"}}}}]});
+    let mut new_coupon = body(&["code", "available_count"], coupon_fields.clone());
+    if let (Some(o), Some(rules)) = (new_coupon.as_object_mut(), value_rules.as_object()) {
+        o.extend(rules.clone());
     }
     let claim_status =
         json!({"enum": ["held", "claimed", "redeemed", "released", "expired", "voided"]});
@@ -100,15 +204,17 @@ fn schemas() -> Value {
     };
     let history_entry = with_claim_id(json!({}));
     let hold = json!({"type": "integer", "minimum": 1, "maximum": 86400});
+    let count = json!({"type": "integer"});
     let admin_coupon = json!({"allOf": [schema_ref("Coupon"), {"type": "object", "properties": {
-        "claimed": {"type": "integer"}, "deleted_at": nts}}]});
+        "held": count, "claimed": count, "redeemed": count, "voided": count, "released": count,
+        "expired": count, "deleted_at": nts}}]});
     let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
     json!({
         "Error": {"type": "object", "required": ["detail", "code"], "properties": {
             "detail": {"type": "string"}, "code": {"type": "string"}}},
-        "Credentials": {"type": "object", "required": ["email", "password"], "properties": {
-            "email": {"type": "string", "format": "email"},
-            "password": {"type": "string", "minLength": 8, "description": "8 to 72 bytes"}}},
+        "Credentials": body(&["email", "password"], json!({
+            "email": {"type": "string", "format": "email", "maxLength": 254},
+            "password": {"type": "string", "minLength": 8, "maxLength": 72, "description": "8 to 72 bytes"}})),
         "User": {"type": "object", "properties": {"id": {"type": "integer"}, "email": {"type": "string"},
             "role": {"enum": ["USER", "ADMIN"]}}},
         "Token": {"type": "object", "properties": {"token": {"type": "string"}, "access_token": {"type": "string"},
@@ -116,7 +222,7 @@ fn schemas() -> Value {
         "Coupon": coupon,
         "CouponList": list("Coupon"),
         "NewCoupon": new_coupon,
-        "CouponChange": change,
+        "CouponChange": body(&[], coupon_fields),
         "AdminCoupon": admin_coupon,
         "AdminCouponList": list("AdminCoupon"),
         "Claim": claim,
@@ -126,15 +232,26 @@ fn schemas() -> Value {
         "History": list("HistoryEntry"),
         "CouponClaim": with_claim_id(json!({"email": {"type": "string"}})),
         "ClaimRecord": record,
-        "ClaimOptions": {"type": "object", "properties": {"hold_seconds": hold}},
-        "ClaimByCode": {"type": "object", "required": ["code"], "properties": {
-            "code": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "hold_seconds": hold}},
+        "ClaimOptions": body(&[], json!({"hold_seconds": hold})),
+        "ClaimByCode": body(&["code"], json!({
+            "code": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "hold_seconds": hold})),
         "Eligibility": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
             "eligible": {"type": "boolean"},
             "reason": {"enum": [null, "sold_out", "inactive", "not_started", "expired", "limit_reached"]},
             "available_count": {"type": "integer"}, "claimed_by_you": {"type": "integer"}}},
         "CouponClaims": list("CouponClaim"),
-        "VoidRequest": {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string", "maxLength": 500}}},
+        "RedeemRequest": body(&["order_id", "order_amount", "currency"], json!({
+            "order_id": {"type": "string", "pattern": "^[ -~]{1,64}$"},
+            "order_amount": {"type": "integer", "minimum": 0, "maximum": AMOUNT_MAX},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}})),
+        "Redemption": {"type": "object", "properties": {"claim_id": {"type": "integer"},
+            "coupon_id": {"type": "integer"}, "status": {"const": "redeemed"},
+            "order_id": {"type": "string"}, "order_amount": {"type": "integer"},
+            "currency": {"type": "string"}, "discount_amount": {"type": "integer"},
+            "redeemed_at": ts}},
+        // Not only white space (the void handler), and a `Label` of at most 500.
+        "VoidRequest": body(&["reason"], json!({"reason": {"type": "string", "minLength": 1, "maxLength": 500,
+            "allOf": [{"pattern": NO_CONTROL}, {"pattern": r"\S"}]}})),
         "Voided": {"type": "object", "properties": {"claim_id": {"type": "integer"}, "coupon_id": {"type": "integer"},
             "voided_at": ts, "voided_by": {"type": "integer"}, "reason": {"type": "string"}}},
         "AuditEntry": {"type": "object", "properties": {"id": {"type": "integer"}, "actor_id": {"type": "integer"},
@@ -146,46 +263,51 @@ fn schemas() -> Value {
     })
 }
 
+/// A response: its description, its body (a schema name, a media type, or `""` for any JSON)
+/// and its headers, `X-Request-Id` first.
+fn response(description: &str, body: &str, headers: &[&str]) -> Value {
+    let content = match body {
+        "" => json!({"application/json": {"schema": {}}}),
+        media if media.contains('/') => json!({ media: {"schema": {"type": "string"}} }),
+        name => json!({"application/json": {"schema": schema_ref(name)}}),
+    };
+    let headers: Map<String, Value> = std::iter::once(&"X-Request-Id")
+        .chain(headers)
+        .map(|h| (h.to_string(), header(h)))
+        .collect();
+    json!({"description": description, "content": content, "headers": headers})
+}
+
 /// The OpenAPI 3.1 document.
 pub fn document() -> Value {
     let mut paths = Map::new();
     for route in ROUTES {
         let op = &route.doc;
+        // A keyed request's answer, success or refusal, may be a replay.
+        let keyed = op.params.contains(&"Idempotency-Key");
+        let replayed: &[&str] = if keyed { &["Idempotent-Replayed"] } else { &[] };
         let mut responses = Map::new();
-        let ok = if op.ok.1.is_empty() {
-            json!({"description": "OK"})
-        } else {
-            json!({"description": "OK", "content": {"application/json": {"schema": schema_ref(op.ok.1)}}})
-        };
-        responses.insert(op.ok.0.to_string(), ok);
-        let mut errors: Vec<u16> = op.errors.to_vec();
-        errors.push(503);
-        for status in errors {
-            let description = if status == 503 {
-                "Database unavailable, busy, overloaded or shutting down; see Retry-After"
-            } else {
-                reason(status)
-            };
+        let ok_headers: Vec<&str> = op.headers.iter().chain(replayed).copied().collect();
+        responses.insert(op.ok.0.to_string(), response("OK", op.ok.1, &ok_headers));
+        for &status in op.errors.iter().chain(&[503]) {
+            let headers: Vec<&str> = error_headers(status)
+                .iter()
+                .chain(replayed)
+                .copied()
+                .collect();
             responses.insert(
                 status.to_string(),
-                json!({"description": description, "content": {"application/json": {"schema": schema_ref("Error")}}}),
+                response(reason(status), "Error", &headers),
             );
         }
         let mut operation = json!({"summary": op.summary, "responses": responses});
-        let mut parameters = Vec::new();
+        let mut parameters: Vec<Value> = op.params.iter().map(|p| parameter(p)).collect();
         if route.id.is_some() {
-            parameters.push(json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1}}));
-        }
-        if op.summary.contains("paged") {
-            parameters.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}));
-            parameters.push(json!({"name": "after", "in": "query", "description": "The cursor from a Link: rel=\"next\" header", "schema": {"type": "string"}}));
-        }
-        if op.summary.contains("Idempotency-Key") {
-            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 255}}));
-        }
-        if op.summary.contains("If-Match") {
-            parameters
-                .push(json!({"name": "If-Match", "in": "header", "schema": {"type": "string"}}));
+            let id = json!({"type": "integer", "minimum": 1, "maximum": u64::MAX});
+            parameters.insert(
+                0,
+                json!({"name": "id", "in": "path", "required": true, "schema": id}),
+            );
         }
         if !parameters.is_empty() {
             operation["parameters"] = json!(parameters);

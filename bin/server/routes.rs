@@ -5,13 +5,14 @@
 
 use super::error::ApiError;
 use super::http::{json_body, path, query, token, App, Reply};
-use super::openapi::{self, Op, Who};
+use super::openapi::{self, Op, Who, PAGED};
 use coupons::auth::{self, Principal};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
     claim, db, life, Amount, ClaimId, CouponCode, CouponId, Currency, Email, Error, HoldSeconds,
-    Label, Metadata, Page, Password, PerUserLimit, PercentOff, Status, Stock, Timestamp, UserId,
+    Label, Metadata, OrderId, Page, Password, PerUserLimit, PercentOff, Status, Stock, Timestamp,
+    UserId,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -187,7 +188,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Register a user (JSON body, or ?email=&password=)",
             who: Who::Anyone,
             body: Some("Credentials"),
+            params: &["seed email", "seed password"],
             ok: (201, "User"),
+            headers: &[],
             errors: &[400, 409, 411, 413, 415, 422, 429],
         },
     },
@@ -200,7 +203,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Log in and get a token",
             who: Who::Anyone,
             body: Some("Credentials"),
+            params: &["seed email", "seed password"],
             ok: (200, "Token"),
+            headers: &[],
             errors: &[400, 401, 411, 413, 415, 422, 429],
         },
     },
@@ -213,7 +218,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Claimable coupons (paged); with a token, each says limit_reached",
             who: Who::Anyone,
             body: None,
+            params: PAGED,
             ok: (200, "CouponList"),
+            headers: &["Link"],
             errors: &[422],
         },
     },
@@ -226,7 +233,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Claim one unit, or hold it with hold_seconds (Idempotency-Key optional)",
             who: Who::User,
             body: Some("ClaimOptions"),
+            params: &["Idempotency-Key"],
             ok: (201, "ClaimResult"),
+            headers: &[],
             errors: &[400, 401, 404, 409, 411, 413, 415, 422, 429],
         },
     },
@@ -239,7 +248,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Claim (or hold) one unit of the coupon with this code, in any case (Idempotency-Key optional)",
             who: Who::User,
             body: Some("ClaimByCode"),
+            params: &["Idempotency-Key"],
             ok: (201, "ClaimResult"),
+            headers: &[],
             errors: &[400, 401, 404, 409, 411, 413, 415, 422, 429],
         },
     },
@@ -252,7 +263,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Confirm a held claim (the owner): it becomes claimed; again, the same answer",
             who: Who::User,
             body: None,
+            params: &[],
             ok: (200, "ClaimRecord"),
+            headers: &[],
             errors: &[401, 404, 409],
         },
     },
@@ -265,8 +278,25 @@ pub static ROUTES: &[Route] = &[
             summary: "Release a held claim (the owner or an admin): its unit goes back, exactly once",
             who: Who::User,
             body: None,
+            params: &[],
             ok: (200, "ClaimRecord"),
+            headers: &[],
             errors: &[401, 404, 409],
+        },
+    },
+    Route {
+        name: "POST /claims/{id}/redeem",
+        id: Some(Id::Claim),
+        class: Class::Inline,
+        handler: redeem,
+        doc: Op {
+            summary: "Redeem a claim against an order (the owner or an admin), exactly once: the same order again gets the same answer",
+            who: Who::User,
+            body: Some("RedeemRequest"),
+            params: &[],
+            ok: (200, "Redemption"),
+            headers: &[],
+            errors: &[400, 401, 404, 409, 411, 413, 415, 422],
         },
     },
     Route {
@@ -278,7 +308,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Whether the caller could claim the coupon now, and why not; writes nothing",
             who: Who::User,
             body: None,
+            params: &[],
             ok: (200, "Eligibility"),
+            headers: &[],
             errors: &[401, 404],
         },
     },
@@ -291,7 +323,9 @@ pub static ROUTES: &[Route] = &[
             summary: "The caller's claims, newest first (paged)",
             who: Who::User,
             body: None,
+            params: PAGED,
             ok: (200, "History"),
+            headers: &["Link"],
             errors: &[401, 422],
         },
     },
@@ -304,7 +338,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Every coupon, deleted too, with claimed counts (paged; ?status=&q=)",
             who: Who::Admin,
             body: None,
+            params: &["limit", "after", "status", "q"],
             ok: (200, "AdminCouponList"),
+            headers: &["Link"],
             errors: &[401, 403, 422],
         },
     },
@@ -317,7 +353,14 @@ pub static ROUTES: &[Route] = &[
             summary: "Create a coupon (Idempotency-Key optional)",
             who: Who::Admin,
             body: Some("NewCoupon"),
+            params: &[
+                "Idempotency-Key",
+                "seed code",
+                "seed available_count",
+                "seed status",
+            ],
             ok: (201, "Coupon"),
+            headers: &[],
             errors: &[400, 401, 403, 409, 411, 413, 415, 422, 429],
         },
     },
@@ -330,7 +373,9 @@ pub static ROUTES: &[Route] = &[
             summary: "One coupon, with its ETag",
             who: Who::Admin,
             body: None,
+            params: &[],
             ok: (200, "AdminCoupon"),
+            headers: &["ETag"],
             errors: &[401, 403, 404],
         },
     },
@@ -343,7 +388,14 @@ pub static ROUTES: &[Route] = &[
             summary: "Change a coupon (If-Match optional; null removes a rule)",
             who: Who::Admin,
             body: Some("CouponChange"),
+            params: &[
+                "If-Match",
+                "seed code",
+                "seed available_count",
+                "seed status",
+            ],
             ok: (200, "Coupon"),
+            headers: &["ETag"],
             errors: &[400, 401, 403, 404, 409, 411, 412, 413, 415, 422],
         },
     },
@@ -356,7 +408,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Soft-delete a coupon; its claims stay",
             who: Who::Admin,
             body: None,
+            params: &[],
             ok: (200, "Detail"),
+            headers: &[],
             errors: &[401, 403, 404],
         },
     },
@@ -369,7 +423,9 @@ pub static ROUTES: &[Route] = &[
             summary: "A coupon's claims, with who claimed (paged)",
             who: Who::Admin,
             body: None,
+            params: PAGED,
             ok: (200, "CouponClaims"),
+            headers: &["Link"],
             errors: &[401, 403, 404, 422],
         },
     },
@@ -382,7 +438,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Void a claim: one unit back, exactly once",
             who: Who::Admin,
             body: Some("VoidRequest"),
+            params: &[],
             ok: (200, "Voided"),
+            headers: &[],
             errors: &[400, 401, 403, 404, 409, 411, 413, 415, 422],
         },
     },
@@ -395,7 +453,9 @@ pub static ROUTES: &[Route] = &[
             summary: "The audit log, newest first (paged)",
             who: Who::Admin,
             body: None,
+            params: PAGED,
             ok: (200, "Audit"),
+            headers: &["Link"],
             errors: &[401, 403, 422],
         },
     },
@@ -408,7 +468,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Whether the database answers",
             who: Who::Anyone,
             body: None,
+            params: &[],
             ok: (200, "Health"),
+            headers: &[],
             errors: &[],
         },
     },
@@ -421,7 +483,9 @@ pub static ROUTES: &[Route] = &[
             summary: "Prometheus metrics (text); to anyone on METRICS_ADDR instead, if set",
             who: Who::Admin,
             body: None,
-            ok: (200, ""),
+            params: &[],
+            ok: (200, "text/plain"),
+            headers: &[],
             errors: &[401, 403],
         },
     },
@@ -434,7 +498,9 @@ pub static ROUTES: &[Route] = &[
             summary: "This document",
             who: Who::Anyone,
             body: None,
+            params: &[],
             ok: (200, ""),
+            headers: &[],
             errors: &[],
         },
     },
@@ -447,7 +513,9 @@ pub static ROUTES: &[Route] = &[
             summary: "This document, rendered for people (HTML)",
             who: Who::Anyone,
             body: None,
-            ok: (200, ""),
+            params: &[],
+            ok: (200, "text/html"),
+            headers: &[],
             errors: &[],
         },
     },
@@ -684,6 +752,31 @@ fn release(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     Ok(Reply::json(200, &life::release(&app.pool, by, id)?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedeemBody {
+    order_id: String,
+    order_amount: i64,
+    currency: String,
+}
+
+fn redeem(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let by = actor(app, rq)?;
+    let id = id.claim()?;
+    let b: RedeemBody = json_body(rq)?
+        .ok_or_else(|| ApiError::InvalidBody("order_id, order_amount and currency".into()))?;
+    if !(0..=Amount::MAX).contains(&b.order_amount) {
+        let why = format!("must be a whole number from 0 to {}", Amount::MAX);
+        return Err(Error::invalid("order_amount", why).into());
+    }
+    let order = life::Order {
+        id: OrderId::parse(&b.order_id)?,
+        amount: b.order_amount as u64,
+        currency: Currency::parse(&b.currency)?,
+    };
+    Ok(Reply::json(200, &life::redeem(&app.pool, by, id, &order)?))
+}
+
 fn eligibility(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let who = principal(app, rq)?;
     let id = id.coupon()?;
@@ -895,8 +988,12 @@ fn history(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CouponBody {
+    // Absent or a value: `null` is refused (invalid_body), as the document says.
+    #[serde(default, deserialize_with = "present")]
     code: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     available_count: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
     status: Option<String>,
     // For these, `null` (Some(None)) removes the rule in an update; absent leaves it.
     #[serde(default, deserialize_with = "present")]

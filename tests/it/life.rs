@@ -220,14 +220,19 @@ fn two_sweepers_expire_each_hold_once_and_in_time() {
     )
     .unwrap();
     let every = Duration::from_millis(200);
-    let fail = |e: &Error| panic!("sweeping: {e}");
-    let a = life::Sweeper::start(db.pool.clone(), every, fail).unwrap();
-    let b = life::Sweeper::start(other, every, fail).unwrap();
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = |errors: &std::sync::Arc<std::sync::Mutex<Vec<String>>>| {
+        let errors = std::sync::Arc::clone(errors);
+        move |e: &Error| errors.lock().unwrap().push(e.to_string())
+    };
+    let a = life::Sweeper::start(db.pool.clone(), every, log(&errors)).unwrap();
+    let b = life::Sweeper::start(other, every, log(&errors)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(6);
     while db.stock(c.0).0 < 500 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop((a, b));
+    assert_eq!(*errors.lock().unwrap(), Vec::<String>::new());
     assert_eq!(balanced(&db, c), (500, 0, 500));
     assert_eq!(statuses(&db, c), vec![("expired".into(), 400)]);
     assert_eq!(
@@ -557,4 +562,239 @@ fn eligibility_says_why_without_writing() {
     let r = s.svc.call("GET", &path, &[], None);
     assert_eq!(r.status, 401);
     assert_eq!(s.db.scalar("SELECT COUNT(*) FROM claims"), 1);
+}
+
+fn order(id: &str, amount: u64, currency: &str) -> life::Order {
+    life::Order {
+        id: coupons::OrderId::parse(id).unwrap(),
+        amount,
+        currency: coupons::Currency::parse(currency).unwrap(),
+    }
+}
+
+#[test]
+fn parallel_redeems_of_one_claim_redeem_it_once() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 2);
+    let c = new_coupon(&db, "REDEEMRACE", 10);
+    let change = CouponChange {
+        rules: RulesChange {
+            percent_off: Some(Some(coupons::PercentOff::parse(15).unwrap())),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    coupon::update(&db.pool, UserId(0), c, &change).unwrap();
+    // Twenty orders for one claim: one wins, the others are told it went to another order.
+    let claimed = db.claims.claim(users[0], c).unwrap().claim.id;
+    let owner = Actor::Owner(users[0]);
+    let results: Vec<Result<life::Redemption, Error>> = threads(20).install(|| {
+        (0..20)
+            .into_par_iter()
+            .map(|i| {
+                life::redeem(
+                    &db.pool,
+                    owner,
+                    claimed,
+                    &order(&format!("A-{i}"), 12_000, "EUR"),
+                )
+            })
+            .collect()
+    });
+    let won: Vec<&life::Redemption> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    assert_eq!(won[0].discount_amount, 1_800);
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Ok(_) | Err(Error::AlreadyRedeemed))));
+    // The same order twenty times, held first: one redemption, the same answer to all.
+    let held = db
+        .claims
+        .ask(&hold(users[1], c, 600), None)
+        .result
+        .unwrap()
+        .claim
+        .id;
+    let same: Vec<life::Redemption> = threads(20).install(|| {
+        (0..20)
+            .into_par_iter()
+            .map(|_| {
+                life::redeem(
+                    &db.pool,
+                    Actor::Admin(users[0]),
+                    held,
+                    &order("B-1", 999, "USD"),
+                )
+                .unwrap()
+            })
+            .collect()
+    });
+    assert!(same.iter().all(|r| *r == same[0]), "{same:?}");
+    assert_eq!(same[0].discount_amount, 149);
+    let again = life::redeem(
+        &db.pool,
+        Actor::Owner(users[1]),
+        held,
+        &order("B-1", 1_000, "USD"),
+    );
+    assert!(matches!(again, Err(Error::OrderMismatch)));
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.redeem'"),
+        2
+    );
+    assert_eq!(statuses(&db, c), vec![("redeemed".into(), 2)]);
+    // Redeemed claims still hold their units; a void gives one back.
+    assert_eq!(balanced(&db, c), (8, 2, 10));
+    let reason = Label::parse("reason", "refund", 500).unwrap();
+    life::void(&db.pool, users[0], held, &reason).unwrap();
+    assert!(matches!(
+        life::redeem(&db.pool, owner, held, &order("B-1", 999, "USD")),
+        Err(Error::ClaimNotFound)
+    ));
+    assert!(matches!(
+        life::redeem(
+            &db.pool,
+            Actor::Owner(users[1]),
+            held,
+            &order("B-1", 999, "USD")
+        ),
+        Err(Error::NotActive)
+    ));
+    assert_eq!(balanced(&db, c), (9, 1, 10));
+}
+
+#[test]
+fn redemption_over_http_applies_the_coupons_terms() {
+    let s = shop(5);
+    let auth = bearer(&s.admin);
+    let headers = [JSON, (auth.0, auth.1.as_str())];
+    let body = r#"{"amount_off": 500, "currency": "EUR", "min_order_amount": 1000}"#;
+    let r = s.svc.call(
+        "PUT",
+        &format!("/admin/coupons/{}", s.coupon),
+        &headers,
+        Some(body),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let claim_path = format!("/coupons/{}/claim", s.coupon);
+    let r = s.post(&s.user, &claim_path, Some(r#"{"hold_seconds": 600}"#));
+    let id = r.body["claim"]["id"].as_u64().unwrap();
+    let redeem = format!("/claims/{id}/redeem");
+    for (body, status, code) in [
+        (
+            r#"{"order_id": "A-1", "order_amount": 999, "currency": "EUR"}"#,
+            409,
+            "order_below_minimum",
+        ),
+        (
+            r#"{"order_id": "A-1", "order_amount": 5000, "currency": "USD"}"#,
+            422,
+            "currency_mismatch",
+        ),
+        (
+            r#"{"order_id": "", "order_amount": 5000, "currency": "EUR"}"#,
+            422,
+            "invalid_order_id",
+        ),
+        (
+            r#"{"order_id": "A\u0001", "order_amount": 5000, "currency": "EUR"}"#,
+            422,
+            "invalid_order_id",
+        ),
+        (
+            r#"{"order_id": "A-1", "order_amount": -1, "currency": "EUR"}"#,
+            422,
+            "invalid_order_amount",
+        ),
+        (
+            r#"{"order_id": "A-1", "order_amount": 5000, "currency": "eur"}"#,
+            422,
+            "invalid_currency",
+        ),
+        (
+            r#"{"order_id": "A-1", "order_amount": 5000}"#,
+            422,
+            "invalid_body",
+        ),
+    ] {
+        let r = s.post(&s.user, &redeem, Some(body));
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let other = s.svc.register("other@example.com");
+    let good = r#"{"order_id": "A-1001", "order_amount": 12000, "currency": "EUR"}"#;
+    let r = s.post(&other, &redeem, Some(good));
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("claim_not_found"))
+    );
+    // A hold redeemed directly; the same order again is the same answer.
+    let first = s.post(&s.user, &redeem, Some(good));
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(
+        (
+            &first.body["status"],
+            &first.body["discount_amount"],
+            &first.body["order_id"]
+        ),
+        (&"redeemed".into(), &500.into(), &"A-1001".into())
+    );
+    let again = s.post(&s.user, &redeem, Some(good));
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let r = s.post(
+        &s.user,
+        &redeem,
+        Some(r#"{"order_id": "A-1002", "order_amount": 12000, "currency": "EUR"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (409, Some("already_redeemed"))
+    );
+    let r = s.post(
+        &s.user,
+        &redeem,
+        Some(r#"{"order_id": "A-1001", "order_amount": 12001, "currency": "EUR"}"#),
+    );
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (422, Some("order_mismatch"))
+    );
+    // The history and the admin's views show the redemption.
+    let r = s.get(&s.user, "/users/me/history");
+    assert_eq!(
+        (
+            &r.body[0]["status"],
+            &r.body[0]["order_id"],
+            &r.body[0]["discount_amount"]
+        ),
+        (&"redeemed".into(), &"A-1001".into(), &500.into())
+    );
+    let r = s.get(&s.admin, &format!("/admin/coupons/{}", s.coupon));
+    assert_eq!(r.body["redeemed"], 1);
+    // An admin may redeem anyone's claim; a hold that ran out may not be redeemed.
+    let r = s.post(&s.user, &claim_path, Some(r#"{"hold_seconds": 1}"#));
+    let short = r.body["claim"]["id"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = s.post(&s.admin, &format!("/claims/{short}/redeem"), Some(good));
+    assert!(
+        matches!(r.body["code"].as_str(), Some("hold_expired" | "not_active")),
+        "{}",
+        r.body
+    );
+    let r = s.post(&s.user, &claim_path, None);
+    let plain = r.body["claim"]["id"].as_u64().unwrap();
+    let r = s.post(&s.admin, &format!("/claims/{plain}/redeem"), Some(good));
+    assert_eq!(
+        (r.status, &r.body["discount_amount"]),
+        (200, &500.into()),
+        "{}",
+        r.body
+    );
+    balanced(&s.db, CouponId(s.coupon));
+    let r = s.get(&s.admin, &format!("/admin/coupons/{}", s.coupon));
+    assert_eq!(r.body["redeemed"], 2);
 }

@@ -7,4 +7,5 @@ mod faults;
 mod http;
 mod library;
 mod life;
+mod openapi;
 mod support;

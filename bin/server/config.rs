@@ -44,6 +44,9 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// `MAX_CONNECTIONS`: open client connections served at once; unset, from the fd limit.
     pub max_connections: Option<usize>,
+    /// `MAX_REQUESTS_PER_CLIENT`: one client address's requests in the server at once (past
+    /// it, its connections wait); loopback is not counted; 0: no cap. Default: half `WORKERS`.
+    pub max_requests_per_client: usize,
     /// `ACCESS_LOG`: `on` (default) writes a line per request to stderr; `off` does not.
     pub access_log: bool,
     /// `CLAIM_BATCHING` (`on`, default, or `off`) and `CLAIM_BATCH_MAX`: the most claims
@@ -112,6 +115,12 @@ impl Config {
                 Some(_) => Some(number("MAX_CONNECTIONS", 10_000, 1..=1_000_000)?),
                 None => None,
             },
+            // Half the workers: whatever its requests cost, one client leaves the other half.
+            max_requests_per_client: number(
+                "MAX_REQUESTS_PER_CLIENT",
+                (workers / 2).max(1),
+                0..=1_000_000,
+            )?,
         })
     }
 }

@@ -35,6 +35,8 @@ pub struct App {
     pub ready: Arc<AtomicBool>,
     /// Brute-force limits on logins and registrations.
     pub limits: super::limits::Limits,
+    /// Each client's share of the server (`MAX_REQUESTS_PER_CLIENT`).
+    pub shares: Arc<super::limits::Shares>,
     /// Counters for `GET /metrics`.
     pub metrics: super::metrics::Metrics,
     /// Whether to write one access-log line per request to stderr.
@@ -139,7 +141,8 @@ pub fn serve(
     let app = Arc::new(app);
     let look = Arc::clone(&app);
     // A panic there drops the request, which tiny_http then answers 500.
-    server.set_first_look(Box::new(move |rq| {
+    server.set_first_look(Box::new(move |mut rq| {
+        take_share(&look, &mut rq);
         catch_unwind(AssertUnwindSafe(|| first_look(&look, rq))).unwrap_or(None)
     }));
     let stopping = &shutdown.requested;
@@ -343,6 +346,15 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
             ticket.put_back(app);
             answer.give_back()
         }
+    }
+}
+
+/// On a connection's thread, first: waits while the request's client has its share of the
+/// server (`MAX_REQUESTS_PER_CLIENT`), reading nothing more from this connection meanwhile;
+/// the place taken is given back when the request is answered.
+fn take_share(app: &App, rq: &mut Request) {
+    if let Some(slot) = app.shares.admit(routes::client_ip(app, rq)) {
+        rq.hold(Box::new(slot));
     }
 }
 

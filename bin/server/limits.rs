@@ -1,14 +1,17 @@
 //! Limits: failed logins per email and per client address, registrations per client address
 //! (brute force), and keyed requests per user (each writes an idempotency key row, kept 24
 //! hours). Token buckets in this process's memory (each service process keeps its own). A
-//! request past a limit gets 429 with `Retry-After`, before any bcrypt or database work.
+//! request past a limit gets 429 with `Retry-After`, before any bcrypt or database work. And
+//! each client's share of the server ([`Shares`]): a cap on its requests in the server at once.
 
 use coupons::UserId;
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
 use std::time::Instant;
 
 /// One limit: `per_minute` events per key (an email, an address, a user), refilled evenly; 0
@@ -105,32 +108,133 @@ pub struct Limits {
 
 impl Limits {
     /// The client's address: the peer's, or, when the peer is a trusted proxy, the nearest
-    /// address in `X-Forwarded-For` that is not one of ours.
-    pub fn client(&self, peer: Option<IpAddr>, forwarded_for: &[&str]) -> String {
-        let Some(peer) = peer else {
-            return "unknown".into();
-        };
+    /// address in `X-Forwarded-For` (every header line, in order) that is not one of ours. An
+    /// IPv6 one by its /64 (one client usually holds a whole /64), an IPv4-mapped one as IPv4.
+    pub fn client_ip<'a>(
+        &self,
+        peer: Option<IpAddr>,
+        forwarded_for: impl Iterator<Item = &'a str>,
+    ) -> Option<IpAddr> {
+        let peer = peer?.to_canonical();
         if !self.trusted_proxies.contains(&peer) {
-            return bucket(peer);
+            return Some(prefix(peer));
         }
-        // Every header line, in order: a proxy may add a line rather than extend the last.
-        let hops: Vec<&str> = forwarded_for.iter().flat_map(|l| l.split(',')).collect();
+        // Every header line: a proxy may add a line rather than extend the last.
+        let hops: Vec<&str> = forwarded_for.flat_map(|l| l.split(',')).collect();
         let client = hops
             .iter()
             .rev()
             .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical())
             .find(|ip| !self.trusted_proxies.contains(ip));
-        bucket(client.unwrap_or(peer))
+        Some(prefix(client.unwrap_or(peer)))
     }
 }
 
-/// The key of an address: IPv4 as it is, IPv6 by its /64 (one client usually holds a whole /64).
-fn bucket(ip: IpAddr) -> String {
+/// IPv4 as it is, IPv6 cut to its /64.
+fn prefix(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// A client's key in the limits' buckets: IPv4 as it is, IPv6 as its /64.
+pub fn key(client: Option<IpAddr>) -> String {
+    match client {
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        Some(IpAddr::V6(v6)) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        None => "unknown".into(),
+    }
+}
+
+/// Each client's share of the server: at most `cap` of its requests in the server at once
+/// (queued for or running on a worker or a bcrypt thread, or a claim waiting for its batch).
+/// Past it, the connection's thread waits for one of them to be answered, reading nothing more
+/// from that connection; waiting requests of one client are let in first come, first served.
+/// Clients on loopback are not counted (see [`Shares::admit`]).
+pub struct Shares {
+    cap: usize,
+    clients: Mutex<HashMap<IpAddr, Share>>,
+}
+
+#[derive(Default)]
+struct Share {
+    in_server: usize,
+    waiting: VecDeque<Arc<Waiter>>,
+}
+
+struct Waiter {
+    admitted: AtomicBool,
+    thread: Thread,
+}
+
+/// One request's place in its client's share, given back when dropped.
+pub struct Slot {
+    shares: Arc<Shares>,
+    client: IpAddr,
+}
+
+impl Shares {
+    /// `cap` requests in the server per client; 0: no cap.
+    pub fn new(cap: usize) -> Arc<Shares> {
+        Arc::new(Shares {
+            cap,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for one more request of `client`, once it has fewer than the cap in the server
+    /// (this thread waits till then); `None` when it is not counted. Loopback clients are not:
+    /// they share this host (a load generator, a proxy whose clients only `TRUSTED_PROXIES`
+    /// tells apart) and could take its CPU anyway.
+    pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Slot> {
+        let client = client.filter(|ip| self.cap > 0 && !ip.is_loopback())?;
+        let slot = Slot {
+            shares: Arc::clone(self),
+            client,
+        };
+        let mut clients = self.lock();
+        let share = clients.entry(client).or_default();
+        if share.in_server < self.cap {
+            share.in_server += 1;
+            return Some(slot);
+        }
+        let me = Arc::new(Waiter {
+            admitted: AtomicBool::new(false),
+            thread: std::thread::current(),
+        });
+        share.waiting.push_back(Arc::clone(&me));
+        drop(clients);
+        // A place given back is handed to the first waiter directly (see `Slot`'s drop).
+        while !me.admitted.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+        Some(slot)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Share>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut clients = self.shares.lock();
+        let Some(share) = clients.get_mut(&self.client) else {
+            return;
+        };
+        if let Some(next) = share.waiting.pop_front() {
+            next.admitted.store(true, Ordering::Release);
+            next.thread.unpark();
+        } else {
+            share.in_server -= 1;
+            if share.in_server == 0 {
+                clients.remove(&self.client);
+            }
         }
     }
 }
@@ -169,25 +273,55 @@ mod tests {
             keyed_per_user: Limit::new(1),
             trusted_proxies: vec!["10.0.0.1".parse().unwrap()],
         };
+        let client = |peer: Option<IpAddr>, lines: &[&str]| {
+            key(limits.client_ip(peer, lines.iter().copied()))
+        };
         let proxy = Some("10.0.0.1".parse().unwrap());
         let stranger = Some("203.0.113.9".parse().unwrap());
-        assert_eq!(
-            limits.client(proxy, &["198.51.100.7, 10.0.0.1"]),
-            "198.51.100.7"
-        );
-        assert_eq!(
-            limits.client(proxy, &["1.2.3.4, 198.51.100.7"]),
-            "198.51.100.7"
-        );
+        assert_eq!(client(proxy, &["198.51.100.7, 10.0.0.1"]), "198.51.100.7");
+        assert_eq!(client(proxy, &["1.2.3.4, 198.51.100.7"]), "198.51.100.7");
         // A forged first line does not win over the proxy's own, added as a second line.
-        assert_eq!(
-            limits.client(proxy, &["6.6.6.6", "198.51.100.7"]),
-            "198.51.100.7"
-        );
-        assert_eq!(limits.client(proxy, &[]), "10.0.0.1");
-        assert_eq!(limits.client(stranger, &["198.51.100.7"]), "203.0.113.9");
+        assert_eq!(client(proxy, &["6.6.6.6", "198.51.100.7"]), "198.51.100.7");
+        assert_eq!(client(proxy, &[]), "10.0.0.1");
+        assert_eq!(client(stranger, &["198.51.100.7"]), "203.0.113.9");
         let v6 = Some("2001:db8:1:2:3:4:5:6".parse().unwrap());
-        assert_eq!(limits.client(v6, &[]), "2001:db8:1:2::/64");
+        assert_eq!(client(v6, &[]), "2001:db8:1:2::/64");
+        // A dual-stack listener sees IPv4 peers so: they are not one /64 between them.
+        let mapped = Some("::ffff:203.0.113.9".parse().unwrap());
+        assert_eq!(client(mapped, &[]), "203.0.113.9");
+        let proxy = Some("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(client(proxy, &["198.51.100.7"]), "198.51.100.7");
+    }
+
+    #[test]
+    fn a_client_past_its_share_waits_its_turn() {
+        let shares = Shares::new(2);
+        let ip: IpAddr = "203.0.113.1".parse().unwrap();
+        let (a, b) = (Some(ip), Some("203.0.113.2".parse().unwrap()));
+        let first = shares.admit(a).unwrap();
+        let _second = shares.admit(a).unwrap();
+        // Another client, and loopback ones, are not held up.
+        let _other = shares.admit(b).unwrap();
+        let local = ["127.0.0.1", "127.0.0.2", "::1"].map(|ip| Some(ip.parse().unwrap()));
+        assert!((0..10).all(|i| shares.admit(local[i % 3]).is_none()));
+        // The third and fourth of `a` wait, and are let in in their order.
+        let order = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for n in [3, 4] {
+                let (shares, order) = (&shares, &order);
+                s.spawn(move || {
+                    let slot = shares.admit(a);
+                    order.lock().unwrap().push(n);
+                    drop(slot);
+                });
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            assert!(order.lock().unwrap().is_empty(), "admitted past the cap");
+            drop(first);
+        });
+        assert_eq!(*order.lock().unwrap(), [3, 4]);
+        assert_eq!(shares.lock()[&ip].in_server, 1);
+        assert!(Shares::new(0).admit(a).is_none());
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn app(
             keyed_per_user: limits::Limit::new(config.keyed_claims_per_user),
             trusted_proxies: config.trusted_proxies.clone(),
         },
+        shares: limits::Shares::new(config.max_requests_per_client),
         metrics: metrics::Metrics::default(),
         access_log: config.access_log,
         claims_pending: Default::default(),

@@ -580,14 +580,18 @@ fn credentials(rq: &mut Request, url: &str) -> Result<Credentials> {
 
 /// The client's address, for the brute-force limits.
 fn client(app: &App, rq: &Request) -> String {
-    let forwarded: Vec<&str> = rq
+    super::limits::key(client_ip(app, rq))
+}
+
+/// The client's address (see `Limits::client_ip`), for the limits and its share of the server.
+pub fn client_ip(app: &App, rq: &Request) -> Option<std::net::IpAddr> {
+    let forwarded = rq
         .headers()
         .iter()
         .filter(|h| h.field.equiv("X-Forwarded-For"))
-        .map(|h| h.value.as_str())
-        .collect();
+        .map(|h| h.value.as_str());
     app.limits
-        .client(rq.remote_addr().map(|a| a.ip()), &forwarded)
+        .client_ip(rq.remote_addr().map(|a| a.ip()), forwarded)
 }
 
 /// The page a list request asks for (`?limit=&after=`).

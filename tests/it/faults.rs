@@ -137,18 +137,24 @@ fn setup(svc: &Service, url: &str) -> (u64, Vec<String>) {
     let mut conn = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
     conn.query_drop("UPDATE users SET role = 'ADMIN' WHERE email = 'admin@example.com'")
         .unwrap();
+    let coupon = new_coupon(svc, &admin, r#"{"code":"FAULT","available_count":1000000}"#);
+    let tokens = (0..8)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    (coupon, tokens)
+}
+
+/// The id of a coupon the admin with token `admin` creates from `body`.
+fn new_coupon(svc: &Service, admin: &str, body: &str) -> u64 {
     let auth = format!("Bearer {admin}");
     let r = svc.call(
         "POST",
         "/admin/coupons",
         &[JSON, ("Authorization", &auth)],
-        Some(r#"{"code":"FAULT","available_count":1000000}"#),
+        Some(body),
     );
     assert_eq!(r.status, 201, "{}", r.body);
-    let tokens = (0..8)
-        .map(|i| svc.register(&format!("u{i}@example.com")))
-        .collect();
-    (r.body["id"].as_u64().unwrap(), tokens)
+    r.body["id"].as_u64().unwrap()
 }
 
 #[test]
@@ -428,18 +434,11 @@ fn clients_that_pipeline_and_never_read_hold_up_nobody() {
     let db = TestDb::new();
     let svc = Service::start(&db);
     let (_, tokens) = setup(&svc, &db.url);
-    let admin = format!("Bearer {}", svc.login("admin@example.com"));
+    let admin = svc.login("admin@example.com");
     // Long answers fill a socket sooner: a long code and name, and a long request id echoed.
     let (code, name, id) = ("L".repeat(64), "n".repeat(200), "r".repeat(128));
     let body = format!(r#"{{"code":"{code}","name":"{name}","available_count":1000000}}"#);
-    let r = svc.call(
-        "POST",
-        "/admin/coupons",
-        &[JSON, ("Authorization", &admin)],
-        Some(&body),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let coupon = r.body["id"].as_u64().unwrap();
+    let coupon = new_coupon(&svc, &admin, &body);
     // One client pipelines 20,000 claims on the coupon the normal client claims too (so its
     // answers come from the same lane's batches), another 300 requests for the largest
     // document; neither reads a byte of the answers.
@@ -707,4 +706,150 @@ fn continue_and_upgrade_bodies_are_read_before_any_worker_sees_them() {
     let r = crate::support::send(&svc.addr, head.as_bytes(), b"");
     assert_eq!(r.status, 400);
     assert_eq!(r.body["code"], "upgrade_not_supported");
+}
+
+/// `path`'s request from the client `client` (behind the trusted proxy of the test: loopback).
+fn from_client(
+    svc: &Service,
+    method: &str,
+    path: &str,
+    client: &str,
+    token: Option<&str>,
+) -> crate::support::Resp {
+    let mut headers = vec![("X-Forwarded-For", client)];
+    headers.extend(token.map(|t| ("token", t)));
+    svc.call(method, path, &headers, None)
+}
+
+#[test]
+fn one_client_with_many_connections_holds_only_its_share_of_the_server() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let db = TestDb::new();
+    // Without batching a claim runs on a worker, and waits there for its coupon's lock: an
+    // expensive request. Two clients behind a trusted proxy (on loopback, as the test is).
+    let svc = Service::start_with(
+        &db,
+        &[
+            ("CLAIM_BATCHING", "off"),
+            ("TRUSTED_PROXIES", "127.0.0.1"),
+            ("MAX_REQUESTS_PER_CLIENT", "4"),
+        ],
+    );
+    let (locked, tokens) = setup(&svc, &db.url);
+    let admin = svc.login("admin@example.com");
+    let quiet = new_coupon(&svc, &admin, r#"{"code":"QUIET","available_count":100}"#);
+    let mut holder = db.conn();
+    holder.query_drop("START TRANSACTION").unwrap();
+    holder
+        .exec_drop("SELECT id FROM coupons WHERE id = ? FOR UPDATE", (locked,))
+        .unwrap();
+    // One client: 40 connections, each claiming the locked coupon (more than the 16 workers).
+    let flood: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut c = TcpStream::connect(&svc.addr).unwrap();
+            let head = format!(
+                "POST /coupons/{locked}/claim HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\ntoken: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                tokens[0]
+            );
+            c.write_all(head.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Another client is answered at once: its /healthz and its claim on another coupon.
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let r = from_client(&svc, "GET", "/healthz", "198.51.100.2", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let path = format!("/coupons/{quiet}/claim");
+        let r = from_client(&svc, "POST", &path, "198.51.100.2", Some(&tokens[1]));
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let waited = started.elapsed();
+    holder.query_drop("ROLLBACK").unwrap();
+    // Workers held by the flood wait for the lock for seconds.
+    assert!(
+        waited < Duration::from_secs(1),
+        "another client waited {waited:?}"
+    );
+    // The flood's claims are all answered once the lock is gone, four at a time.
+    for mut c in flood {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 201 "), "{answer}");
+    }
+    assert_eq!(db.stock(locked).1, 40);
+}
+
+/// The service's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn one_connection_pipelining_without_end_keeps_memory_bounded() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    for _ in 0..50 {
+        assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
+    }
+    let pid = svc.child.id();
+    let before = rss_kib(pid);
+    // For 3 s, one connection pipelines as fast as it can and reads its answers, another
+    // pipelines and never reads (the red team's 500,000 requests took 420 MB).
+    let batch = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(10_000);
+    let done = AtomicBool::new(false);
+    let (peak, sent) = std::thread::scope(|s| {
+        let reading = TcpStream::connect(&svc.addr).unwrap();
+        let mut answers = reading.try_clone().unwrap();
+        let done = &done;
+        s.spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            answers
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            while !done.load(Ordering::SeqCst) {
+                let _ = answers.read(&mut buf);
+            }
+        });
+        let senders: Vec<_> = [reading, never_reading(&svc.addr)]
+            .into_iter()
+            .map(|mut c| {
+                let batch = &batch;
+                s.spawn(move || {
+                    c.set_write_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    let mut sent = 0usize;
+                    while !done.load(Ordering::SeqCst) {
+                        match c.write(batch.as_bytes()) {
+                            Ok(n) => sent += n,
+                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut peak = before;
+        while started.elapsed() < Duration::from_secs(3) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done.store(true, Ordering::SeqCst);
+        let sent: Vec<usize> = senders.into_iter().map(|h| h.join().unwrap()).collect();
+        (peak, sent)
+    });
+    eprintln!("pipelining: sent {sent:?} bytes; VmRSS {before} KiB, peak {peak} KiB");
+    assert!(
+        peak < before + 32 * 1024,
+        "VmRSS grew from {before} to {peak} KiB"
+    );
+    assert_eq!(svc.call("GET", "/healthz", &[], None).status, 200);
 }

@@ -40,6 +40,9 @@ pub struct ClientConnection {
 
     // coupons patch: the socket, for `Request::raw_fd`.
     fd: Option<i32>,
+
+    // coupons patch: the line being read (see `read_next_line`).
+    line: Vec<u8>,
 }
 
 /// Error that can happen when reading a request.
@@ -77,6 +80,7 @@ impl ClientConnection {
             body_signal: None,
             secure,
             fd,
+            line: Vec::with_capacity(256),
         }
     }
 
@@ -89,28 +93,33 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self, budget: &mut HeadBudget) -> IoResult<AsciiString> {
-        let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
-
+    ///
+    /// coupons patch: the line is found in the buffered bytes (the original read them one at
+    /// a time, some 70 instructions a byte), into one buffer kept for every line (the original
+    /// allocated and grew a new one for each): a quarter of the service's instructions a claim.
+    fn read_next_line(&mut self, budget: &mut HeadBudget) -> IoResult<&str> {
+        use std::io::BufRead;
+        self.line.clear();
+        // A long line's room is not kept while the connection waits (up to 64 KiB each).
+        self.line.shrink_to(1024);
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
-            };
-            budget.spend()?;
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+            let available = self.next_header_source.fill_buf()?;
+            if available.is_empty() {
+                return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF"));
             }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            buf.push(byte);
+            let end = available.iter().position(|&b| b == b'\n');
+            let take = end.map_or(available.len(), |i| i + 1);
+            budget.spend(take)?;
+            self.line.extend_from_slice(&available[..take]);
+            self.next_header_source.consume(take);
+            // Only CRLF ends a line; a lone LF is part of it.
+            if end.is_some() && self.line.ends_with(b"\r\n") {
+                self.line.truncate(self.line.len() - 2);
+                return std::str::from_utf8(&self.line)
+                    .ok()
+                    .filter(|line| line.is_ascii())
+                    .ok_or_else(|| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+            }
         }
     }
 
@@ -125,9 +134,7 @@ impl ClientConnection {
                     .read_next_line(&mut budget)
                     .map_err(ReadError::ReadIoError)?;
 
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
+                parse_request_line(line.trim())?
             };
 
             // getting all headers
@@ -141,8 +148,7 @@ impl ClientConnection {
                     if line.is_empty() {
                         break;
                     };
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
+                    headers.push(match FromStr::from_str(line.trim()) {
                         Ok(h) => h,
                         _ => return Err(ReadError::WrongHeader(version)),
                     });
@@ -361,20 +367,18 @@ impl Default for HeadBudget {
 }
 
 impl HeadBudget {
-    fn spend(&mut self) -> IoResult<()> {
-        if self.bytes_left == 0 {
+    /// `n` more bytes of the head, as they arrive (the clock is read for each piece).
+    fn spend(&mut self, n: usize) -> IoResult<()> {
+        if n > self.bytes_left {
             return Err(IoError::new(ErrorKind::InvalidData, "request head too large"));
         }
-        self.bytes_left -= 1;
-        // The clock is read on the first byte and every 64th: cheap, and close enough.
-        if self.deadline.is_none() || self.bytes_left % 64 == 0 {
-            let now = std::time::Instant::now();
-            let deadline = *self
-                .deadline
-                .get_or_insert(now + std::time::Duration::from_secs(10));
-            if now > deadline {
-                return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"));
-            }
+        self.bytes_left -= n;
+        let now = std::time::Instant::now();
+        let deadline = *self
+            .deadline
+            .get_or_insert(now + std::time::Duration::from_secs(10));
+        if now > deadline {
+            return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"));
         }
         Ok(())
     }

@@ -78,6 +78,8 @@ pub struct Request {
     pub(crate) body_signal: Option<std::sync::mpsc::Receiver<std::io::Result<()>>>,
     // coupons patch: the connection's socket, for `raw_fd`.
     fd: Option<i32>,
+    // coupons patch: see `hold`.
+    held: Option<Box<dyn Send + 'static>>,
 }
 
 struct NotifyOnDrop<R> {
@@ -248,6 +250,7 @@ where
         notify_when_responded: None,
         body_signal,
         fd: None,
+        held: None,
     })
 }
 
@@ -448,6 +451,9 @@ impl Request {
         R: Read,
     {
         let res = self.respond_impl(response);
+        // coupons patch: released before the connection is told, which may hand on its next
+        // request at once.
+        self.held = None;
         // coupons patch: told only of a response written whole; a failed write drops the
         // sender, and the connection closes.
         if let Some(sender) = self.notify_when_responded.take() {
@@ -499,6 +505,13 @@ impl Request {
         self.fd
     }
 
+    /// coupons patch: `value` is kept until this request is answered (or dropped unanswered,
+    /// or turned into a writer), and dropped before its connection hands on its next request:
+    /// e.g. a count of the requests in the server that its drop gives back.
+    pub fn hold(&mut self, value: Box<dyn Send + 'static>) {
+        self.held = Some(value);
+    }
+
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
@@ -521,6 +534,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let written = self.respond_impl(response).is_ok();
             // coupons patch: as in `respond`.
+            self.held = None;
             if let Some(sender) = self.notify_when_responded.take() {
                 if written {
                     let _ = sender.send(());

@@ -18,15 +18,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str = "\
-coupons loadtest [--url URL | --embedded] [--scenario hot|spread|sellout|list|login]
+coupons loadtest [--url URL | --embedded] [--scenario hot|hold|spread|sellout|list|login]
                  [--connections C] [--duration SECS | --requests N] [--users N] [--coupons N]
                  [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]
                  [--coupon ID]   (hot: claim this existing coupon, e.g. one shared by several
-                                  loads on several service processes; its balance is not checked)";
+                                  loads on several service processes; its balance is not checked)
+hold: as hot, but each request holds a unit (hold_seconds 600), then confirms it; a success is
+      a confirmed hold, and its latency both requests'.";
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Scenario {
     Hot,
+    Hold,
     Spread,
     Sellout,
     List,
@@ -81,6 +84,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--scenario" => {
                 o.scenario = match value()?.as_str() {
                     "hot" => Scenario::Hot,
+                    "hold" => Scenario::Hold,
                     "spread" => Scenario::Spread,
                     "sellout" => Scenario::Sellout,
                     "list" => Scenario::List,
@@ -372,7 +376,7 @@ fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>,
         return Ok(vec![id]);
     }
     let (count, stock) = match o.scenario {
-        Scenario::Hot => (1, coupons::Stock::MAX as u64),
+        Scenario::Hot | Scenario::Hold => (1, coupons::Stock::MAX as u64),
         Scenario::Spread => (o.coupons, coupons::Stock::MAX as u64),
         Scenario::Sellout => (1, o.stock),
         Scenario::List => (20, 1000),
@@ -488,6 +492,7 @@ fn drive(
                             Scenario::Hot | Scenario::Spread | Scenario::Sellout => {
                                 (client.call("POST", &path, Some(token), None), 201)
                             }
+                            Scenario::Hold => (hold_and_confirm(&mut client, &path, token), 201),
                             Scenario::List => (client.call("GET", "/coupons", None, None), 200),
                             // A wrong password for an unknown email: a full bcrypt verify each time.
                             Scenario::Login => {
@@ -597,6 +602,26 @@ fn check_invariant(
 struct Client {
     addr: SocketAddr,
     stream: Option<BufReader<TcpStream>>,
+}
+
+/// Holds a unit with `path`, then confirms the hold: the confirm's status (201 for the pair,
+/// to count like a claim), or the hold's when it failed.
+fn hold_and_confirm(
+    client: &mut Client,
+    path: &str,
+    token: &str,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let (status, answer) =
+        client.call("POST", path, Some(token), Some(r#"{"hold_seconds":600}"#))?;
+    let id = serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|v| v["claim"]["id"].as_u64());
+    let (Some(id), 201) = (id, status) else {
+        return Ok((status, answer));
+    };
+    let (status, answer) =
+        client.call("POST", &format!("/claims/{id}/confirm"), Some(token), None)?;
+    Ok((if status == 200 { 201 } else { status }, answer))
 }
 
 impl Client {

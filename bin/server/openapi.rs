@@ -172,6 +172,12 @@ fn schemas() -> Value {
     if let (Some(o), Some(rules)) = (new_coupon.as_object_mut(), value_rules.as_object()) {
         o.extend(rules.clone());
     }
+    // A change's value is checked against the stored coupon too; only "never both" is the
+    // request's own.
+    let mut change = body(&[], coupon_fields);
+    if let Some(o) = change.as_object_mut() {
+        o.insert("not".into(), value_rules["allOf"][0]["not"].clone());
+    }
     let claim_status =
         json!({"enum": ["held", "claimed", "redeemed", "released", "expired", "voided"]});
     let claim_props = json!({"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
@@ -222,7 +228,7 @@ fn schemas() -> Value {
         "Coupon": coupon,
         "CouponList": list("Coupon"),
         "NewCoupon": new_coupon,
-        "CouponChange": body(&[], coupon_fields),
+        "CouponChange": change,
         "AdminCoupon": admin_coupon,
         "AdminCouponList": list("AdminCoupon"),
         "Claim": claim,

@@ -45,11 +45,21 @@ def before_call(ctx, case, **kwargs):
     for field, value in body.items():
         if isinstance(value, float) and value.is_integer():
             body[field] = int(value)
-    # 4. An If-Match is compared with the stored version: any other than "*" would be a 412
+    # 4. A change's value is checked with the coupon it leaves: one that sets amount_off or
+    #    min_order_amount brings its currency, and one that sets percent_off or amount_off clears
+    #    the other (the stored coupon may have it), so that nothing stored decides.
+    if case.method == "PUT":
+        if any(isinstance(body.get(f), int) for f in ("amount_off", "min_order_amount")):
+            if not isinstance(body.get("currency"), str):
+                body["currency"] = "EUR"
+        for field, other in (("percent_off", "amount_off"), ("amount_off", "percent_off")):
+            if isinstance(body.get(field), int) and other not in body:
+                body[other] = None
+    # 5. An If-Match is compared with the stored version: any other than "*" would be a 412
     #    (precondition_failed, rightly) for almost every request, and the body never tested.
     if "If-Match" in (case.headers or {}):
         case.headers["If-Match"] = "*"
-    # 5. An Idempotency-Key names one request: a well-formed key already sent with another
+    # 6. An Idempotency-Key names one request: a well-formed key already sent with another
     #    request (a 422 idempotency_key_reused, rightly) is replaced by a fresh one.
     key = (case.headers or {}).get("Idempotency-Key")
     if isinstance(key, str) and KEY.fullmatch(key):

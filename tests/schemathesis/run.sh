@@ -67,7 +67,8 @@ status=0
 # Schema cannot.
 hooks=$(readlink -f tests/schemathesis/hooks.py)
 venv=$(readlink -f "$venv")
-(cd "$dir" && SCHEMATHESIS_HOOKS="$hooks" "$venv/bin/schemathesis" run "http://$addr/openapi.json" --checks all \
+config=$(readlink -f tests/schemathesis/schemathesis.toml)
+(cd "$dir" && SCHEMATHESIS_HOOKS="$hooks" "$venv/bin/schemathesis" --config-file "$config" run "http://$addr/openapi.json" --checks all \
   -H "Authorization: Bearer $token" --max-examples "$examples" --seed 1 --workers 1 \
   --no-color) || status=$?
 # The service's own account of a failure (a 500 logs its cause).

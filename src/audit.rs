@@ -49,6 +49,46 @@ pub(crate) fn record(
     Ok(())
 }
 
+/// An entry to append: actor, action, coupon, claim, detail.
+pub(crate) type Pending = (
+    UserId,
+    &'static str,
+    Option<CouponId>,
+    Option<ClaimId>,
+    serde_json::Value,
+);
+
+/// Appends entries (actor, action, coupon, claim, detail), in the caller's transaction, in
+/// a few statements: chunks of 32, 16, ..., 1 rows, so that few statements are prepared.
+pub(crate) fn record_many(tx: &mut impl Queryable, entries: &[Pending]) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let (chunk, more) = rest.split_at(1 << rest.len().min(32).ilog2());
+        let sql = format!(
+            "INSERT INTO audit_log (actor_id, action, coupon_id, claim_id, detail, created_at)
+             VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let params: Vec<mysql::Value> = chunk
+            .iter()
+            .flat_map(|(actor, action, coupon, claim, detail)| {
+                [
+                    actor.0.into(),
+                    (*action).into(),
+                    coupon.map(|c| c.0).into(),
+                    claim.map(|c| c.0).into(),
+                    detail.to_string().into(),
+                    now.into(),
+                ]
+            })
+            .collect();
+        tx.exec_drop(sql, params)?;
+        rest = more;
+    }
+    Ok(())
+}
+
 /// The log, newest first.
 pub fn list(pool: &Pool, page: Page) -> Result<Vec<Entry>, Error> {
     with_conn(pool, |conn| {

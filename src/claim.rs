@@ -956,14 +956,32 @@ fn record(mut row: mysql::Row) -> Result<ClaimRecord, Error> {
 
 /// One claim, as it is now, by a plain read (no lock).
 pub(crate) fn read(conn: &mut impl Queryable, id: ClaimId) -> Result<Option<ClaimRecord>, Error> {
-    let row: Option<mysql::Row> = conn.exec_first(
+    Ok(read_many(conn, &[id])?.remove(&id))
+}
+
+/// Claims, as they are now, by one plain read; ids with no claim are left out.
+pub(crate) fn read_many(
+    conn: &mut impl Queryable,
+    ids: &[ClaimId],
+) -> Result<HashMap<ClaimId, ClaimRecord>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut ids: Vec<u64> = ids.iter().map(|c| c.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids = padded(ids);
+    let rows: Vec<mysql::Row> = conn.exec(
         format!(
             "SELECT {RECORD} FROM claims cl JOIN coupons co ON co.id = cl.coupon_id
-             WHERE cl.id = ?"
+             WHERE cl.id IN ({})",
+            placeholders(ids.len(), "?")
         ),
-        (id.0,),
+        ids,
     )?;
-    row.map(record).transpose()
+    rows.into_iter()
+        .map(|row| record(row).map(|r| (r.claim.id, r)))
+        .collect()
 }
 
 /// A claim as admins see it, with who made it.

@@ -48,6 +48,7 @@ pub mod db;
 pub mod embedded;
 mod error;
 mod gate;
+mod group;
 pub mod idempotency;
 pub mod life;
 mod types;

@@ -30,6 +30,8 @@ pub struct App {
     pub pool: Pool,
     /// Every claim goes through it (claim combining lives here).
     pub claims: coupons::claim::Claims,
+    /// Every confirm goes through it: confirms waiting together share a transaction.
+    pub confirms: coupons::life::Confirms,
     pub auth: Auth,
     /// False until the schema is applied (a service started before its database).
     pub ready: Arc<AtomicBool>,
@@ -233,6 +235,9 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 /// gets a 503.
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// The largest claim body the connection's thread reads (a hold is about 20 bytes); a larger
+/// one goes to a worker unread.
+const SMALL_BODY: usize = 1024;
 /// How often holds that ran out are looked for: well within the 5 s promised.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -326,16 +331,36 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
         return Some(rq);
     };
-    // A claim with a body (a hold, or by code) is read by a worker: its body is read once, and
-    // a claim by code finds its coupon by a read.
-    let bodiless = rq.body_length().is_none_or(|n| n == 0);
-    if route.class != Class::Claim || !bodiless || !matches!(id, routes::Params::Coupon(_)) {
+    // A confirm waits for its group's transaction on this thread, which has nothing else to
+    // do: a worker would be held for it. Counted as pending, so a graceful stop waits for it.
+    if route.class == Class::Grouped {
+        app.claims_pending.fetch_add(1, Ordering::SeqCst);
+        handle(app, rq);
+        app.claims_pending.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    // A claim by code finds its coupon by a read: a worker's work. So is a large body.
+    let small = rq.body_length().is_none_or(|n| n <= SMALL_BODY);
+    if route.class != Class::Claim || !small || !matches!(id, routes::Params::Coupon(_)) {
         return Some(rq);
     }
-    // An error is answered by a worker, as any request's; only a good claim is queued here.
+    // Its body (a hold's), kept to be given back with the request should a worker read it.
     let mut rq = rq;
+    let mut body = Vec::new();
+    if rq.body_length().is_some_and(|n| n > 0) {
+        let read = rq
+            .as_reader()
+            .take(SMALL_BODY as u64)
+            .read_to_end(&mut body);
+        if read.is_err() {
+            return Some(rq);
+        }
+        rq.set_body(body.clone());
+    }
+    // An error is answered by a worker, as any request's; only a good claim is queued here.
     let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq, id)));
     let Ok(Ok(ticket)) = checked else {
+        rq.set_body(body);
         return Some(rq);
     };
     let answer = ClaimAnswer::new(app, rq, route.name);
@@ -344,7 +369,9 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
         Err(answer) => {
             // A worker reads it again, and counts it then.
             ticket.put_back(app);
-            answer.give_back()
+            let mut rq = answer.give_back()?;
+            rq.set_body(body);
+            Some(rq)
         }
     }
 }

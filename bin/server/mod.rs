@@ -45,6 +45,7 @@ pub fn app(
         claims: Claims::new(pool.clone())
             .with_lanes(lanes)
             .with_batching(config.claim_batch),
+        confirms: coupons::life::Confirms::new(pool.clone()),
         pool,
         auth,
         ready,

@@ -44,6 +44,9 @@ pub enum Class {
     Bcrypt,
     /// A claim: read on its worker, answered by whichever thread runs its batch.
     Claim,
+    /// A confirm: run on its connection's own thread, where waiting for the transaction it
+    /// shares with other confirms holds no worker.
+    Grouped,
 }
 
 /// What a pattern's `{id}` names.
@@ -257,7 +260,7 @@ pub static ROUTES: &[Route] = &[
     Route {
         name: "POST /claims/{id}/confirm",
         id: Some(Id::Claim),
-        class: Class::Inline,
+        class: Class::Grouped,
         handler: confirm,
         doc: Op {
             summary: "Confirm a held claim (the owner): it becomes claimed; again, the same answer",
@@ -744,10 +747,7 @@ fn void(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
 fn confirm(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
     let who = principal(app, rq)?;
     let id = id.claim()?;
-    Ok(Reply::json(
-        200,
-        &life::confirm(&app.pool, who.user_id, id)?,
-    ))
+    Ok(Reply::json(200, &app.confirms.confirm(who.user_id, id)?))
 }
 
 fn release(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {

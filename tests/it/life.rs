@@ -798,3 +798,45 @@ fn redemption_over_http_applies_the_coupons_terms() {
     let r = s.get(&s.admin, &format!("/admin/coupons/{}", s.coupon));
     assert_eq!(r.body["redeemed"], 2);
 }
+
+#[test]
+fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let c = new_coupon(&db, "CONFIRMS", 200);
+    let holds: Vec<(UserId, ClaimId)> = (0..200)
+        .map(|i| {
+            let won = db.claims.ask(&hold(users[i % 4], c, 600), None).result;
+            (users[i % 4], won.unwrap().claim.id)
+        })
+        .collect();
+    let confirms = life::Confirms::new(db.pool.clone());
+    // Each hold confirmed twice at once, and by someone else once: shared transactions, each
+    // request decided alone.
+    let answers: Vec<(usize, Result<ClaimStatus, Error>)> = threads(32).install(|| {
+        (0..600)
+            .into_par_iter()
+            .map(|i| {
+                let (owner, id) = holds[i / 3];
+                let who = if i % 3 == 2 {
+                    users[(i / 3 + 1) % 4]
+                } else {
+                    owner
+                };
+                (i, confirms.confirm(who, id).map(|r| r.claim.status))
+            })
+            .collect()
+    });
+    for (i, answer) in answers {
+        match (i % 3, answer) {
+            (0 | 1, Ok(ClaimStatus::Claimed)) | (2, Err(Error::ClaimNotFound)) => {}
+            (_, other) => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert_eq!(statuses(&db, c), vec![("claimed".into(), 200)]);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.confirm'"),
+        200
+    );
+    assert_eq!(balanced(&db, c), (0, 200, 200));
+}

@@ -512,6 +512,12 @@ impl Request {
         self.held = Some(value);
     }
 
+    /// coupons patch: the body is now `body` (a body read already, given back to be read
+    /// again, e.g. by a worker after the connection's thread looked at it).
+    pub fn set_body(&mut self, body: Vec<u8>) {
+        self.data_reader = Some(Box::new(std::io::Cursor::new(body)));
+    }
+
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self

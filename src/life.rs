@@ -558,17 +558,8 @@ pub fn expire_due(pool: &Pool) -> Result<usize, Error> {
         if due.is_empty() {
             return Ok(0);
         }
-        let mut coupons: Vec<u64> = due.iter().map(|&(_, c)| c).collect();
-        coupons.sort_unstable();
-        coupons.dedup();
-        let coupons = padded(coupons);
-        tx.exec_drop(
-            format!(
-                "SELECT id FROM coupons WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                placeholders(coupons.len(), "?")
-            ),
-            coupons,
-        )?;
+        let coupons = due.iter().map(|&(_, c)| CouponId(c));
+        coupon::lock_many(tx, coupons, coupon::Lock::Wait)?;
         let ids = padded(due.iter().map(|&(id, _)| id).collect());
         // Under the locks, the holds still due: another sweep, a confirm or a release may
         // have come first.

@@ -56,6 +56,10 @@ fn parameter(key: &str) -> Value {
         "after" => ("after", "query", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
             "The cursor from a Link: rel=\"next\" header"),
         "status" => ("status", "query", status_schema(), "Only coupons with this status"),
+        "code status" => ("status", "query", json!({"enum": ["unassigned", "assigned"]}),
+            "Only codes with this status"),
+        "format" => ("format", "query", json!({"enum": ["json", "csv"], "default": "json"}),
+            "csv: every code as text/csv (code,status,claim_id), streamed; not with status"),
         "q" => ("q", "query", text, "Only coupons whose code starts with this"),
         "Idempotency-Key" => ("Idempotency-Key", "header",
             json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
@@ -98,12 +102,12 @@ fn reason(status: u16) -> &'static str {
         401 => "No, bad, expired or foreign token; unknown user (missing_token, invalid_token, token_expired, unknown_user, invalid_credentials)",
         403 => "Not an admin (admin_required)",
         404 => "No such coupon or claim, or an id that is not a number",
-        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_locked, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
+        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_used, code_locked, stock_from_codes, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
         411 => "Chunked body; send a Content-Length (length_required)",
         412 => "If-Match names an older version (precondition_failed)",
-        413 => "Body over 64 KiB (payload_too_large)",
+        413 => "Body over 64 KiB, 8 MiB for an import of codes (payload_too_large)",
         415 => "Body is not application/json (unsupported_media_type)",
-        422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused, order_mismatch, currency_mismatch)",
+        422 => "Invalid input (invalid_<field>, invalid_body, idempotency_key_reused, order_mismatch, currency_mismatch, pattern_exhausted)",
         429 => "Too many attempts; see Retry-After (too_many_requests)",
         503 => "Database unavailable, busy, overloaded or shutting down; see Retry-After",
         _ => "",
@@ -140,6 +144,7 @@ fn schemas() -> Value {
         "status": {"enum": ["ACTIVE", "INACTIVE"]}, "name": nstr, "description": nstr,
         "per_user_limit": {"type": ["integer", "null"]}, "starts_at": nts, "ends_at": nts,
         "version": {"type": "integer"}, "limit_reached": {"type": "boolean"},
+        "code_count": {"type": "integer", "description": "Its unique codes; 0 for a plain coupon"},
         "percent_off": {"type": ["integer", "null"]}, "amount_off": {"type": ["integer", "null"]},
         "currency": nstr, "min_order_amount": {"type": ["integer", "null"]},
         "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}}}});
@@ -181,7 +186,8 @@ fn schemas() -> Value {
     let claim_status =
         json!({"enum": ["held", "claimed", "redeemed", "released", "expired", "voided"]});
     let claim_props = json!({"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
-        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "status": claim_status, "expires_at": nts});
+        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "status": claim_status, "expires_at": nts,
+        "assigned_code": {"type": ["string", "null"], "description": "The unique code it was given; kept after it ends"}});
     let claim = json!({"type": "object", "properties": claim_props});
     let nint = json!({"type": ["integer", "null"]});
     let mut record_props = claim_props.clone();
@@ -266,6 +272,23 @@ fn schemas() -> Value {
         "Audit": list("AuditEntry"),
         "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
+        "NewCodes": {"oneOf": [
+            body(&["count", "pattern"], json!({
+                "count": {"type": "integer", "minimum": 1, "maximum": 100_000},
+                "pattern": {"type": "string", "pattern": "^[A-Za-z0-9_#-]{1,64}$",
+                    "description": "Each # is a character of charset; at least one #"},
+                "charset": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,64}$",
+                    "default": coupons::codes::DEFAULT_CHARSET,
+                    "description": "Distinct characters, case-insensitively"}})),
+            body(&["codes"], json!({"codes": {"type": "array", "minItems": 1, "maxItems": 100_000,
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}}))]},
+        "CodesAdded": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
+            "added": {"type": "integer"}, "total_codes": {"type": "integer"},
+            "available_count": {"type": "integer"}}},
+        "Code": {"type": "object", "properties": {"id": {"type": "integer"},
+            "code": {"type": "string"}, "status": {"enum": ["unassigned", "assigned"]},
+            "claim_id": {"type": ["integer", "null"]}}},
+        "CodeList": list("Code"),
     })
 }
 
@@ -274,6 +297,12 @@ fn schemas() -> Value {
 fn response(description: &str, body: &str, headers: &[&str]) -> Value {
     let content = match body {
         "" => json!({"application/json": {"schema": {}}}),
+        // A schema and a media type: JSON, or that media type (e.g. a `format=csv`).
+        both if both.contains('|') => {
+            let (name, media) = both.split_once('|').unwrap_or((both, ""));
+            json!({"application/json": {"schema": schema_ref(name)},
+                media: {"schema": {"type": "string"}}})
+        }
         media if media.contains('/') => json!({ media: {"schema": {"type": "string"}} }),
         name => json!({"application/json": {"schema": schema_ref(name)}}),
     };

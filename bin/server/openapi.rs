@@ -221,7 +221,31 @@ fn schemas() -> Value {
         "held": count, "claimed": count, "redeemed": count, "voided": count, "released": count,
         "expired": count, "deleted_at": nts}}]});
     let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
-    json!({
+    let codes = json!({
+        // Closed, with exactly one of: count and pattern (and charset), or codes alone.
+    "NewCodes": {"type": "object", "additionalProperties": false,
+        "properties": {
+            "count": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "pattern": {"type": "string", "pattern": "^[A-Za-z0-9_#-]{1,64}$",
+                "description": "Each # is a character of charset; at least one #"},
+            "charset": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,64}$",
+                "default": coupons::codes::DEFAULT_CHARSET,
+                "description": "Distinct characters, case-insensitively"},
+            "codes": {"type": "array", "minItems": 1, "maxItems": 100_000,
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}},
+        "oneOf": [
+            {"required": ["count", "pattern"], "not": {"required": ["codes"]}},
+            {"required": ["codes"], "not": {"anyOf": [{"required": ["count"]},
+                {"required": ["pattern"]}, {"required": ["charset"]}]}}]},
+    "CodesAdded": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
+        "added": {"type": "integer"}, "total_codes": {"type": "integer"},
+        "available_count": {"type": "integer"}}},
+    "Code": {"type": "object", "properties": {"id": {"type": "integer"},
+        "code": {"type": "string"}, "status": {"enum": ["unassigned", "assigned"]},
+        "claim_id": {"type": ["integer", "null"]}}},
+    "CodeList": list("Code"),
+    });
+    let mut all = json!({
         "Error": {"type": "object", "required": ["detail", "code"], "properties": {
             "detail": {"type": "string"}, "code": {"type": "string"}}},
         "Credentials": body(&["email", "password"], json!({
@@ -272,24 +296,11 @@ fn schemas() -> Value {
         "Audit": list("AuditEntry"),
         "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
-        "NewCodes": {"oneOf": [
-            body(&["count", "pattern"], json!({
-                "count": {"type": "integer", "minimum": 1, "maximum": 100_000},
-                "pattern": {"type": "string", "pattern": "^[A-Za-z0-9_#-]{1,64}$",
-                    "description": "Each # is a character of charset; at least one #"},
-                "charset": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,64}$",
-                    "default": coupons::codes::DEFAULT_CHARSET,
-                    "description": "Distinct characters, case-insensitively"}})),
-            body(&["codes"], json!({"codes": {"type": "array", "minItems": 1, "maxItems": 100_000,
-                "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}}))]},
-        "CodesAdded": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
-            "added": {"type": "integer"}, "total_codes": {"type": "integer"},
-            "available_count": {"type": "integer"}}},
-        "Code": {"type": "object", "properties": {"id": {"type": "integer"},
-            "code": {"type": "string"}, "status": {"enum": ["unassigned", "assigned"]},
-            "claim_id": {"type": ["integer", "null"]}}},
-        "CodeList": list("Code"),
-    })
+    });
+    if let (Some(all), Some(codes)) = (all.as_object_mut(), codes.as_object()) {
+        all.extend(codes.clone());
+    }
+    all
 }
 
 /// A response: its description, its body (a schema name, a media type, or `""` for any JSON)

@@ -113,6 +113,14 @@ fn codes_come_back_once_from_holds_expiring_and_voids_during_the_rush() {
             }
             expired
         });
+        // Stops the sweeper however the run ends, so a failure fails and never hangs.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let stopping = Stop(&stop);
         let results: Vec<(bool, bool)> = threads(14).install(|| {
             (0..3000)
                 .into_par_iter()
@@ -135,7 +143,7 @@ fn codes_come_back_once_from_holds_expiring_and_voids_during_the_rush() {
                 })
                 .collect()
         });
-        stop.store(true, Ordering::SeqCst);
+        drop(stopping);
         sweeper.join().unwrap();
         let won = results.iter().filter(|r| r.0).count();
         let voided = results.iter().filter(|r| r.1).count();

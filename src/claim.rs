@@ -650,41 +650,69 @@ fn decide(
 }
 
 /// The code (id, code) each granted claim gets, in order: the unique code it named, or for a
-/// coupon with codes the oldest unassigned ones not named in the batch (`given`); `None` for a
-/// coupon without codes, which reads nothing here. One statement for the whole batch.
+/// coupon with codes one of its unassigned ones not named in the batch (`given`), those that
+/// came back first, then fresh ones in id order; `None` for a coupon without codes, which
+/// reads and writes nothing here. Moves the cursors: a constant number of statements for the
+/// whole batch.
 fn assign_codes(
     tx: &mut Transaction<'_>,
     granted: &[(usize, &Coupon, Option<&codes::Named>)],
     given: &HashSet<u64>,
 ) -> Result<Vec<Option<(u64, String)>>, Error> {
-    let mut wants: HashMap<CouponId, u64> = HashMap::new();
-    for (_, c, named) in granted {
+    let mut wants: Vec<(&Coupon, u64)> = Vec::new();
+    for &(_, c, named) in granted {
         if c.code_count > 0 && named.is_none() {
-            *wants.entry(c.id).or_insert(0) += 1;
+            match wants.iter_mut().find(|(w, _)| w.id == c.id) {
+                Some(w) => w.1 += 1,
+                None => wants.push((c, 1)),
+            }
         }
     }
-    let mut free = HashMap::new();
-    if !wants.is_empty() {
-        // Enough to skip the codes named in the batch, which are still unassigned here.
-        let mut wants: Vec<(CouponId, u64)> = wants
-            .into_iter()
-            .map(|(c, n)| (c, n + given.len() as u64))
-            .collect();
-        wants.sort_unstable();
-        free = codes::free(tx, &wants)?;
-        for codes in free.values_mut() {
-            codes.retain(|(id, _)| !given.contains(id));
-            codes.reverse();
+    // Named codes the cursor has passed are among the returned ones: taken off them too.
+    let named_back: Vec<(CouponId, u64)> = granted
+        .iter()
+        .filter_map(|&(_, c, named)| named.map(|n| (c, n)))
+        .filter(|(c, n)| n.id <= c.cursor.handed_out_to)
+        .map(|(c, n)| (c.id, n.id))
+        .collect();
+    if wants.is_empty() && named_back.is_empty() {
+        return Ok(granted
+            .iter()
+            .map(|(_, _, named)| named.map(|n| (n.id, n.code.clone())))
+            .collect());
+    }
+    let mut picked = codes::pick(tx, &wants, given)?;
+    let mut moves: Vec<(CouponId, u64, u64)> = Vec::new();
+    let mut returned: Vec<u64> = Vec::new();
+    for (c, _) in &wants {
+        let p = &picked[&c.id];
+        let back = named_back.iter().filter(|(id, _)| *id == c.id).count();
+        moves.push((c.id, p.cursor, (p.returned.len() + back) as u64));
+        returned.extend(&p.returned);
+    }
+    for &(coupon, code) in &named_back {
+        returned.push(code);
+        if !wants.iter().any(|(c, _)| c.id == coupon) {
+            let at = granted.iter().find(|g| g.1.id == coupon);
+            let cursor = at.map_or(0, |g| g.1.cursor.handed_out_to);
+            match moves.iter_mut().find(|m| m.0 == coupon) {
+                Some(m) => m.2 += 1,
+                None => moves.push((coupon, cursor, 1)),
+            }
         }
+    }
+    codes::advance(tx, &moves, &returned)?;
+    for p in picked.values_mut() {
+        p.codes.reverse();
     }
     granted
         .iter()
-        .map(|(_, c, named)| match named {
+        .map(|&(_, c, named)| match named {
             Some(n) => Ok(Some((n.id, n.code.clone()))),
             None if c.code_count == 0 => Ok(None),
-            None => free
+            None => picked
                 .get_mut(&c.id)
-                .and_then(Vec::pop)
+                .and_then(|p| p.codes.pop())
                 .map(Some)
                 .ok_or_else(|| Error::Internal("fewer unassigned codes than units".into())),
         })

@@ -160,6 +160,11 @@ pub fn add(pool: &Pool, actor: UserId, coupon: CouponId, new: &NewCodes) -> Resu
         if c.code_count == 0 && c.total_count > 0 {
             return Err(Error::StockFromCodes);
         }
+        // Adds to one coupon one at a time (not its row: its claims go on).
+        tx.exec_drop(
+            "INSERT INTO code_adds (coupon_id) VALUES (?) ON DUPLICATE KEY UPDATE coupon_id = coupon_id",
+            (coupon.0,),
+        )?;
         let added = match new {
             NewCodes::Import(codes) => import(tx, coupon, codes)?,
             NewCodes::Generate {
@@ -497,29 +502,158 @@ pub(crate) fn named(
         .collect())
 }
 
-/// Up to `n` unassigned codes of each coupon, oldest first, in one statement. A plain read
-/// after the coupons' locks (as [`named`]): it never waits for an add of codes in flight,
-/// whose rows it cannot see before their commit, which raises the stock with them.
-pub(crate) fn free(
+/// Where the handing out of a coupon's codes stands, read with the coupon under its lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// The highest id of its codes handed out so far: the fresh ones are above it.
+    pub handed_out_to: u64,
+    /// How many of its codes at or below the cursor came back, to be handed out first.
+    pub returned: u64,
+}
+
+/// The codes a batch hands out of one coupon, and where that leaves its cursor.
+#[derive(Debug, Default)]
+pub(crate) struct Picked {
+    /// (id, code), in order.
+    pub codes: Vec<(u64, String)>,
+    /// The cursor after them.
+    pub cursor: u64,
+    /// Of them, those that came back (rows of returned_codes).
+    pub returned: Vec<u64>,
+}
+
+/// `n` unassigned codes of each coupon, skipping `given` (named by claims of the batch):
+/// those that came back first, then fresh ones above the cursor, in id order. A statement for
+/// each kind, for every coupon of the batch at once (the second again only if codes named
+/// earlier, ahead of the cursor, used up its margin). Plain reads after the coupons' locks, as
+/// [`named`]: they never wait for an add of codes in flight, whose rows they cannot see before
+/// its commit, which raises the stock with them.
+pub(crate) fn pick(
     tx: &mut Transaction<'_>,
-    wants: &[(CouponId, u64)],
-) -> Result<HashMap<CouponId, Vec<(u64, String)>>, Error> {
-    let sql = vec![
-        "(SELECT coupon_id, id, code FROM coupon_codes
-          WHERE coupon_id = ? AND claim_id IS NULL ORDER BY id LIMIT ?)";
-        wants.len()
-    ]
-    .join(" UNION ALL ");
-    let params: Vec<Value> = wants
+    wants: &[(&crate::coupon::Coupon, u64)],
+    given: &HashSet<u64>,
+) -> Result<HashMap<CouponId, Picked>, Error> {
+    let mut out: HashMap<CouponId, Picked> = wants
         .iter()
-        .flat_map(|&(c, n)| [c.0.into(), n.into()])
+        .map(|(c, _)| {
+            let p = Picked {
+                cursor: c.cursor.handed_out_to,
+                ..Picked::default()
+            };
+            (c.id, p)
+        })
         .collect();
-    let rows: Vec<(u64, u64, String)> = tx.exec(sql, params)?;
-    let mut out: HashMap<CouponId, Vec<(u64, String)>> = HashMap::new();
-    for (coupon, id, code) in rows {
-        out.entry(CouponId(coupon)).or_default().push((id, code));
+    let margin = given.len() as u64;
+    let back: Vec<(CouponId, u64)> = wants
+        .iter()
+        .filter(|(c, _)| c.cursor.returned > 0)
+        .map(|(c, n)| (c.id, n + margin))
+        .collect();
+    if !back.is_empty() {
+        let sql = vec![
+            "(SELECT r.coupon_id, r.code_id, cc.code FROM returned_codes r
+              JOIN coupon_codes cc ON cc.id = r.code_id
+              WHERE r.coupon_id = ? ORDER BY r.code_id LIMIT ?)";
+            back.len()
+        ]
+        .join(" UNION ALL ");
+        let params: Vec<Value> = back
+            .iter()
+            .flat_map(|&(c, n)| [c.0.into(), n.into()])
+            .collect();
+        let rows: Vec<(u64, u64, String)> = tx.exec(sql, params)?;
+        for (coupon, id, code) in rows {
+            let want = wants
+                .iter()
+                .find(|(c, _)| c.id.0 == coupon)
+                .map_or(0, |w| w.1);
+            let p = out.entry(CouponId(coupon)).or_default();
+            if !given.contains(&id) && (p.codes.len() as u64) < want {
+                p.codes.push((id, code));
+                p.returned.push(id);
+            }
+        }
     }
-    Ok(out)
+    // Fresh codes, until each coupon has its `n` (the stock says they are there).
+    loop {
+        let short: Vec<(CouponId, u64, u64)> = wants
+            .iter()
+            .filter_map(|(c, n)| {
+                let p = &out[&c.id];
+                let need = n.saturating_sub(p.codes.len() as u64);
+                (need > 0).then_some((c.id, p.cursor, need))
+            })
+            .collect();
+        if short.is_empty() {
+            return Ok(out);
+        }
+        let sql = vec![
+            "(SELECT coupon_id, id, code, claim_id FROM coupon_codes
+              WHERE coupon_id = ? AND id > ? ORDER BY id LIMIT ?)";
+            short.len()
+        ]
+        .join(" UNION ALL ");
+        let params: Vec<Value> = short
+            .iter()
+            .flat_map(|&(c, after, need)| [c.0.into(), after.into(), (need + margin + 8).into()])
+            .collect();
+        let rows: Vec<(u64, u64, String, Option<u64>)> = tx.exec(sql, params)?;
+        if rows.is_empty() {
+            return Err(Error::Internal("fewer unassigned codes than units".into()));
+        }
+        let mut got: HashMap<u64, u64> = HashMap::new();
+        for (coupon, id, code, claim) in rows {
+            let need = short.iter().find(|s| s.0 .0 == coupon).map_or(0, |s| s.2);
+            let n = got.entry(coupon).or_insert(0);
+            let Some(p) = out.get_mut(&CouponId(coupon)).filter(|_| *n < need) else {
+                continue;
+            };
+            // Codes assigned by name ahead of the cursor are passed over: given back, they
+            // come back as returned ones.
+            p.cursor = p.cursor.max(id);
+            if claim.is_none() && !given.contains(&id) {
+                p.codes.push((id, code));
+                *n += 1;
+            }
+        }
+    }
+}
+
+/// Moves each coupon's cursor and takes the returned codes handed out off its count and off
+/// returned_codes: a statement each, for the whole batch.
+pub(crate) fn advance(
+    tx: &mut Transaction<'_>,
+    moves: &[(CouponId, u64, u64)],
+    returned: &[u64],
+) -> Result<(), Error> {
+    if !moves.is_empty() {
+        let sql = format!(
+            "UPDATE coupons SET code_cursor = CASE id {} END,
+                 codes_returned = codes_returned - CASE id {} END
+             WHERE id IN ({})",
+            vec!["WHEN ? THEN ?"; moves.len()].join(" "),
+            vec!["WHEN ? THEN ?"; moves.len()].join(" "),
+            placeholders(moves.len(), "?")
+        );
+        let params: Vec<Value> = moves
+            .iter()
+            .flat_map(|&(c, cursor, _)| [c.0.into(), cursor.into()])
+            .chain(moves.iter().flat_map(|&(c, _, n)| [c.0.into(), n.into()]))
+            .chain(moves.iter().map(|&(c, _, _)| c.0.into()))
+            .collect();
+        tx.exec_drop(sql, params)?;
+    }
+    if !returned.is_empty() {
+        let ids = padded(returned.to_vec());
+        tx.exec_drop(
+            format!(
+                "DELETE FROM returned_codes WHERE code_id IN ({})",
+                placeholders(ids.len(), "?")
+            ),
+            ids,
+        )?;
+    }
+    Ok(())
 }
 
 /// Gives each code (by id) to its claim, in one statement; each must be unassigned.
@@ -547,13 +681,35 @@ pub(crate) fn assign(tx: &mut Transaction<'_>, pairs: &[(u64, ClaimId)]) -> Resu
     Ok(())
 }
 
-/// Gives an ended claim's code back, if it had one (a point look-up by the claim), under the
-/// coupon's lock (held by the caller).
+/// Gives an ended claim's code back, if it had one, under the coupon's lock (held by the
+/// caller): unassigned again, and among the returned ones if the cursor has passed it. For a
+/// claim without a code, one point look-up. Locking reads: the caller's snapshot may be older
+/// than its lock.
 pub(crate) fn give_back(tx: &mut Transaction<'_>, claim: ClaimId) -> Result<(), Error> {
-    tx.exec_drop(
-        "UPDATE coupon_codes SET claim_id = NULL WHERE claim_id = ?",
+    let row: Option<(u64, u64, u64)> = tx.exec_first(
+        "SELECT cc.id, cc.coupon_id, co.code_cursor FROM claims cl
+         JOIN coupon_codes cc ON cc.code = cl.assigned_code AND cc.claim_id = cl.id
+         JOIN coupons co ON co.id = cc.coupon_id
+         WHERE cl.id = ? FOR UPDATE",
         (claim.0,),
     )?;
+    let Some((code, coupon, cursor)) = row else {
+        return Ok(());
+    };
+    tx.exec_drop(
+        "UPDATE coupon_codes SET claim_id = NULL WHERE id = ?",
+        (code,),
+    )?;
+    if code <= cursor {
+        tx.exec_drop(
+            "INSERT INTO returned_codes (code_id, coupon_id) VALUES (?, ?)",
+            (code, coupon),
+        )?;
+        tx.exec_drop(
+            "UPDATE coupons SET codes_returned = codes_returned + 1 WHERE id = ?",
+            (coupon,),
+        )?;
+    }
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub struct Coupon {
     /// How many unique codes it has ([`crate::codes`]); 0 for a plain coupon, whose claims
     /// read no codes. Then its stock is its unassigned codes.
     pub code_count: u64,
+    /// Where the handing out of its codes stands (not shown).
+    #[serde(skip)]
+    pub cursor: crate::codes::Cursor,
 }
 
 /// The optional rules of a coupon: its name and description, a per-user limit, a validity
@@ -204,7 +207,7 @@ pub struct CouponChange {
     pub if_version: Option<u32>,
 }
 
-const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version, percent_off, amount_off, currency, min_order_amount, metadata, code_count";
+const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version, percent_off, amount_off, currency, min_order_amount, metadata, code_count, code_cursor, codes_returned";
 
 /// Column `name` of a row, converted.
 fn take<T: FromValue>(row: &mut mysql::Row, name: &str) -> Result<T, Error> {
@@ -239,6 +242,10 @@ fn from_row(mut row: mysql::Row) -> Result<Coupon, Error> {
             .map_err(|e| Error::Internal(format!("coupon row: metadata: {e}")))?,
         version: take(row, "version")?,
         code_count: take::<i64>(row, "code_count")?.max(0) as u64,
+        cursor: crate::codes::Cursor {
+            handed_out_to: take(row, "code_cursor")?,
+            returned: take::<i64>(row, "codes_returned")?.max(0) as u64,
+        },
     })
 }
 
@@ -286,6 +293,7 @@ fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<C
         metadata: r.metadata.as_ref().map(|m| m.get().clone()),
         version: 1,
         code_count: 0,
+        cursor: Default::default(),
     };
     check_terms(&c)?;
     let mut params: Vec<mysql::Value> = vec![
@@ -450,6 +458,7 @@ pub fn update(
             }),
             version: old.version + 1,
             code_count: old.code_count,
+            cursor: old.cursor,
         };
         check_window(new.starts_at, new.ends_at)?;
         // The coupon as it would be: a field this change leaves keeps counting.
@@ -871,6 +880,7 @@ pub(crate) mod tests {
             metadata: None,
             version: 1,
             code_count: 0,
+            cursor: Default::default(),
         }
     }
 

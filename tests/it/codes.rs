@@ -64,6 +64,27 @@ fn codes_agree(db: &TestDb, c: CouponId) -> (i64, i64) {
         "SELECT COUNT(*) FROM coupon_codes WHERE coupon_id = ?",
     );
     let code_count = one(&mut conn, "SELECT code_count FROM coupons WHERE id = ?");
+    // Behind the cursor, the unassigned codes are exactly the returned ones, counted.
+    let behind = one(
+        &mut conn,
+        "SELECT COUNT(*) FROM coupon_codes cc JOIN coupons co ON co.id = cc.coupon_id
+         WHERE cc.coupon_id = ? AND cc.claim_id IS NULL AND cc.id <= co.code_cursor",
+    );
+    let returned = one(
+        &mut conn,
+        "SELECT COUNT(*) FROM returned_codes r JOIN coupon_codes cc ON cc.id = r.code_id
+         WHERE r.coupon_id = ? AND cc.claim_id IS NULL AND cc.coupon_id = r.coupon_id",
+    );
+    let rows = one(
+        &mut conn,
+        "SELECT COUNT(*) FROM returned_codes WHERE coupon_id = ?",
+    );
+    let counted = one(&mut conn, "SELECT codes_returned FROM coupons WHERE id = ?");
+    assert_eq!(
+        (behind, returned, rows),
+        (counted, counted, counted),
+        "returned codes"
+    );
     let (available, live, total) = db.stock(c.0);
     assert_eq!(unassigned + live, all, "unassigned + live claims == codes");
     assert_eq!(
@@ -222,6 +243,26 @@ fn fifty_users_racing_for_one_printed_code_one_wins() {
     let again = db.claims.ask(&ask, None).result.unwrap();
     assert_eq!(again.claim.assigned_code.as_deref(), Some("CARD-0007"));
     assert_eq!(again.claim.status, ClaimStatus::Claimed);
+    // Claims by id pass over it (assigned by name, ahead of the cursor) to the other 19.
+    let others: HashSet<String> = (0..19)
+        .map(|i| {
+            db.claims
+                .claim(users[i], c)
+                .unwrap()
+                .claim
+                .assigned_code
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(others.len(), 19);
+    assert!(!others.contains("CARD-0007"));
+    assert!(matches!(db.claims.claim(users[0], c), Err(Error::SoldOut)));
+    // Given back behind the cursor, it is handed out again, by id.
+    life::void(&db.pool, UserId(0), again.claim.id, &reason).unwrap();
+    assert_eq!(codes_agree(&db, c), (1, 19));
+    let last = db.claims.claim(users[2], c).unwrap();
+    assert_eq!(last.claim.assigned_code.as_deref(), Some("CARD-0007"));
+    assert_eq!(codes_agree(&db, c), (0, 20));
 }
 
 #[test]

@@ -415,6 +415,7 @@ fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>,
 
 /// Generates `n` codes for the coupon, up to 100,000 a request.
 fn add_codes(client: &mut Client, admin: &str, id: u64, n: u64, tag: &str) -> Result<(), String> {
+    let (started, mut requests) = (Instant::now(), 0);
     let mut left = n;
     while left > 0 {
         let count = left.min(coupons::codes::MAX_PER_REQUEST as u64);
@@ -428,7 +429,12 @@ fn add_codes(client: &mut Client, admin: &str, id: u64, n: u64, tag: &str) -> Re
             return Err(format!("adding codes: {status} {answer}"));
         }
         left -= count;
+        requests += 1;
     }
+    eprintln!(
+        "generated {n} codes in {:.2} s, {requests} requests",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -493,7 +493,7 @@ fn codes_over_http_import_claim_list_and_csv() {
         r.headers
     );
     let raw = r.body.as_str().unwrap();
-    let text = if r.headers.get("transfer-encoding").is_some() {
+    let text = if r.headers.contains_key("transfer-encoding") {
         dechunk(raw)
     } else {
         raw.to_owned()

@@ -792,9 +792,10 @@ pub fn list(
     })
 }
 
-/// Every code of a coupon as CSV (`code,status,claim_id`), read a page at a time as the
-/// reader is read: never all in memory. [`Error::CouponNotFound`] at once for no such coupon.
-pub fn csv(pool: &Pool, coupon: CouponId) -> Result<CodesCsv, Error> {
+/// Every code of a coupon (with `status`, if given) as CSV (`code,status,claim_id`), read a
+/// page at a time as the reader is read: never all in memory. [`Error::CouponNotFound`] at
+/// once for no such coupon.
+pub fn csv(pool: &Pool, coupon: CouponId, status: Option<CodeStatus>) -> Result<CodesCsv, Error> {
     list(
         pool,
         coupon,
@@ -807,6 +808,7 @@ pub fn csv(pool: &Pool, coupon: CouponId) -> Result<CodesCsv, Error> {
     Ok(CodesCsv {
         pool: pool.clone(),
         coupon,
+        status,
         after: Some(0),
         buf: b"code,status,claim_id\n".to_vec(),
         pos: 0,
@@ -817,6 +819,7 @@ pub fn csv(pool: &Pool, coupon: CouponId) -> Result<CodesCsv, Error> {
 pub struct CodesCsv {
     pool: Pool,
     coupon: CouponId,
+    status: Option<CodeStatus>,
     /// The last id read; `None` once every page is read.
     after: Option<u64>,
     buf: Vec<u8>,
@@ -833,7 +836,7 @@ impl Read for CodesCsv {
                 limit: 1000,
                 after: Some(after),
             };
-            let codes = list(&self.pool, self.coupon, None, page)
+            let codes = list(&self.pool, self.coupon, self.status, page)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             self.after = codes.last().map(|c| c.id).filter(|_| codes.len() == 1000);
             self.buf.clear();

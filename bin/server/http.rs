@@ -664,12 +664,17 @@ pub fn json_body_up_to<T: DeserializeOwned>(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
-            _ => ApiError::MalformedJson(e.to_string()),
-        })
+    let parsed = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
+        _ => ApiError::MalformedJson(e.to_string()),
+    })?;
+    // Every body is an object: serde would take a struct from an array of its fields too.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    Ok(Some(parsed))
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ pub enum Who {
 pub struct Op {
     pub summary: &'static str,
     pub who: Who,
-    /// The request body's schema, by name in [`schemas`]; `None` for no body.
+    /// The request body's schema, by name in [`schemas`], ending in `?` when the body may be
+    /// left out; `None` for no body.
     pub body: Option<&'static str>,
     /// Query and header parameters, by key in [`parameter`].
     pub params: &'static [&'static str],
@@ -59,7 +60,7 @@ fn parameter(key: &str) -> Value {
         "code status" => ("status", "query", json!({"enum": ["unassigned", "assigned"]}),
             "Only codes with this status"),
         "format" => ("format", "query", json!({"enum": ["json", "csv"], "default": "json"}),
-            "csv: every code as text/csv (code,status,claim_id), streamed; not with status"),
+            "csv: every code (with status, if given) as text/csv (code,status,claim_id), streamed"),
         "q" => ("q", "query", text, "Only coupons whose code starts with this"),
         "Idempotency-Key" => ("Idempotency-Key", "header",
             json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
@@ -215,7 +216,8 @@ fn schemas() -> Value {
         json!({"type": "object", "properties": props})
     };
     let history_entry = with_claim_id(json!({}));
-    let hold = json!({"type": "integer", "minimum": 1, "maximum": 86400});
+    // null: no hold, as when left out.
+    let hold = json!({"type": ["integer", "null"], "minimum": 1, "maximum": 86400});
     let count = json!({"type": "integer"});
     let admin_coupon = json!({"allOf": [schema_ref("Coupon"), {"type": "object", "properties": {
         "held": count, "claimed": count, "redeemed": count, "voided": count, "released": count,
@@ -226,8 +228,8 @@ fn schemas() -> Value {
     "NewCodes": {"type": "object", "additionalProperties": false,
         "properties": {
             "count": {"type": "integer", "minimum": 1, "maximum": 100_000},
-            "pattern": {"type": "string", "pattern": "^[A-Za-z0-9_#-]{1,64}$",
-                "description": "Each # is a character of charset; at least one #"},
+            "pattern": {"type": "string", "allOf": [{"pattern": "^[A-Za-z0-9_#-]{1,64}$"},
+                {"pattern": "#"}], "description": "Each # is a character of charset; at least one #"},
             "charset": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,64}$",
                 "default": coupons::codes::DEFAULT_CHARSET,
                 "description": "Distinct characters, case-insensitively"},
@@ -359,7 +361,8 @@ pub fn document() -> Value {
             operation["parameters"] = json!(parameters);
         }
         if let Some(body) = op.body {
-            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}});
+            let (name, required) = body.strip_suffix('?').map_or((body, true), |n| (n, false));
+            operation["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": schema_ref(name)}}});
         }
         if op.who != Who::Anyone {
             operation["security"] = json!([{"bearer": []}, {"token": []}]);

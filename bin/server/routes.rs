@@ -233,7 +233,7 @@ pub static ROUTES: &[Route] = &[
         doc: Op {
             summary: "Claim one unit, or hold it with hold_seconds (Idempotency-Key optional)",
             who: Who::User,
-            body: Some("ClaimOptions"),
+            body: Some("ClaimOptions?"),
             params: &["Idempotency-Key"],
             ok: (201, "ClaimResult"),
             headers: &[],
@@ -808,15 +808,14 @@ fn list_codes(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Repl
             let items = codes::list(&app.pool, id, status, page)?;
             Ok(paged(url, page, &items, |c| c.id))
         }
-        Some("csv") if status.is_none() => {
+        Some("csv") => {
             let mut reply = Reply::bytes(200, Vec::new());
-            reply.stream = Some(Box::new(codes::csv(&app.pool, id)?));
+            reply.stream = Some(Box::new(codes::csv(&app.pool, id, status)?));
             reply
                 .headers
                 .push(("Content-Type", "text/csv; charset=utf-8".into()));
             Ok(reply)
         }
-        Some("csv") => Err(Error::invalid("format", "csv lists every code: no status").into()),
         Some(_) => Err(Error::invalid("format", "must be json or csv").into()),
     }
 }

@@ -516,7 +516,7 @@ fn a_csv_of_many_codes_streams_every_page() {
     let db = TestDb::new();
     let c = coded(&db, "BULK", 2500);
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut codes::csv(&db.pool, c).unwrap(), &mut text).unwrap();
+    std::io::Read::read_to_string(&mut codes::csv(&db.pool, c, None).unwrap(), &mut text).unwrap();
     let lines: Vec<&str> = text.lines().skip(1).collect();
     assert_eq!(lines.len(), 2500);
     let distinct: HashSet<&str> = lines.iter().map(|l| l.split(',').next().unwrap()).collect();

@@ -523,3 +523,38 @@ fn a_csv_of_many_codes_streams_every_page() {
     assert_eq!(distinct.len(), 2500);
     assert!(lines.iter().all(|l| l.ends_with(",unassigned,")));
 }
+
+#[test]
+fn claims_go_on_while_an_add_of_codes_is_in_flight() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let c = coded(&db, "BUSY", 100);
+    let other = new_coupon(&db, "OTHER", 10);
+    // An add in flight, as `codes::add` is until its last statement: its codes inserted and
+    // not committed, the coupon's row not locked.
+    let mut conn = db.conn();
+    let mut tx = conn.start_transaction(Default::default()).unwrap();
+    tx.exec_drop(
+        "INSERT INTO code_adds (coupon_id) VALUES (?) ON DUPLICATE KEY UPDATE coupon_id = coupon_id",
+        (c.0,),
+    )
+    .unwrap();
+    tx.exec_drop(
+        "INSERT INTO coupon_codes (coupon_id, code) VALUES (?, 'LATE-1'), (?, 'LATE-2')",
+        (c.0, c.0),
+    )
+    .unwrap();
+    // Every claim is answered meanwhile (waiting for those rows would be a lock-wait timeout,
+    // then `busy`), the last ones reading up to the rows in flight, which they never get.
+    let won: Vec<String> = (0..100)
+        .map(|i| {
+            let claim = db.claims.claim(users[i % 4], c).unwrap().claim;
+            claim.assigned_code.unwrap()
+        })
+        .collect();
+    assert!(won.iter().all(|code| !code.starts_with("LATE")));
+    assert!(matches!(db.claims.claim(users[0], c), Err(Error::SoldOut)));
+    db.claims.claim(users[1], other).unwrap();
+    tx.rollback().unwrap();
+    assert_eq!(codes_agree(&db, c), (0, 100));
+}

@@ -1,6 +1,7 @@
 //! The claim: [`Claims`] makes every claim, alone or combined with others (see
 //! `combine.rs`), in one claim transaction; [`verdict`] decides each one.
 
+use crate::codes;
 use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
 use crate::coupon::{self, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
@@ -12,7 +13,7 @@ use crate::{
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -33,6 +34,9 @@ pub struct Claim {
     pub status: ClaimStatus,
     /// When a hold runs out; `None` for a claim made without one.
     pub expires_at: Option<Timestamp>,
+    /// The unique code it was given ([`crate::codes`]); `None` for a coupon without codes.
+    /// An ended claim still shows the code it had; the code itself went back.
+    pub assigned_code: Option<String>,
 }
 
 /// What a claim asks for: one unit of `coupon` for `user`, held for a while or claimed
@@ -48,7 +52,8 @@ pub struct Ask {
     pub hold: Option<HoldSeconds>,
     /// The code the claimer typed, when the coupon was found by it
     /// ([`crate::coupon::id_for_code`]): checked again under the coupon's lock, so a code
-    /// changed or freed in between is [`Error::CouponNotFound`], never another coupon.
+    /// changed or freed in between is [`Error::CouponNotFound`], never another coupon. The
+    /// coupon's own code claims any of its units; one of its unique codes claims that code.
     pub code: Option<CouponCode>,
 }
 
@@ -477,15 +482,28 @@ fn take_many(
     Ok(answers)
 }
 
+/// The unique code a claim names, as found under its coupon's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// None: any unit (and, for a coupon with codes, any unassigned code).
+    Any,
+    /// A code of the coupon no live claim holds (nor one granted earlier in the batch).
+    Free,
+    /// A code of the coupon a live claim holds.
+    Used,
+}
+
 /// The decision, the only one: whether `user` gets one more unit of `coupon` at `now`, given
-/// the claims they hold of it (`held`, counting those granted earlier in the same batch) and
-/// the units the batch has granted of it so far (`taken`). `None`: no live coupon. Pure, so
-/// that a lone claim and every claim of a batch are decided alike, under the coupon's lock.
+/// the claims they hold of it (`held`, counting those granted earlier in the same batch), the
+/// units the batch has granted of it so far (`taken`) and the unique code the claim names.
+/// `None`: no live coupon. Pure, so that a lone claim and every claim of a batch are decided
+/// alike, under the coupon's lock.
 pub fn verdict(
     coupon: Option<&Coupon>,
     now: Timestamp,
     held: u64,
     taken: u64,
+    named: Named,
 ) -> Result<(), Error> {
     let c = coupon.ok_or(Error::CouponNotFound)?;
     if c.status != Status::Active {
@@ -494,6 +512,8 @@ pub fn verdict(
         Err(Error::NotStarted)
     } else if c.ends_at.is_some_and(|e| now >= e) {
         Err(Error::Expired)
+    } else if named == Named::Used {
+        Err(Error::CodeUsed)
     } else if c.available_count <= taken {
         Err(Error::SoldOut)
     } else if limit_reached(c, held) {
@@ -518,13 +538,33 @@ fn decide(
     locked: &HashMap<CouponId, Option<Coupon>>,
 ) -> Result<(), Error> {
     // Live coupons only: a deleted one (locked all the same) or one with no row is not found;
-    // so is one whose code is no longer the one the claimer typed.
+    // so is one whose code is no longer the one the claimer typed (its own, or one of its
+    // unique codes).
+    let live = |i: usize| locked.get(&batch[i].coupon).and_then(Option::as_ref);
+    let typed_unique = |i: usize| {
+        let (c, typed) = (live(i)?, batch[i].code.as_ref()?);
+        (c.code_count > 0 && !typed.as_str().eq_ignore_ascii_case(&c.code)).then_some(typed)
+    };
+    let typed: Vec<&str> = open
+        .iter()
+        .filter_map(|&i| typed_unique(i))
+        .map(CouponCode::as_str)
+        .collect();
+    let named = match typed.is_empty() {
+        true => HashMap::new(),
+        false => codes::named(tx, &typed)?,
+    };
+    let unique = |i: usize| {
+        let code = typed_unique(i)?.as_str().to_ascii_lowercase();
+        named
+            .get(&code)
+            .filter(|n| Some(n.coupon) == live(i).map(|c| c.id))
+    };
     let coupon = |i: usize| {
         let typed = batch[i].code.as_ref();
-        locked
-            .get(&batch[i].coupon)
-            .and_then(Option::as_ref)
-            .filter(|c| typed.is_none_or(|t| t.as_str().eq_ignore_ascii_case(&c.code)))
+        live(i).filter(|c| {
+            typed.is_none_or(|t| t.as_str().eq_ignore_ascii_case(&c.code)) || unique(i).is_some()
+        })
     };
     let now = Timestamp::now();
     // A plain read, after every lock: the snapshot starts here, and every change to these
@@ -536,15 +576,24 @@ fn decide(
     let mut held = held_counts(tx, limited)?;
     let mut taken: HashMap<CouponId, u64> = HashMap::new();
     let mut granted = Vec::new();
+    // Unique codes granted in this batch, by id.
+    let mut given: HashSet<u64> = HashSet::new();
     for &i in open {
         let pair = (batch[i].user, batch[i].coupon);
         let n = taken.get(&pair.1).copied().unwrap_or(0);
         let held = held.entry(pair).or_insert(0);
-        match verdict(coupon(i), now, *held, n) {
+        let code = unique(i);
+        let state = match code {
+            None => Named::Any,
+            Some(c) if c.used || given.contains(&c.id) => Named::Used,
+            Some(_) => Named::Free,
+        };
+        match verdict(coupon(i), now, *held, n, state) {
             Ok(()) => {
                 taken.insert(pair.1, n + 1);
                 *held += 1;
-                granted.push((i, coupon(i).ok_or(Error::CouponNotFound)?));
+                given.extend(code.map(|c| c.id));
+                granted.push((i, coupon(i).ok_or(Error::CouponNotFound)?, code));
             }
             Err(refusal) => steps[i] = Step::Done(Err(refusal)),
         }
@@ -552,26 +601,35 @@ fn decide(
     if granted.is_empty() {
         return Ok(());
     }
+    let assigned = assign_codes(tx, &granted, &given)?;
     let counted: Vec<((UserId, CouponId), u64)> = granted
         .iter()
-        .filter(|(_, c)| c.per_user_limit.is_some())
-        .map(|&(i, _)| (batch[i].user, batch[i].coupon))
+        .filter(|(_, c, _)| c.per_user_limit.is_some())
+        .map(|&(i, _, _)| (batch[i].user, batch[i].coupon))
         .map(|pair| (pair, held[&pair]))
         .collect();
     write_counts(tx, counted)?;
     take_stock(tx, &taken)?;
     let rows: Vec<NewClaim> = granted
         .iter()
-        .map(|&(i, c)| NewClaim {
+        .zip(&assigned)
+        .map(|(&(i, c, _), code)| NewClaim {
             user: batch[i].user,
             coupon: c,
             expires_at: batch[i].hold.map(|h| now.plus(h.duration())),
+            assigned_code: code.as_ref().map(|(_, code)| code.as_str()),
         })
         .collect();
     let ids = insert_claims(tx, now, &rows)?;
+    let pairs: Vec<(u64, ClaimId)> = assigned
+        .iter()
+        .zip(&ids)
+        .filter_map(|(code, &id)| code.as_ref().map(|&(code, _)| (code, id)))
+        .collect();
+    codes::assign(tx, &pairs)?;
     // Each coupon's stock right after each of its claims, in order.
     let mut left: HashMap<CouponId, u64> = HashMap::new();
-    for ((&(i, c), row), id) in granted.iter().zip(&rows).zip(ids) {
+    for ((&(i, c, _), row), id) in granted.iter().zip(&rows).zip(ids) {
         let left = left.entry(c.id).or_insert(c.available_count);
         *left -= 1;
         steps[i] = Step::Done(Ok(Claimed {
@@ -583,11 +641,82 @@ fn decide(
                 claimed_at: now,
                 status: row.status(),
                 expires_at: row.expires_at,
+                assigned_code: row.assigned_code.map(str::to_owned),
             },
             available_count: *left,
         }));
     }
     Ok(())
+}
+
+/// The code (id, code) each granted claim gets, in order: the unique code it named, or for a
+/// coupon with codes one of its unassigned ones not named in the batch (`given`), those that
+/// came back first, then fresh ones in id order; `None` for a coupon without codes, which
+/// reads and writes nothing here. Moves the cursors: a constant number of statements for the
+/// whole batch.
+fn assign_codes(
+    tx: &mut Transaction<'_>,
+    granted: &[(usize, &Coupon, Option<&codes::Named>)],
+    given: &HashSet<u64>,
+) -> Result<Vec<Option<(u64, String)>>, Error> {
+    let mut wants: Vec<(&Coupon, u64)> = Vec::new();
+    for &(_, c, named) in granted {
+        if c.code_count > 0 && named.is_none() {
+            match wants.iter_mut().find(|(w, _)| w.id == c.id) {
+                Some(w) => w.1 += 1,
+                None => wants.push((c, 1)),
+            }
+        }
+    }
+    // Named codes the cursor has passed are among the returned ones: taken off them too.
+    let named_back: Vec<(CouponId, u64)> = granted
+        .iter()
+        .filter_map(|&(_, c, named)| named.map(|n| (c, n)))
+        .filter(|(c, n)| n.id <= c.cursor.handed_out_to)
+        .map(|(c, n)| (c.id, n.id))
+        .collect();
+    if wants.is_empty() && named_back.is_empty() {
+        return Ok(granted
+            .iter()
+            .map(|(_, _, named)| named.map(|n| (n.id, n.code.clone())))
+            .collect());
+    }
+    let mut picked = codes::pick(tx, &wants, given)?;
+    let mut moves: Vec<(CouponId, u64, u64)> = Vec::new();
+    let mut returned: Vec<u64> = Vec::new();
+    for (c, _) in &wants {
+        let p = &picked[&c.id];
+        let back = named_back.iter().filter(|(id, _)| *id == c.id).count();
+        moves.push((c.id, p.cursor, (p.returned.len() + back) as u64));
+        returned.extend(&p.returned);
+    }
+    for &(coupon, code) in &named_back {
+        returned.push(code);
+        if !wants.iter().any(|(c, _)| c.id == coupon) {
+            let at = granted.iter().find(|g| g.1.id == coupon);
+            let cursor = at.map_or(0, |g| g.1.cursor.handed_out_to);
+            match moves.iter_mut().find(|m| m.0 == coupon) {
+                Some(m) => m.2 += 1,
+                None => moves.push((coupon, cursor, 1)),
+            }
+        }
+    }
+    codes::advance(tx, &moves, &returned)?;
+    for p in picked.values_mut() {
+        p.codes.reverse();
+    }
+    granted
+        .iter()
+        .map(|&(_, c, named)| match named {
+            Some(n) => Ok(Some((n.id, n.code.clone()))),
+            None if c.code_count == 0 => Ok(None),
+            None => picked
+                .get_mut(&c.id)
+                .and_then(|p| p.codes.pop())
+                .map(Some)
+                .ok_or_else(|| Error::Internal("fewer unassigned codes than units".into())),
+        })
+        .collect()
 }
 
 /// How many claims of the coupon each (user, coupon) pair holds, as the per-user counters say
@@ -675,6 +804,7 @@ struct NewClaim<'a> {
     user: UserId,
     coupon: &'a Coupon,
     expires_at: Option<Timestamp>,
+    assigned_code: Option<&'a str>,
 }
 
 impl NewClaim<'_> {
@@ -698,9 +828,10 @@ fn insert_claims(
     while !rest.is_empty() {
         let (chunk, more) = rest.split_at(1 << rest.len().ilog2());
         let sql = format!(
-            "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name, status, expires_at)
+            "INSERT INTO claims (user_id, coupon_id, claimed_at, code, name, status, expires_at,
+                 assigned_code)
              VALUES {}",
-            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?)")
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?)")
         );
         let params: Vec<Value> = chunk
             .iter()
@@ -713,6 +844,7 @@ fn insert_claims(
                     r.coupon.name.as_deref().into(),
                     r.status().as_str().into(),
                     r.expires_at.into(),
+                    r.assigned_code.into(),
                 ]
             })
             .collect();
@@ -883,7 +1015,7 @@ pub fn eligibility(pool: &Pool, user: UserId, coupon: CouponId) -> Result<Eligib
             (user.0, coupon.0),
         )?;
         let held = held.unwrap_or(0);
-        let reason = verdict(Some(&c), Timestamp::now(), held, 0)
+        let reason = verdict(Some(&c), Timestamp::now(), held, 0, Named::Any)
             .err()
             .map(|e| e.outcome().unwrap_or("internal"));
         Ok(Eligibility {
@@ -923,7 +1055,8 @@ pub struct ClaimRecord {
 /// The columns [`record`] reads, of `claims cl JOIN coupons co`.
 const RECORD: &str = "cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
     cl.claimed_at, cl.status, cl.expires_at, cl.user_id, cl.redeemed_at, cl.order_id,
-    cl.order_amount, cl.order_currency, cl.discount_amount, cl.voided_at, cl.void_reason";
+    cl.order_amount, cl.order_currency, cl.discount_amount, cl.voided_at, cl.void_reason,
+    cl.assigned_code";
 
 /// A row of [`RECORD`].
 fn record(mut row: mysql::Row) -> Result<ClaimRecord, Error> {
@@ -942,6 +1075,7 @@ fn record(mut row: mysql::Row) -> Result<ClaimRecord, Error> {
             claimed_at: col(r, 4)?,
             status: ClaimStatus::from_db(&col::<String>(r, 5)?)?,
             expires_at: col(r, 6)?,
+            assigned_code: col(r, 15)?,
         },
         user_id: UserId(col(r, 7)?),
         redeemed_at: col(r, 8)?,
@@ -1012,7 +1146,7 @@ pub fn coupon_claims(pool: &Pool, coupon: CouponId, page: Page) -> Result<Vec<Co
         )?;
         rows.into_iter()
             .map(|mut row| {
-                let email: String = row.take(15).unwrap_or_default();
+                let email: String = row.take(16).unwrap_or_default();
                 let record = record(row)?;
                 Ok(CouponClaim {
                     claim_id: record.claim.id,
@@ -1079,7 +1213,8 @@ mod tests {
         taken: u64,
         want: Result<(), &str>,
     ) {
-        let got = verdict(c, now, held, taken).map_err(|e| e.outcome().unwrap_or("no outcome"));
+        let got = verdict(c, now, held, taken, Named::Any)
+            .map_err(|e| e.outcome().unwrap_or("no outcome"));
         assert_eq!(got, want, "{case}");
     }
 

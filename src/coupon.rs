@@ -48,6 +48,12 @@ pub struct Coupon {
     pub metadata: Option<BTreeMap<String, String>>,
     /// Counts admin changes (not claims); the HTTP layer's ETag.
     pub version: u32,
+    /// How many unique codes it has ([`crate::codes`]); 0 for a plain coupon, whose claims
+    /// read no codes. Then its stock is its unassigned codes.
+    pub code_count: u64,
+    /// Where the handing out of its codes stands (not shown).
+    #[serde(skip)]
+    pub cursor: crate::codes::Cursor,
 }
 
 /// The optional rules of a coupon: its name and description, a per-user limit, a validity
@@ -201,7 +207,7 @@ pub struct CouponChange {
     pub if_version: Option<u32>,
 }
 
-const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version, percent_off, amount_off, currency, min_order_amount, metadata";
+const COLUMNS: &str = "id, code, available_count, total_count, status, name, description, per_user_limit, starts_at, ends_at, version, percent_off, amount_off, currency, min_order_amount, metadata, code_count, code_cursor, codes_returned";
 
 /// Column `name` of a row, converted.
 fn take<T: FromValue>(row: &mut mysql::Row, name: &str) -> Result<T, Error> {
@@ -235,6 +241,11 @@ fn from_row(mut row: mysql::Row) -> Result<Coupon, Error> {
             .transpose()
             .map_err(|e| Error::Internal(format!("coupon row: metadata: {e}")))?,
         version: take(row, "version")?,
+        code_count: take::<i64>(row, "code_count")?.max(0) as u64,
+        cursor: crate::codes::Cursor {
+            handed_out_to: take(row, "code_cursor")?,
+            returned: take::<i64>(row, "codes_returned")?.max(0) as u64,
+        },
     })
 }
 
@@ -281,6 +292,8 @@ fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<C
         min_order_amount: r.min_order_amount.map(Amount::get),
         metadata: r.metadata.as_ref().map(|m| m.get().clone()),
         version: 1,
+        code_count: 0,
+        cursor: Default::default(),
     };
     check_terms(&c)?;
     let mut params: Vec<mysql::Value> = vec![
@@ -308,6 +321,7 @@ fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<C
         .map(|r| r.last_insert_id().unwrap_or(0))
         .map_err(Error::from)
         .on_duplicate(Error::CodeTaken)?;
+    crate::codes::check_not_a_unique_code(conn, &c.code)?;
     let c = Coupon {
         id: CouponId(id),
         ..c
@@ -400,6 +414,9 @@ pub fn update(
         if change.if_version.is_some_and(|v| v != old.version) {
             return Err(Error::Stale);
         }
+        if change.available_count.is_some() && old.code_count > 0 {
+            return Err(Error::StockFromCodes);
+        }
         let code = change.code.as_ref().map(|c| c.as_str().to_owned());
         if code.as_ref().is_some_and(|c| *c != old.code) && has_claims(tx, id)? {
             return Err(Error::CodeLocked);
@@ -440,6 +457,8 @@ pub fn update(
                 m.as_ref().map(|m| m.get().clone())
             }),
             version: old.version + 1,
+            code_count: old.code_count,
+            cursor: old.cursor,
         };
         check_window(new.starts_at, new.ends_at)?;
         // The coupon as it would be: a field this change leaves keeps counting.
@@ -472,6 +491,9 @@ pub fn update(
              WHERE id = ?",
             params,
         )?;
+        if new.code != old.code {
+            crate::codes::check_not_a_unique_code(tx, &new.code)?;
+        }
         audit::record(
             tx,
             actor,
@@ -545,12 +567,15 @@ pub(crate) fn read(
     row.map(from_row).transpose()
 }
 
-/// The live coupon whose code is `code`, compared case-insensitively (what a customer types).
+/// The live coupon whose code is `code`, or the coupon that has `code` among its unique
+/// codes ([`crate::codes`]), compared case-insensitively (what a customer types). Codes are
+/// unique across both, so there is one at most.
 pub fn id_for_code(pool: &Pool, code: &CouponCode) -> Result<CouponId, Error> {
     with_conn(pool, |conn| {
         let id: Option<u64> = conn.exec_first(
-            "SELECT id FROM coupons WHERE live_code = ?",
-            (code.as_str(),),
+            "SELECT id FROM coupons WHERE live_code = ?
+             UNION ALL SELECT coupon_id FROM coupon_codes WHERE code = ? LIMIT 1",
+            (code.as_str(), code.as_str()),
         )?;
         id.map(CouponId).ok_or(Error::CouponNotFound)
     })
@@ -854,6 +879,8 @@ pub(crate) mod tests {
             min_order_amount: None,
             metadata: None,
             version: 1,
+            code_count: 0,
+            cursor: Default::default(),
         }
     }
 

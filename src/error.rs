@@ -30,6 +30,16 @@ pub enum Error {
     EmailTaken,
     /// Another live coupon has this code, compared case-insensitively (409 `code_taken`).
     CodeTaken,
+    /// A unique code of an import is in use already (by any coupon's codes or a live coupon's
+    /// own code) or given twice; names the first such code (409 `code_taken`).
+    CodeInUse(String),
+    /// The unique code claimed is held by a held, claimed or redeemed claim (409 `code_used`).
+    CodeUsed,
+    /// The pattern cannot give that many new codes (422 `pattern_exhausted`).
+    PatternExhausted,
+    /// The coupon has unique codes: its stock is its unassigned codes, never set by hand (409
+    /// `stock_from_codes`).
+    StockFromCodes,
     /// Unknown email or wrong password, deliberately indistinguishable (401 `invalid_credentials`).
     BadCredentials,
     /// The token was missing or refused (401).
@@ -114,6 +124,7 @@ impl Error {
             Error::Inactive => Some("inactive"),
             Error::CouponNotFound => Some("coupon_not_found"),
             Error::CodeTaken => Some("code_taken"),
+            Error::CodeUsed => Some("code_used"),
             Error::NotStarted => Some("not_started"),
             Error::Expired => Some("expired"),
             Error::LimitReached => Some("limit_reached"),
@@ -129,6 +140,7 @@ impl Error {
             "inactive" => Error::Inactive,
             "coupon_not_found" => Error::CouponNotFound,
             "code_taken" => Error::CodeTaken,
+            "code_used" => Error::CodeUsed,
             "not_started" => Error::NotStarted,
             "expired" => Error::Expired,
             "limit_reached" => Error::LimitReached,
@@ -158,6 +170,14 @@ impl fmt::Display for Error {
             Error::Invalid { field, reason } => write!(f, "invalid {field}: {reason}"),
             Error::EmailTaken => f.write_str("email already registered"),
             Error::CodeTaken => f.write_str("coupon code already in use"),
+            Error::CodeInUse(code) => write!(f, "code {code} is already in use"),
+            Error::CodeUsed => f.write_str("this code was claimed already"),
+            Error::PatternExhausted => {
+                f.write_str("the pattern has not that many codes left")
+            }
+            Error::StockFromCodes => f.write_str(
+                "the coupon has unique codes: its stock is its unassigned codes; add codes instead",
+            ),
             Error::BadCredentials => f.write_str("invalid email or password"),
             Error::Token(TokenProblem::Missing) => f.write_str("authentication required"),
             Error::Token(TokenProblem::Invalid) => f.write_str("invalid token"),

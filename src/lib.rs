@@ -42,6 +42,7 @@
 pub mod audit;
 pub mod auth;
 pub mod claim;
+pub mod codes;
 mod combine;
 pub mod coupon;
 pub mod db;

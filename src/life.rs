@@ -502,6 +502,7 @@ fn set_status(
     }
     if gives_back(c.status, to) {
         give_back(tx, &[(c.coupon, c.user)])?;
+        crate::codes::give_back(tx, c.id)?;
     }
     let mut detail = detail.clone();
     if let Some(d) = detail.as_object_mut() {

@@ -18,18 +18,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str = "\
-coupons loadtest [--url URL | --embedded] [--scenario hot|hold|spread|sellout|list|login]
+coupons loadtest [--url URL | --embedded] [--scenario hot|hold|codes|spread|sellout|list|login]
                  [--connections C] [--duration SECS | --requests N] [--users N] [--coupons N]
                  [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]
                  [--coupon ID]   (hot: claim this existing coupon, e.g. one shared by several
                                   loads on several service processes; its balance is not checked)
 hold: as hot, but each request holds a unit (hold_seconds 600), then confirms it; a success is
-      a confirmed hold, and its latency both requests'.";
+      a confirmed hold, and its latency both requests'.
+codes: as hot, on a coupon of unique codes (--stock of them, default 300,000, generated
+       before the run), so each claim is also given a code.";
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Scenario {
     Hot,
     Hold,
+    Codes,
     Spread,
     Sellout,
     List,
@@ -85,6 +88,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.scenario = match value()?.as_str() {
                     "hot" => Scenario::Hot,
                     "hold" => Scenario::Hold,
+                    "codes" => Scenario::Codes,
                     "spread" => Scenario::Spread,
                     "sellout" => Scenario::Sellout,
                     "list" => Scenario::List,
@@ -115,6 +119,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.coupon.is_some() && o.scenario != Scenario::Hot {
         return Err("--coupon goes with --scenario hot".into());
+    }
+    if o.scenario == Scenario::Codes && !args.iter().any(|a| a == "--stock") {
+        o.stock = 300_000;
     }
     if o.scenario == Scenario::Sellout && o.requests.is_none() {
         o.requests = Some(o.stock * 5);
@@ -377,6 +384,8 @@ fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>,
     }
     let (count, stock) = match o.scenario {
         Scenario::Hot | Scenario::Hold => (1, coupons::Stock::MAX as u64),
+        // Its stock comes from its codes, added below.
+        Scenario::Codes => (1, 0),
         Scenario::Spread => (o.coupons, coupons::Stock::MAX as u64),
         Scenario::Sellout => (1, o.stock),
         Scenario::List => (20, 1000),
@@ -393,11 +402,40 @@ fn setup_coupons(addr: SocketAddr, admin: &str, o: &Options) -> Result<Vec<u64>,
                 .map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_slice(&answer).unwrap_or_default();
             match (status, v["id"].as_u64()) {
+                (201, Some(id)) if o.scenario == Scenario::Codes => {
+                    add_codes(&mut client, admin, id, o.stock, &tag)?;
+                    Ok(id)
+                }
                 (201, Some(id)) => Ok(id),
                 _ => Err(format!("creating a coupon: {status} {v}")),
             }
         })
         .collect()
+}
+
+/// Generates `n` codes for the coupon, up to 100,000 a request.
+fn add_codes(client: &mut Client, admin: &str, id: u64, n: u64, tag: &str) -> Result<(), String> {
+    let (started, mut requests) = (Instant::now(), 0);
+    let mut left = n;
+    while left > 0 {
+        let count = left.min(coupons::codes::MAX_PER_REQUEST as u64);
+        let body = json!({"count": count, "pattern": format!("LT{tag}-##########")}).to_string();
+        let path = format!("/admin/coupons/{id}/codes");
+        let (status, answer) = client
+            .call("POST", &path, Some(admin), Some(&body))
+            .map_err(|e| e.to_string())?;
+        if status != 201 {
+            let answer = String::from_utf8_lossy(&answer);
+            return Err(format!("adding codes: {status} {answer}"));
+        }
+        left -= count;
+        requests += 1;
+    }
+    eprintln!(
+        "generated {n} codes in {:.2} s, {requests} requests",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The server's resident memory (KiB) and thread count, from /proc.
@@ -489,7 +527,10 @@ fn drive(
                         let path = format!("/coupons/{coupon}/claim");
                         let t = Instant::now();
                         let (result, want) = match o.scenario {
-                            Scenario::Hot | Scenario::Spread | Scenario::Sellout => {
+                            Scenario::Hot
+                            | Scenario::Codes
+                            | Scenario::Spread
+                            | Scenario::Sellout => {
                                 (client.call("POST", &path, Some(token), None), 201)
                             }
                             Scenario::Hold => (hold_and_confirm(&mut client, &path, token), 201),

@@ -90,7 +90,7 @@ impl ApiError {
             A::TooLarge => (
                 413,
                 "payload_too_large".into(),
-                "request body over 64 KiB".into(),
+                "request body over the limit: 64 KiB, 8 MiB for an import of codes".into(),
             ),
             A::UnsupportedMediaType => (
                 415,
@@ -140,7 +140,10 @@ pub fn app_parts(e: &Error) -> (u16, String, String) {
             (422, format!("invalid_{field}"), format!("{field} {reason}"))
         }
         Error::EmailTaken => (409, "email_taken".into(), e.to_string()),
-        Error::CodeTaken => (409, "code_taken".into(), e.to_string()),
+        Error::CodeTaken | Error::CodeInUse(_) => (409, "code_taken".into(), e.to_string()),
+        Error::CodeUsed => (409, "code_used".into(), e.to_string()),
+        Error::PatternExhausted => (422, "pattern_exhausted".into(), e.to_string()),
+        Error::StockFromCodes => (409, "stock_from_codes".into(), e.to_string()),
         Error::BadCredentials => (401, "invalid_credentials".into(), e.to_string()),
         Error::Token(p) => {
             let code = match p {

@@ -47,19 +47,27 @@ pub struct App {
     pub claims_pending: AtomicUsize,
 }
 
-/// A response about to be sent: a status, a JSON body and extra headers.
+/// A response about to be sent: a status, a JSON body and extra headers; or a body streamed
+/// from a reader (chunked), read while it is sent.
 pub struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    pub stream: Option<Box<dyn Read + Send>>,
 }
 
 impl Reply {
     pub fn json(status: u16, value: &impl Serialize) -> Reply {
+        Reply::bytes(status, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// A body sent whole.
+    pub fn bytes(status: u16, body: Vec<u8>) -> Reply {
         Reply {
             status,
-            body: serde_json::to_vec(value).unwrap_or_default(),
+            body,
             headers: Vec::new(),
+            stream: None,
         }
     }
 }
@@ -551,18 +559,26 @@ fn guarded(what: &str, handler: impl FnOnce() -> Result<Reply, ApiError>) -> Rep
     }
 }
 
-fn respond(rq: Request, reply: Reply) {
+fn respond(rq: Request, mut reply: Reply) {
+    if let Some(stream) = reply.stream.take() {
+        // No length: chunked, read from the stream as it is sent.
+        let response = Response::new(reply.status.into(), Vec::new(), stream, None, None);
+        return send(rq, response, reply.headers);
+    }
     // Always a Content-Length: bodies are built whole, and tiny_http would otherwise switch
     // to chunked encoding from 32 KiB.
-    let mut response = Response::from_data(reply.body)
+    let response = Response::from_data(reply.body)
         .with_status_code(reply.status)
         .with_chunked_threshold(usize::MAX);
-    let typed = reply
-        .headers
+    send(rq, response, reply.headers)
+}
+
+fn send<R: Read>(rq: Request, mut response: Response<R>, headers: Vec<(&'static str, String)>) {
+    let typed = headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("Content-Type"));
     let default_type = (!typed).then(|| ("Content-Type", "application/json".to_owned()));
-    let headers = default_type.into_iter().chain(reply.headers);
+    let headers = default_type.into_iter().chain(headers);
     for (name, value) in headers {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             response.add_header(h);
@@ -632,7 +648,15 @@ pub fn token(rq: &Request) -> Option<&str> {
 /// The JSON body parsed as `T`, or `None` when there is no body. At most [`BODY_LIMIT`] bytes
 /// are read; a larger declared length is refused before reading.
 pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, ApiError> {
-    if rq.body_length().is_some_and(|n| n > BODY_LIMIT) {
+    json_body_up_to(rq, BODY_LIMIT)
+}
+
+/// [`json_body`] with a limit of its own, for a route that takes more (an import of codes).
+pub fn json_body_up_to<T: DeserializeOwned>(
+    rq: &mut Request,
+    limit: usize,
+) -> Result<Option<T>, ApiError> {
+    if rq.body_length().is_some_and(|n| n > limit) {
         return Err(ApiError::TooLarge);
     }
     // A declared length lets the connection's thread read the body ahead (vendor/tiny_http);
@@ -647,10 +671,10 @@ pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, Api
     }
     let mut body = Vec::new();
     rq.as_reader()
-        .take(BODY_LIMIT as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut body)
         .map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
-    if body.len() > BODY_LIMIT {
+    if body.len() > limit {
         return Err(ApiError::TooLarge);
     }
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -667,12 +691,17 @@ pub fn json_body<T: DeserializeOwned>(rq: &mut Request) -> Result<Option<T>, Api
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
-            _ => ApiError::MalformedJson(e.to_string()),
-        })
+    let parsed = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
+        _ => ApiError::MalformedJson(e.to_string()),
+    })?;
+    // Every body is an object: serde would take a struct from an array of its fields too.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    Ok(Some(parsed))
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ pub enum Who {
 pub struct Op {
     pub summary: &'static str,
     pub who: Who,
-    /// The request body's schema, by name in [`schemas`]; `None` for no body.
+    /// The request body's schema, by name in [`schemas`], ending in `?` when the body may be
+    /// left out; `None` for no body.
     pub body: Option<&'static str>,
     /// Query and header parameters, by key in [`parameter`].
     pub params: &'static [&'static str],
@@ -56,6 +57,10 @@ fn parameter(key: &str) -> Value {
         "after" => ("after", "query", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
             "The cursor from a Link: rel=\"next\" header"),
         "status" => ("status", "query", status_schema(), "Only coupons with this status"),
+        "code status" => ("status", "query", json!({"enum": ["unassigned", "assigned"]}),
+            "Only codes with this status"),
+        "format" => ("format", "query", json!({"enum": ["json", "csv"], "default": "json"}),
+            "csv: every code (with status, if given) as text/csv (code,status,claim_id), streamed"),
         "q" => ("q", "query", text, "Only coupons whose code starts with this"),
         "Idempotency-Key" => ("Idempotency-Key", "header",
             json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
@@ -98,12 +103,12 @@ fn reason(status: u16) -> &'static str {
         401 => "No, bad, expired or foreign token; unknown user (missing_token, invalid_token, token_expired, unknown_user, invalid_credentials)",
         403 => "Not an admin (admin_required)",
         404 => "No such coupon or claim, or an id that is not a number",
-        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_locked, terms_locked, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
+        409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_used, code_locked, terms_locked, stock_from_codes, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
         411 => "Chunked body; send a Content-Length (length_required)",
         412 => "If-Match names an older version (precondition_failed)",
-        413 => "Body over 64 KiB (payload_too_large)",
+        413 => "Body over 64 KiB, 8 MiB for an import of codes (payload_too_large)",
         415 => "Body is not application/json (unsupported_media_type)",
-        422 => "Invalid input (invalid_<field>, invalid_body, invalid_value, idempotency_key_reused, order_mismatch, currency_mismatch)",
+        422 => "Invalid input (invalid_<field>, invalid_body, invalid_value, idempotency_key_reused, order_mismatch, currency_mismatch, pattern_exhausted)",
         429 => "Too many attempts; see Retry-After (too_many_requests)",
         503 => "Database unavailable, busy, overloaded or shutting down; see Retry-After",
         _ => "",
@@ -140,6 +145,7 @@ fn schemas() -> Value {
         "status": {"enum": ["ACTIVE", "INACTIVE"]}, "name": nstr, "description": nstr,
         "per_user_limit": {"type": ["integer", "null"]}, "starts_at": nts, "ends_at": nts,
         "version": {"type": "integer"}, "limit_reached": {"type": "boolean"},
+        "code_count": {"type": "integer", "description": "Its unique codes; 0 for a plain coupon"},
         "percent_off": {"type": ["integer", "null"]}, "amount_off": {"type": ["integer", "null"]},
         "currency": nstr, "min_order_amount": {"type": ["integer", "null"]},
         "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}}}});
@@ -181,7 +187,8 @@ fn schemas() -> Value {
     let claim_status =
         json!({"enum": ["held", "claimed", "redeemed", "released", "expired", "voided"]});
     let claim_props = json!({"id": {"type": "integer"}, "coupon_id": {"type": "integer"},
-        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "status": claim_status, "expires_at": nts});
+        "code": {"type": "string"}, "name": nstr, "claimed_at": ts, "status": claim_status, "expires_at": nts,
+        "assigned_code": {"type": ["string", "null"], "description": "The unique code it was given; kept after it ends"}});
     let claim = json!({"type": "object", "properties": claim_props});
     let nint = json!({"type": ["integer", "null"]});
     let mut record_props = claim_props.clone();
@@ -209,13 +216,38 @@ fn schemas() -> Value {
         json!({"type": "object", "properties": props})
     };
     let history_entry = with_claim_id(json!({}));
-    let hold = json!({"type": "integer", "minimum": 1, "maximum": 86400});
+    // null: no hold, as when left out.
+    let hold = json!({"type": ["integer", "null"], "minimum": 1, "maximum": 86400});
     let count = json!({"type": "integer"});
     let admin_coupon = json!({"allOf": [schema_ref("Coupon"), {"type": "object", "properties": {
         "held": count, "claimed": count, "redeemed": count, "voided": count, "released": count,
         "expired": count, "deleted_at": nts}}]});
     let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
-    json!({
+    let codes = json!({
+        // Closed, with exactly one of: count and pattern (and charset), or codes alone.
+    "NewCodes": {"type": "object", "additionalProperties": false,
+        "properties": {
+            "count": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "pattern": {"type": "string", "allOf": [{"pattern": "^[A-Za-z0-9_#-]{1,64}$"},
+                {"pattern": "#"}], "description": "Each # is a character of charset; at least one #"},
+            "charset": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,64}$",
+                "default": coupons::codes::DEFAULT_CHARSET,
+                "description": "Distinct characters, case-insensitively"},
+            "codes": {"type": "array", "minItems": 1, "maxItems": 100_000,
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}},
+        "oneOf": [
+            {"required": ["count", "pattern"], "not": {"required": ["codes"]}},
+            {"required": ["codes"], "not": {"anyOf": [{"required": ["count"]},
+                {"required": ["pattern"]}, {"required": ["charset"]}]}}]},
+    "CodesAdded": {"type": "object", "properties": {"coupon_id": {"type": "integer"},
+        "added": {"type": "integer"}, "total_codes": {"type": "integer"},
+        "available_count": {"type": "integer"}}},
+    "Code": {"type": "object", "properties": {"id": {"type": "integer"},
+        "code": {"type": "string"}, "status": {"enum": ["unassigned", "assigned"]},
+        "claim_id": {"type": ["integer", "null"]}}},
+    "CodeList": list("Code"),
+    });
+    let mut all = json!({
         "Error": {"type": "object", "required": ["detail", "code"], "properties": {
             "detail": {"type": "string"}, "code": {"type": "string"}}},
         "Credentials": body(&["email", "password"], json!({
@@ -266,7 +298,11 @@ fn schemas() -> Value {
         "Audit": list("AuditEntry"),
         "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
-    })
+    });
+    if let (Some(all), Some(codes)) = (all.as_object_mut(), codes.as_object()) {
+        all.extend(codes.clone());
+    }
+    all
 }
 
 /// A response: its description, its body (a schema name, a media type, or `""` for any JSON)
@@ -274,6 +310,12 @@ fn schemas() -> Value {
 fn response(description: &str, body: &str, headers: &[&str]) -> Value {
     let content = match body {
         "" => json!({"application/json": {"schema": {}}}),
+        // A schema and a media type: JSON, or that media type (e.g. a `format=csv`).
+        both if both.contains('|') => {
+            let (name, media) = both.split_once('|').unwrap_or((both, ""));
+            json!({"application/json": {"schema": schema_ref(name)},
+                media: {"schema": {"type": "string"}}})
+        }
         media if media.contains('/') => json!({ media: {"schema": {"type": "string"}} }),
         name => json!({"application/json": {"schema": schema_ref(name)}}),
     };
@@ -319,7 +361,8 @@ pub fn document() -> Value {
             operation["parameters"] = json!(parameters);
         }
         if let Some(body) = op.body {
-            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}});
+            let (name, required) = body.strip_suffix('?').map_or((body, true), |n| (n, false));
+            operation["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": schema_ref(name)}}});
         }
         if op.who != Who::Anyone {
             operation["security"] = json!([{"bearer": []}, {"token": []}]);

@@ -4,9 +4,10 @@
 //! authenticates, calls one library function and shapes the answer. No SQL here.
 
 use super::error::ApiError;
-use super::http::{json_body, path, query, token, App, Reply};
+use super::http::{json_body, json_body_up_to, path, query, token, App, Reply};
 use super::openapi::{self, Op, Who, PAGED};
 use coupons::auth::{self, Principal};
+use coupons::codes::{self, CodeStatus, NewCodes};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
 use coupons::{
@@ -235,7 +236,7 @@ pub static ROUTES: &[Route] = &[
         doc: Op {
             summary: "Claim one unit, or hold it with hold_seconds (Idempotency-Key optional)",
             who: Who::User,
-            body: Some("ClaimOptions"),
+            body: Some("ClaimOptions?"),
             params: &["Idempotency-Key"],
             ok: (201, "ClaimResult"),
             headers: &[],
@@ -433,6 +434,36 @@ pub static ROUTES: &[Route] = &[
         },
     },
     Route {
+        name: "POST /admin/coupons/{id}/codes",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: add_codes,
+        doc: Op {
+            summary: "Generate (count, pattern, charset) or import (codes) up to 100,000 unique codes; all or none",
+            who: Who::Admin,
+            body: Some("NewCodes"),
+            params: &[],
+            ok: (201, "CodesAdded"),
+            headers: &[],
+            errors: &[400, 401, 403, 404, 409, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/coupons/{id}/codes",
+        id: Some(Id::Coupon),
+        class: Class::Inline,
+        handler: list_codes,
+        doc: Op {
+            summary: "A coupon's unique codes (paged), or all of them as CSV (format=csv: code,status,claim_id)",
+            who: Who::Admin,
+            body: None,
+            params: &["code status", "format", "limit", "after"],
+            ok: (200, "CodeList|text/csv"),
+            headers: &["Link"],
+            errors: &[401, 403, 404, 422],
+        },
+    },
+    Route {
         name: "POST /admin/claims/{id}/void",
         id: Some(Id::Claim),
         class: Class::Inline,
@@ -537,14 +568,16 @@ fn metrics(app: &App, rq: &mut Request, _: &str, _: Params) -> Result<Reply> {
 
 /// The Prometheus text of this process's metrics.
 pub fn metrics_text(app: &App) -> Reply {
-    Reply {
-        status: 200,
-        body: app
-            .metrics
+    let mut reply = Reply::bytes(
+        200,
+        app.metrics
             .render(app.pool.stats(), app.claims.stats())
             .into_bytes(),
-        headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
-    }
+    );
+    reply
+        .headers
+        .push(("Content-Type", "text/plain; version=0.0.4".into()));
+    reply
 }
 
 fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
@@ -552,11 +585,11 @@ fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
 }
 
 fn docs(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
-    Ok(Reply {
-        status: 200,
-        body: openapi::DOCS_HTML.as_bytes().to_vec(),
-        headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
-    })
+    let mut reply = Reply::bytes(200, openapi::DOCS_HTML.as_bytes().to_vec());
+    reply
+        .headers
+        .push(("Content-Type", "text/html; charset=utf-8".into()));
+    Ok(reply)
 }
 
 #[derive(Deserialize)]
@@ -721,6 +754,73 @@ fn admin_claims(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Re
     let page = page(url)?;
     let items = claim::coupon_claims(&app.pool, id, page)?;
     Ok(paged(url, page, &items, |c| c.claim_id.0))
+}
+
+/// The most an import of codes may send: 100,000 codes of 64 characters, quoted.
+const CODES_BODY_LIMIT: usize = 8 << 20;
+
+/// Codes to add: `count` and `pattern` (and `charset`), or `codes`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodesBody {
+    count: Option<i64>,
+    pattern: Option<String>,
+    charset: Option<String>,
+    codes: Option<Vec<String>>,
+}
+
+fn add_codes(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let who = admin(app, rq)?;
+    let id = id.coupon()?;
+    let body: CodesBody = json_body_up_to(rq, CODES_BODY_LIMIT)?
+        .ok_or_else(|| ApiError::InvalidBody("send count and pattern, or codes".into()))?;
+    let new = match body {
+        CodesBody {
+            codes: Some(list),
+            count: None,
+            pattern: None,
+            charset: None,
+        } => NewCodes::import(&list)?,
+        CodesBody {
+            codes: None,
+            count: Some(count),
+            pattern: Some(pattern),
+            charset,
+        } => NewCodes::generate(count, &pattern, charset.as_deref())?,
+        _ => {
+            return Err(ApiError::InvalidBody(
+                "send count and pattern (and charset), or codes alone".into(),
+            ))
+        }
+    };
+    Ok(Reply::json(
+        201,
+        &codes::add(&app.pool, who.user_id, id, &new)?,
+    ))
+}
+
+fn list_codes(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let id = id.coupon()?;
+    let q = query(url);
+    let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let status = get("status").map(CodeStatus::parse).transpose()?;
+    match get("format") {
+        None | Some("json") => {
+            let page = page(url)?;
+            let items = codes::list(&app.pool, id, status, page)?;
+            Ok(paged(url, page, &items, |c| c.id))
+        }
+        Some("csv") => {
+            let mut reply = Reply::bytes(200, Vec::new());
+            reply.stream = Some(Box::new(codes::csv(&app.pool, id, status)?));
+            reply
+                .headers
+                .push(("Content-Type", "text/csv; charset=utf-8".into()));
+            Ok(reply)
+        }
+        Some(_) => Err(Error::invalid("format", "must be json or csv").into()),
+    }
 }
 
 #[derive(Deserialize)]

@@ -456,7 +456,7 @@ fn every_route_and_error_status() {
         serde_json::json!({"id": r.body["id"], "code": "W10", "available_count": 5, "total_count": 5, "status": "ACTIVE",
             "name": null, "description": null, "per_user_limit": null, "starts_at": null, "ends_at": null,
             "percent_off": null, "amount_off": null, "currency": null, "min_order_amount": null, "metadata": null,
-            "version": 1})
+            "version": 1, "code_count": 0})
     );
     let w10 = r.body["id"].as_u64().unwrap();
     check(

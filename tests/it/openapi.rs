@@ -301,6 +301,12 @@ fn every_request_body_is_closed_and_unknown_fields_are_refused() {
         ("POST", "/claims", "ClaimByCode", json!({"code": "X"})),
         (
             "POST",
+            "/admin/coupons/1/codes",
+            "NewCodes",
+            json!({"codes": ["X"]}),
+        ),
+        (
+            "POST",
             "/claims/1/redeem",
             "RedeemRequest",
             json!({"order_id": "A-1", "order_amount": 1, "currency": "EUR"}),

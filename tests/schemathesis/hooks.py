@@ -68,3 +68,15 @@ def before_call(ctx, case, **kwargs):
             key = f"fuzz-{next(fresh)}"
             case.headers["Idempotency-Key"] = key
             used[key] = request
+    # 7. A charset's characters are distinct case-insensitively (codes compare so): a repeat
+    #    is replaced by a code character the charset lacks, keeping its length and its shape.
+    charset = body.get("charset")
+    if isinstance(charset, str) and re.fullmatch(r"[A-Za-z0-9_-]{2,64}", charset):
+        spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-" if c not in charset.upper())
+        seen, out = set(), []
+        for c in charset:
+            if c.upper() in seen:
+                c = next(spare)
+            seen.add(c.upper())
+            out.append(c)
+        body["charset"] = "".join(out)

@@ -122,27 +122,37 @@ pub const CONFIRM_BATCH: usize = 64;
 /// Confirms, combined: confirms that arrive while a confirm transaction is in flight share the
 /// next one (one commit for all, each decided alone by [`next`]), run by one of their callers.
 /// A hold-then-confirm checkout so costs a few statements a batch, not a transaction a request.
-/// Cheap to clone; clones share the queue.
+/// Confirms go in lanes by claim (as many as cores, as claim lanes), so that one batch commits
+/// while the next runs. Cheap to clone; clones share the queues.
 #[derive(Clone)]
 pub struct Confirms {
-    group: Arc<Group<(UserId, ClaimId), Result<ClaimRecord, Error>>>,
+    lanes: Arc<[ConfirmLane]>,
 }
 
 impl Confirms {
     /// Confirms over `pool`.
     pub fn new(pool: Pool) -> Confirms {
-        let run = move |batch: &[(UserId, ClaimId)]| confirm_batch(&pool, batch);
+        let lanes = crate::claim::default_claim_lanes().max(1);
+        let lane = |_| {
+            let pool = pool.clone();
+            let run = move |batch: &[(UserId, ClaimId)]| confirm_batch(&pool, batch);
+            Group::new(CONFIRM_BATCH, run)
+        };
         Confirms {
-            group: Arc::new(Group::new(CONFIRM_BATCH, run)),
+            lanes: (0..lanes).map(lane).collect(),
         }
     }
 
     /// [`confirm`], sharing a transaction with the confirms waiting beside it.
     pub fn confirm(&self, owner: UserId, claim: ClaimId) -> Result<ClaimRecord, Error> {
         let failed = || Err(Error::Internal("confirm batch failed".into()));
-        self.group.submit((owner, claim), failed)
+        let lane = &self.lanes[(claim.0 % self.lanes.len() as u64) as usize];
+        lane.submit((owner, claim), failed)
     }
 }
+
+/// One lane of confirms: an owner's confirm of a claim, answered with the claim.
+type ConfirmLane = Group<(UserId, ClaimId), Result<ClaimRecord, Error>>;
 
 /// Confirms in one transaction: one answer each, in order. A fault of the transaction is every
 /// request's answer.

@@ -364,7 +364,7 @@ pub static ROUTES: &[Route] = &[
                 "seed status",
             ],
             ok: (201, "Coupon"),
-            headers: &[],
+            headers: &["ETag"],
             errors: &[400, 401, 403, 409, 411, 413, 415, 422, 429],
         },
     },
@@ -714,7 +714,11 @@ fn admin_get(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> 
 /// A coupon with its `ETag`: its version, which counts admin changes (not claims), so an
 /// `If-Match` from a read still holds while claims come and go.
 fn tagged(c: &coupon::Coupon) -> Reply {
-    let mut reply = Reply::json(200, c);
+    tagged_with(200, c)
+}
+
+fn tagged_with(status: u16, c: &coupon::Coupon) -> Reply {
+    let mut reply = Reply::json(status, c);
     reply.headers.push(("ETag", etag(c.version)));
     reply
 }
@@ -1217,7 +1221,7 @@ fn create(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
             replayed: false,
         },
     };
-    answered(answer, |c| Reply::json(201, &c))
+    answered(answer, |c| tagged_with(201, &c))
 }
 
 fn update(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {

@@ -3013,3 +3013,23 @@ fn the_openapi_document_matches_the_routes() {
             && !html.contains("https://")
     );
 }
+
+#[test]
+fn a_created_coupon_carries_its_etag() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "tagger@example.com");
+    let auth = bearer(&admin);
+    let headers = [JSON, (auth.0, auth.1.as_str())];
+    let body = r#"{"code":"TAGGED","available_count":1}"#;
+    let created = svc.call("POST", "/admin/coupons", &headers, Some(body));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let path = format!("/admin/coupons/{}", created.body["id"]);
+    let read = svc.call("GET", &path, &[(auth.0, auth.1.as_str())], None);
+    assert!(
+        created.headers.contains_key("etag"),
+        "{:?}",
+        created.headers
+    );
+    assert_eq!(created.headers.get("etag"), read.headers.get("etag"));
+}

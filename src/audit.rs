@@ -29,24 +29,12 @@ pub struct Entry {
 pub(crate) fn record(
     tx: &mut impl Queryable,
     actor: UserId,
-    action: &str,
+    action: &'static str,
     coupon: Option<CouponId>,
     claim: Option<ClaimId>,
     detail: &serde_json::Value,
 ) -> Result<(), Error> {
-    tx.exec_drop(
-        "INSERT INTO audit_log (actor_id, action, coupon_id, claim_id, detail, created_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            actor.0,
-            action,
-            coupon.map(|c| c.0),
-            claim.map(|c| c.0),
-            detail.to_string(),
-            Timestamp::now(),
-        ),
-    )?;
-    Ok(())
+    record_many(tx, &[(actor, action, coupon, claim, detail.clone())])
 }
 
 /// An entry to append: actor, action, coupon, claim, detail.

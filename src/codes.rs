@@ -301,29 +301,30 @@ impl Random {
     fn below(&mut self, n: usize) -> Result<usize, Error> {
         let limit = 256 - 256 % n;
         loop {
-            let mut b = [0u8];
-            self.source
-                .read_exact(&mut b)
-                .map_err(|e| Error::Internal(format!("reading /dev/urandom: {e}")))?;
-            if (b[0] as usize) < limit {
-                return Ok(b[0] as usize % n);
+            let [b] = self.bytes::<1>()?;
+            if (b as usize) < limit {
+                return Ok(b as usize % n);
             }
         }
     }
 
     /// A uniform number below `n`, any size.
     fn below_u64(&mut self, n: u64) -> Result<u64, Error> {
-        let mut b = [0u8; 8];
         let limit = u64::MAX - u64::MAX % n;
         loop {
-            self.source
-                .read_exact(&mut b)
-                .map_err(|e| Error::Internal(format!("reading /dev/urandom: {e}")))?;
-            let v = u64::from_le_bytes(b);
+            let v = u64::from_le_bytes(self.bytes::<8>()?);
             if v < limit {
                 return Ok(v % n);
             }
         }
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
+        let mut b = [0u8; N];
+        self.source
+            .read_exact(&mut b)
+            .map_err(|e| Error::Internal(format!("reading /dev/urandom: {e}")))?;
+        Ok(b)
     }
 }
 

@@ -368,8 +368,7 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
     // An error is answered by a worker, as any request's; only a good claim is queued here.
     let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq, id)));
     let Ok(Ok(ticket)) = checked else {
-        rq.set_body(body);
-        return Some(rq);
+        return Some(restored(rq, body));
     };
     let answer = ClaimAnswer::new(app, rq, route.name);
     match app.claims.queue(&ticket.ask, ticket.key.as_ref(), answer) {
@@ -377,9 +376,7 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
         Err(answer) => {
             // A worker reads it again, and counts it then.
             ticket.put_back(app);
-            let mut rq = answer.give_back()?;
-            rq.set_body(body);
-            Some(rq)
+            Some(restored(answer.give_back()?, body))
         }
     }
 }
@@ -391,6 +388,15 @@ fn take_share(app: &App, rq: &mut Request) {
     if let Some(slot) = app.shares.admit(routes::client_ip(app, rq)) {
         rq.hold(Box::new(slot));
     }
+}
+
+/// `rq` with the body the connection's thread read from it given back (none to give back for
+/// a claim without a body, the common case: no allocation then).
+fn restored(mut rq: Request, body: Vec<u8>) -> Request {
+    if !body.is_empty() {
+        rq.set_body(body);
+    }
+    rq
 }
 
 /// A claim request waiting for its answer, and where that answer goes.

@@ -2,7 +2,7 @@
 //! rush, by id or by the code itself, given back when a claim ends; the admin list and CSV.
 
 use crate::http::{bearer, make_admin};
-use crate::library::{new_coupon, new_users};
+use crate::library::{new_coupon, new_users, threads};
 use crate::support::{auth, Service, TestDb, JSON};
 use coupons::claim::Ask;
 use coupons::codes::{self, NewCodes};
@@ -12,13 +12,6 @@ use rayon::prelude::*;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-fn threads(n: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .unwrap()
-}
 
 /// A coupon with `n` generated codes and no other stock.
 fn coded(db: &TestDb, code: &str, n: i64) -> CouponId {

@@ -37,7 +37,7 @@ pub(crate) fn new_users(db: &TestDb, auth: &Auth, n: usize) -> Vec<UserId> {
 
 /// A rayon pool no larger than the connection pool, so threads wait on the row lock and not
 /// on `pool.get()`.
-fn threads(n: usize) -> rayon::ThreadPool {
+pub(crate) fn threads(n: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build()

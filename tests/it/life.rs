@@ -2,7 +2,7 @@
 //! eligibility; each race run with rayon and checked in the database afterwards.
 
 use crate::http::{bearer, make_admin};
-use crate::library::{new_coupon, new_users};
+use crate::library::{new_coupon, new_users, threads};
 use crate::support::{auth, Service, TestDb, JSON};
 use coupons::claim::{Ask, Claimed};
 use coupons::coupon::{self, CouponChange, RulesChange};
@@ -13,13 +13,6 @@ use coupons::{
 use mysql::prelude::Queryable;
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
-
-fn threads(n: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .unwrap()
-}
 
 fn hold(user: UserId, coupon: CouponId, secs: i64) -> Ask {
     Ask {

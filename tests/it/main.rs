@@ -4,6 +4,7 @@
 mod cli;
 mod codes;
 mod combine;
+mod console;
 mod embedded;
 mod faults;
 mod http;

@@ -106,8 +106,8 @@ impl Route {
     }
 
     /// Whether `path` fits the pattern, segment by segment (strict: `/login/` and `//login`
-    /// are not `/login`), and if so the segment standing for `{id}` (or `{file}`), if any. No allocation:
-    /// this runs on every request, twice.
+    /// are not `/login`), and if so the segment standing for `{id}` (or `{file}`), if any. No
+    /// allocation: this runs on every request, twice.
     fn matches<'p>(&self, path: &'p str) -> Option<Option<&'p str>> {
         let path = path.strip_prefix('/').unwrap_or(path);
         let (mut pattern, mut segments) = (self.path()[1..].split('/'), path.split('/'));
@@ -1348,6 +1348,13 @@ mod tests {
             "GET /admin/coupons/{id} Inline Coupon(Err(CouponNotFound))",
         );
         check("GET", "/openapi.json", "GET /openapi.json Inline None");
+        check(
+            "GET",
+            "/console/console.js",
+            "GET /console/{file} Inline File(\"console.js\")",
+        );
+        check("GET", "/console", "GET /console Inline None");
+        check("GET", "/console/a/b", "404");
         check("GET", "/login", "405 POST");
         // HEAD is GET without the body, on every GET route and only there.
         check("HEAD", "/coupons", "GET /coupons Inline None");

@@ -26,6 +26,8 @@ Usage:
   coupons loadtest [OPTIONS]    load a running service (--url) or one it starts (--embedded)
   coupons bench-db [OPTIONS]    claims/s of the library alone, no HTTP (the yardstick)
   coupons bench-suite [OPTIONS] every figure of BENCHMARKS.md: tables and charts
+  coupons COMMAND --help        that command's usage
+  coupons --version             the version
   coupons --help                this text
 
 Environment (see README.md): DATABASE_URL, COUPONS_DATA_DIR, BIND_ADDR, JWT_SECRET,
@@ -35,6 +37,26 @@ TRUSTED_PROXIES, MAX_CONNECTIONS, MAX_REQUESTS_PER_CLIENT, ACCESS_LOG.
 With DATABASE_URL unset, a private MariaDB is started in COUPONS_DATA_DIR (default var/mysql).
 ";
 
+/// Each command's usage, for `coupons COMMAND --help`.
+fn usage_of(command: &str) -> Option<String> {
+    Some(match command {
+        "serve" => {
+            "coupons [serve]: serve HTTP on BIND_ADDR (default 0.0.0.0:8000) until SIGINT or \
+SIGTERM.\nThe environment sets everything (coupons --help lists it; README.md, \"Configuration\")."
+                .into()
+        }
+        "migrate" => "coupons migrate: apply the schema in sql/ to the database and exit.".into(),
+        "admin" => "coupons admin promote EMAIL: make a registered user an admin\n\
+coupons admin demote EMAIL:  make an admin a plain user\n\
+The database is the running service's: DATABASE_URL, or the private one in COUPONS_DATA_DIR."
+            .into(),
+        "loadtest" => loadtest::USAGE.into(),
+        "bench-db" => benchdb::USAGE.into(),
+        "bench-suite" => suite::USAGE.into(),
+        _ => return None,
+    })
+}
+
 enum Command {
     Serve,
     Migrate,
@@ -43,17 +65,27 @@ enum Command {
     BenchDb,
     Suite,
     Help,
+    /// `COMMAND --help` (or `-h`), anywhere among its arguments.
+    HelpOn(String),
+    Version,
 }
 
 impl Command {
     fn parse(args: &[String]) -> Option<Command> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let [command, rest @ ..] = args.as_slice() {
+            if rest.iter().any(|a| matches!(*a, "--help" | "-h")) {
+                usage_of(command)?;
+                return Some(Command::HelpOn(command.to_string()));
+            }
+        }
         Some(match args.as_slice() {
             [] | ["serve"] => Command::Serve,
             ["migrate"] => Command::Migrate,
             ["admin", "promote", email] => Command::SetRole(email.to_string(), Role::Admin),
             ["admin", "demote", email] => Command::SetRole(email.to_string(), Role::User),
             ["--help" | "-h" | "help"] => Command::Help,
+            ["--version" | "-V"] => Command::Version,
             ["loadtest", ..] => Command::Loadtest,
             ["bench-db", ..] => Command::BenchDb,
             ["bench-suite", ..] => Command::Suite,
@@ -76,6 +108,14 @@ fn main() -> ExitCode {
                 benchdb::USAGE,
                 suite::USAGE
             );
+            return ExitCode::SUCCESS;
+        }
+        Command::HelpOn(command) => {
+            println!("{}", usage_of(&command).unwrap_or_default());
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!("coupons {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
         Command::Loadtest => Some(loadtest::run(&args[1..])),

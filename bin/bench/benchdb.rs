@@ -10,11 +10,11 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
-    "coupons bench-db [--scenario hot|spread] [--threads T] [--duration SECS] [--coupons N] [--json]";
+    "coupons bench-db [--scenario hot|spread] [--threads T] [--duration 10s] [--coupons N] [--json]";
 
 pub fn run(args: &[String]) -> Result<bool, String> {
     let (mut spread, mut threads, mut duration, mut count, mut as_json) =
-        (false, 8usize, 10.0f64, 1000usize, false);
+        (false, 8usize, Duration::from_secs(10), 1000usize, false);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
@@ -28,7 +28,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 }
             }
             "--threads" => threads = value().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
-            "--duration" => duration = value().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
+            "--duration" => duration = super::duration(&value()?)?,
             "--coupons" => count = value().and_then(|v| v.parse().map_err(|_| bad(&v)))?,
             "--json" => as_json = true,
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
@@ -78,7 +78,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         .map_err(fail)?;
 
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(duration);
+    let deadline = started + duration;
     let record = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {

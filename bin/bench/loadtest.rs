@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 pub const USAGE: &str = "\
 coupons loadtest [--url URL | --embedded] [--scenario hot|hold|codes|spread|sellout|list|login]
-                 [--connections C] [--duration SECS | --requests N] [--users N] [--coupons N]
+                 [--connections C] [--duration 10s | --requests N] [--users N] [--coupons N]
                  [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]
                  [--coupon ID]   (hot: claim this existing coupon, e.g. one shared by several
                                   loads on several service processes; its balance is not checked)
@@ -97,11 +97,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 }
             }
             "--connections" => o.connections = num(value()?)?.clamp(1, 10_000) as usize,
-            "--duration" => {
-                o.duration = Duration::from_secs_f64(
-                    value()?.parse().map_err(|_| "--duration takes seconds")?,
-                )
-            }
+            "--duration" => o.duration = super::duration(&value()?)?,
             "--requests" => o.requests = Some(num(value()?)?),
             "--users" => o.users = num(value()?)? as usize,
             "--coupons" => o.coupons = num(value()?)?.max(1) as usize,

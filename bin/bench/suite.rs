@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 pub const USAGE: &str =
-    "coupons bench-suite [--rounds N] [--duration SECS] [--connections 1,8,64,256] [--out DIR]";
+    "coupons bench-suite [--rounds N] [--duration 8s] [--connections 1,8,64,256] [--out DIR]";
 
 struct Options {
     rounds: usize,
@@ -32,10 +32,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         match flag.as_str() {
             "--rounds" => o.rounds = value.parse().map_err(|_| bad())?,
             "--duration" => {
-                o.duration = value
-                    .parse::<f64>()
-                    .map(|_| value.clone())
-                    .map_err(|_| bad())?
+                // Checked here, handed on as written: loadtest and bench-db read it alike.
+                super::duration(value)?;
+                o.duration = value.clone();
             }
             "--connections" => {
                 o.connections = value

@@ -8,6 +8,7 @@ pub mod http;
 mod limits;
 mod metrics;
 mod openapi;
+mod pages;
 mod routes;
 
 use config::Config;

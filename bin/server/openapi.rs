@@ -1,8 +1,7 @@
 //! The OpenAPI 3.1 document of every route (`GET /openapi.json`), built from the route table's
-//! operations, and a page that renders it for people (`GET /docs`), self-contained: no script
-//! or style from elsewhere.
+//! operations. Swagger UI renders it on `GET /docs` (bin/server/pages.rs).
 
-use super::routes::ROUTES;
+use super::routes::{Id, ROUTES};
 use serde_json::{json, Map, Value};
 
 /// Who may call an operation.
@@ -102,7 +101,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Malformed JSON (malformed_json)",
         401 => "No, bad, expired or foreign token; unknown user (missing_token, invalid_token, token_expired, unknown_user, invalid_credentials)",
         403 => "Not an admin (admin_required)",
-        404 => "No such coupon or claim, or an id that is not a number",
+        404 => "No such coupon, claim or file, or an id that is not a number",
         409 => "Conflict: sold_out, inactive, not_started, expired, limit_reached, code_taken, code_used, code_locked, terms_locked, stock_from_codes, email_taken, already_voided, hold_expired, not_active, already_redeemed, order_below_minimum",
         411 => "Chunked body; send a Content-Length (length_required)",
         412 => "If-Match names an older version (precondition_failed)",
@@ -316,7 +315,12 @@ fn response(description: &str, body: &str, headers: &[&str]) -> Value {
             json!({"application/json": {"schema": schema_ref(name)},
                 media: {"schema": {"type": "string"}}})
         }
-        media if media.contains('/') => json!({ media: {"schema": {"type": "string"}} }),
+        // One media type, or several (`text/css,image/png`), e.g. a page's files.
+        media if media.contains('/') => media
+            .split(',')
+            .map(|m| (m.to_owned(), json!({"schema": {"type": "string"}})))
+            .collect::<Map<String, Value>>()
+            .into(),
         name => json!({"application/json": {"schema": schema_ref(name)}}),
     };
     let headers: Map<String, Value> = std::iter::once(&"X-Request-Id")
@@ -350,11 +354,16 @@ pub fn document() -> Value {
         }
         let mut operation = json!({"summary": op.summary, "responses": responses});
         let mut parameters: Vec<Value> = op.params.iter().map(|p| parameter(p)).collect();
-        if route.id.is_some() {
-            let id = json!({"type": "integer", "minimum": 1, "maximum": u64::MAX});
+        let id = json!({"type": "integer", "minimum": 1, "maximum": u64::MAX});
+        let path_param = match route.id {
+            Some(Id::Coupon | Id::Claim) => Some(("id", id)),
+            Some(Id::File) => Some(("file", json!({"enum": super::pages::files(route.path())}))),
+            None => None,
+        };
+        if let Some((name, schema)) = path_param {
             parameters.insert(
                 0,
-                json!({"name": "id", "in": "path", "required": true, "schema": id}),
+                json!({"name": name, "in": "path", "required": true, "schema": schema}),
             );
         }
         if !parameters.is_empty() {
@@ -388,53 +397,6 @@ pub fn document() -> Value {
         }
     })
 }
-
-/// A page that renders the document: a section per operation, with its parameters, body and
-/// responses. Everything is inline.
-pub const DOCS_HTML: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>coupons API</title>
-<style>
-body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
-h1{margin-bottom:.2rem} .op{border:1px solid #ddd;border-radius:6px;margin:1rem 0;padding:.6rem 1rem}
-.m{font-weight:bold;display:inline-block;min-width:4.5rem} .GET{color:#1a7f37}.POST{color:#0550ae}
-.PUT{color:#9a6700}.DELETE{color:#cf222e} code,pre{background:#f6f8fa;border-radius:4px;padding:.1rem .3rem}
-pre{padding:.5rem;overflow:auto;font-size:.85rem} .r{margin:.1rem 0}
-</style></head><body>
-<h1>coupons API</h1><p id="desc">Loading /openapi.json …</p><div id="ops"></div>
-<script>
-fetch('/openapi.json').then(r => r.json()).then(doc => {
-  document.getElementById('desc').textContent = doc.info.description + ' (OpenAPI ' + doc.openapi + ')';
-  const ops = document.getElementById('ops');
-  const resolve = s => s && s.$ref ? doc.components.schemas[s.$ref.split('/').pop()] : s;
-  for (const [path, methods] of Object.entries(doc.paths)) {
-    for (const [method, op] of Object.entries(methods)) {
-      const div = document.createElement('div'); div.className = 'op';
-      const m = method.toUpperCase();
-      div.innerHTML = '<div><span class="m ' + m + '">' + m + '</span><code class="path"></code></div><p class="summary"></p>';
-      div.querySelector('.path').textContent = path;
-      div.querySelector('.summary').textContent = op.summary + (op.security ? ' (token required)' : '');
-      if (op.parameters) {
-        const p = document.createElement('p');
-        p.textContent = 'Parameters: ' + op.parameters.map(x => x.name + ' (' + x.in + ')').join(', ');
-        div.appendChild(p);
-      }
-      if (op.requestBody) {
-        const pre = document.createElement('pre');
-        pre.textContent = 'Body: ' + JSON.stringify(resolve(op.requestBody.content['application/json'].schema), null, 2);
-        div.appendChild(pre);
-      }
-      for (const [status, r] of Object.entries(op.responses)) {
-        const line = document.createElement('div'); line.className = 'r';
-        line.textContent = status + ' ' + r.description;
-        div.appendChild(line);
-      }
-      ops.appendChild(div);
-    }
-  }
-  document.body.setAttribute('data-rendered', String(ops.children.length));
-});
-</script></body></html>
-"#;
 
 #[cfg(test)]
 mod tests {

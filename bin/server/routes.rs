@@ -6,6 +6,7 @@
 use super::error::ApiError;
 use super::http::{json_body, json_body_up_to, path, query, token, App, Reply};
 use super::openapi::{self, Op, Who, PAGED};
+use super::pages;
 use coupons::auth::{self, Principal};
 use coupons::codes::{self, CodeStatus, NewCodes};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, RulesChange};
@@ -57,6 +58,8 @@ pub enum Id {
     Coupon,
     /// A claim: a [`ClaimId`].
     Claim,
+    /// A static file of a page, by name (`{file}`): bin/server/pages.rs looks it up.
+    File,
 }
 
 /// A request's `{id}`, parsed as its route's pattern types it. An id that names nothing is
@@ -69,6 +72,8 @@ pub enum Params {
     Coupon(std::result::Result<CouponId, Error>),
     /// A claim's id, or `ClaimNotFound`.
     Claim(std::result::Result<ClaimId, Error>),
+    /// A file's name, as sent.
+    File(String),
 }
 
 impl Params {
@@ -101,8 +106,8 @@ impl Route {
     }
 
     /// Whether `path` fits the pattern, segment by segment (strict: `/login/` and `//login`
-    /// are not `/login`), and if so the segment standing for `{id}`, if any. No allocation:
-    /// this runs on every request, twice.
+    /// are not `/login`), and if so the segment standing for `{id}` (or `{file}`), if any. No
+    /// allocation: this runs on every request, twice.
     fn matches<'p>(&self, path: &'p str) -> Option<Option<&'p str>> {
         let path = path.strip_prefix('/').unwrap_or(path);
         let (mut pattern, mut segments) = (self.path()[1..].split('/'), path.split('/'));
@@ -110,7 +115,7 @@ impl Route {
         loop {
             match (pattern.next(), segments.next()) {
                 (None, None) => return Some(id),
-                (Some("{id}"), Some(segment)) => id = Some(segment),
+                (Some(p), Some(segment)) if p.starts_with('{') => id = Some(segment),
                 (Some(a), Some(b)) if a == b => {}
                 _ => return None,
             }
@@ -122,6 +127,7 @@ impl Route {
         match (self.id, id) {
             (Some(Id::Coupon), Some(id)) => Params::Coupon(id.parse()),
             (Some(Id::Claim), Some(id)) => Params::Claim(id.parse()),
+            (Some(Id::File), Some(name)) => Params::File(name.to_owned()),
             _ => Params::None,
         }
     }
@@ -542,15 +548,60 @@ pub static ROUTES: &[Route] = &[
         name: "GET /docs",
         id: None,
         class: Class::Inline,
-        handler: docs,
+        handler: pages::docs,
         doc: Op {
-            summary: "This document, rendered for people (HTML)",
+            summary: "This document in Swagger UI: authorize with a token, try a request (HTML)",
             who: Who::Anyone,
             body: None,
             params: &[],
             ok: (200, "text/html"),
             headers: &[],
             errors: &[],
+        },
+    },
+    Route {
+        name: "GET /docs/{file}",
+        id: Some(Id::File),
+        class: Class::Inline,
+        handler: pages::docs_file,
+        doc: Op {
+            summary: "Swagger UI's files, served by the binary",
+            who: Who::Anyone,
+            body: None,
+            params: &[],
+            ok: (200, pages::FILE_TYPES),
+            headers: &[],
+            errors: &[404],
+        },
+    },
+    Route {
+        name: "GET /console",
+        id: None,
+        class: Class::Inline,
+        handler: pages::console,
+        doc: Op {
+            summary: "The admin console: coupons, their stock and claims, a live chart, the audit log (HTML)",
+            who: Who::Anyone,
+            body: None,
+            params: &[],
+            ok: (200, "text/html"),
+            headers: &[],
+            errors: &[],
+        },
+    },
+    Route {
+        name: "GET /console/{file}",
+        id: Some(Id::File),
+        class: Class::Inline,
+        handler: pages::console_file,
+        doc: Op {
+            summary: "The console's script and style",
+            who: Who::Anyone,
+            body: None,
+            params: &[],
+            ok: (200, pages::FILE_TYPES),
+            headers: &[],
+            errors: &[404],
         },
     },
 ];
@@ -582,14 +633,6 @@ pub fn metrics_text(app: &App) -> Reply {
 
 fn openapi_json(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
     Ok(Reply::json(200, &openapi::document()))
-}
-
-fn docs(_: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
-    let mut reply = Reply::bytes(200, openapi::DOCS_HTML.as_bytes().to_vec());
-    reply
-        .headers
-        .push(("Content-Type", "text/html; charset=utf-8".into()));
-    Ok(reply)
 }
 
 #[derive(Deserialize)]
@@ -1305,6 +1348,13 @@ mod tests {
             "GET /admin/coupons/{id} Inline Coupon(Err(CouponNotFound))",
         );
         check("GET", "/openapi.json", "GET /openapi.json Inline None");
+        check(
+            "GET",
+            "/console/console.js",
+            "GET /console/{file} Inline File(\"console.js\")",
+        );
+        check("GET", "/console", "GET /console Inline None");
+        check("GET", "/console/a/b", "404");
         check("GET", "/login", "405 POST");
         // HEAD is GET without the body, on every GET route and only there.
         check("HEAD", "/coupons", "GET /coupons Inline None");
@@ -1343,7 +1393,7 @@ mod tests {
             );
             assert!(route.path().starts_with('/'), "{name}: a path");
             assert_eq!(
-                route.path().contains("{id}"),
+                route.path().contains('{'),
                 route.id.is_some(),
                 "{name}: {{id}} typed"
             );

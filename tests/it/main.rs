@@ -1,8 +1,10 @@
 //! One integration-test binary (see README, "Tests"). Every test gets a fresh database on one
 //! private MariaDB started for this binary, or on `TEST_DATABASE_URL` where set.
 
+mod cli;
 mod codes;
 mod combine;
+mod console;
 mod embedded;
 mod faults;
 mod http;

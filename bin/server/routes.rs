@@ -852,9 +852,10 @@ fn list_codes(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Repl
     let q = query(url);
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let status = get("status").map(CodeStatus::parse).transpose()?;
+    // Checked for CSV too, which takes every code: a bad `limit` or `after` is refused either way.
+    let page = page(url)?;
     match get("format") {
         None | Some("json") => {
-            let page = page(url)?;
             let items = codes::list(&app.pool, id, status, page)?;
             Ok(paged(url, page, &items, |c| c.id))
         }

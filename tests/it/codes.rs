@@ -502,6 +502,11 @@ fn codes_over_http_import_claim_list_and_csv() {
     );
     let r = call(&a, "GET", "/admin/coupons/999999/codes?format=csv", None);
     assert_eq!(r.status, 404);
+    // A bad page is refused for CSV as for JSON (found by Schemathesis), not ignored.
+    for bad in ["limit=0", "after=x"] {
+        let r = call(&a, "GET", &format!("{codes_path}?format=csv&{bad}"), None);
+        assert!(r.status == 400 || r.status == 422, "{bad}: {}", r.status);
+    }
 }
 
 #[test]

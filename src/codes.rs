@@ -199,12 +199,14 @@ pub fn add(pool: &Pool, actor: UserId, coupon: CouponId, new: &NewCodes) -> Resu
             None,
             &serde_json::json!({ "added": added }),
         )?;
-        Ok(Added {
+        let added = Added {
             coupon_id: coupon,
             added,
             total_codes: total,
             available_count: available,
-        })
+        };
+        crate::events::record(tx, "codes.added", &added)?;
+        Ok(added)
     })
 }
 

@@ -48,6 +48,7 @@ pub mod coupon;
 pub mod db;
 pub mod embedded;
 mod error;
+pub mod events;
 mod gate;
 mod group;
 pub mod idempotency;

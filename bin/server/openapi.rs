@@ -62,6 +62,7 @@ fn parameter(key: &str) -> Value {
         "format" => ("format", "query", json!({"enum": ["json", "csv"], "default": "json"}),
             "csv: every code (with status, if given) as text/csv (code,status,claim_id), streamed"),
         "q" => ("q", "query", text, "Only coupons whose code starts with this"),
+        "event type" => ("type", "query", json!({"enum": coupons::events::TYPES}), "Only events of this type"),
         "Idempotency-Key" => ("Idempotency-Key", "header",
             json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
             "1 to 255 printable ASCII characters, not ending in a space; a retry with the same key gets the same answer"),
@@ -296,6 +297,11 @@ fn schemas() -> Value {
             "action": {"type": "string"}, "coupon_id": {"type": ["integer", "null"]}, "claim_id": {"type": ["integer", "null"]},
             "detail": {}, "created_at": ts}},
         "Audit": list("AuditEntry"),
+        "Event": {"type": "object", "required": ["id", "type", "created_at", "data"], "properties": {
+            "id": {"type": "integer", "description": "Rising in commit order: ask for after=<the last id seen>"},
+            "type": {"enum": coupons::events::TYPES}, "created_at": ts,
+            "data": {"type": "object", "description": "The coupon, the claim (with coupon_id and status) or the codes added, as the change left it"}}},
+        "Events": list("Event"),
         "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
     });

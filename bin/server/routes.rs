@@ -494,6 +494,21 @@ pub static ROUTES: &[Route] = &[
         },
     },
     Route {
+        name: "GET /admin/events",
+        id: None,
+        class: Class::Inline,
+        handler: events,
+        doc: Op {
+            summary: "The event feed, oldest first (paged; ?type= for one type): every committed change, none skipped",
+            who: Who::Admin,
+            body: None,
+            params: &["limit", "after", "event type"],
+            ok: (200, "Events"),
+            headers: &["Link"],
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
         name: "GET /healthz",
         id: None,
         class: Class::Inline,
@@ -749,6 +764,19 @@ fn audit_log(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply>
     admin(app, rq)?;
     let page = page(url)?;
     let items = coupons::audit::list(&app.pool, page)?;
+    Ok(paged(url, page, &items, |e| e.id))
+}
+
+fn events(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let q = query(url);
+    let kind = q
+        .iter()
+        .find(|(k, _)| k == "type")
+        .map(|(_, t)| coupons::events::EventType::parse("type", t))
+        .transpose()?;
+    let items = coupons::events::list(&app.pool, page, kind)?;
     Ok(paged(url, page, &items, |e| e.id))
 }
 

@@ -4,6 +4,7 @@
 mod codes;
 mod combine;
 mod embedded;
+mod events;
 mod faults;
 mod http;
 mod library;

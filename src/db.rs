@@ -80,6 +80,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (8, include_str!("../sql/008_claim_life.sql")),
     (9, include_str!("../sql/009_codes.sql")),
     (10, include_str!("../sql/010_events.sql")),
+    (11, include_str!("../sql/011_webhooks.sql")),
 ];
 
 /// A pooled connection that remembers whether it failed and when it was last used.

@@ -54,6 +54,7 @@ mod group;
 pub mod idempotency;
 pub mod life;
 mod types;
+pub mod webhooks;
 
 pub use error::{Error, TokenProblem};
 pub use types::{

@@ -297,18 +297,48 @@ fn schemas() -> Value {
             "action": {"type": "string"}, "coupon_id": {"type": ["integer", "null"]}, "claim_id": {"type": ["integer", "null"]},
             "detail": {}, "created_at": ts}},
         "Audit": list("AuditEntry"),
+        "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
+        "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
+    });
+    for more in [codes, event_schemas()] {
+        if let (Some(all), Some(more)) = (all.as_object_mut(), more.as_object()) {
+            all.extend(more.clone());
+        }
+    }
+    all
+}
+
+/// The event feed's and webhooks' schemas.
+fn event_schemas() -> Value {
+    let ts = json!({"type": "string", "format": "date-time"});
+    let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
+    json!({
         "Event": {"type": "object", "required": ["id", "type", "created_at", "data"], "properties": {
             "id": {"type": "integer", "description": "Rising in commit order: ask for after=<the last id seen>"},
             "type": {"enum": coupons::events::TYPES}, "created_at": ts,
             "data": {"type": "object", "description": "The coupon, the claim (with coupon_id and status) or the codes added, as the change left it"}}},
         "Events": list("Event"),
-        "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
-        "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
-    });
-    if let (Some(all), Some(codes)) = (all.as_object_mut(), codes.as_object()) {
-        all.extend(codes.clone());
-    }
-    all
+        "NewWebhook": body(&["url", "events"], json!({
+            "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                "description": "http or https; a private, loopback or link-local address is refused (422 webhook_url_not_allowed) unless WEBHOOK_ALLOW_PRIVATE=on"},
+            "events": {"type": "array", "minItems": 1, "maxItems": 20,
+                "items": {"enum": coupons::events::TYPES.iter().copied().chain(["*"]).collect::<Vec<_>>()}},
+            "description": {"type": ["string", "null"], "maxLength": 500, "pattern": NO_CONTROL}})),
+        "Webhook": {"type": "object", "properties": {"id": {"type": "integer"}, "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}}, "description": {"type": ["string", "null"]},
+            "created_at": ts}},
+        "CreatedWebhook": {"type": "object", "required": ["id", "url", "events", "secret"], "properties": {
+            "id": {"type": "integer"}, "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}}, "description": {"type": ["string", "null"]},
+            "created_at": ts, "secret": {"type": "string", "pattern": "^whsec_[0-9a-f]{64}$",
+                "description": "Signs deliveries (Coupons-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">); shown only here"}}},
+        "Webhooks": list("Webhook"),
+        "Delivery": {"type": "object", "properties": {"id": {"type": "integer"}, "event_id": {"type": "integer"},
+            "event_type": {"type": "string"}, "attempted_at": ts, "status_code": {"type": ["integer", "null"]},
+            "error": {"type": ["string", "null"]}, "outcome": {"enum": ["delivered", "failed", "gave_up"]},
+            "next_attempt_at": {"anyOf": [ts, {"type": "null"}]}}},
+        "Deliveries": list("Delivery"),
+    })
 }
 
 /// A response: its description, its body (a schema name, a media type, or `""` for any JSON)

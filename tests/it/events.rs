@@ -299,3 +299,455 @@ fn the_feed_never_skips_with_writers_on_three_services() {
     let r = services[1].call("GET", "/admin/events", &[(u.0, &u.1)], None);
     assert_eq!(r.status, 403);
 }
+
+/// A delivery the test receiver got.
+#[derive(Debug, Clone)]
+struct Hit {
+    path: String,
+    event_id: u64,
+    kind: String,
+    status: u16,
+    signed: bool,
+}
+
+#[derive(Default)]
+struct Got {
+    hits: Vec<Hit>,
+    /// Secrets by path, set once each webhook is made.
+    secrets: std::collections::HashMap<String, String>,
+    /// Answer 500 to this many requests first.
+    fail_first: usize,
+    /// Hold the first request this long before answering, and say when it came.
+    hold_first: Option<(Duration, std::sync::mpsc::Sender<()>)>,
+    in_flight: std::collections::HashMap<String, usize>,
+    most_in_flight: usize,
+}
+
+/// A webhook receiver on 127.0.0.1: checks signatures, answers 500 to the first requests, then
+/// 200, and counts.
+struct Receiver {
+    addr: String,
+    got: std::sync::Arc<std::sync::Mutex<Got>>,
+}
+
+impl Receiver {
+    fn start(fail_first: usize) -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Got {
+            fail_first,
+            ..Default::default()
+        }));
+        let state = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = state.clone();
+                std::thread::spawn(move || receive(stream, &state));
+            }
+        });
+        Receiver { addr, got }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.got.lock().unwrap().hits.clone()
+    }
+}
+
+fn receive(mut stream: std::net::TcpStream, state: &std::sync::Mutex<Got>) {
+    use hmac::{Hmac, Mac};
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap();
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let n: usize = headers["content-length"].parse().unwrap();
+    let mut body = vec![0; n];
+    reader.read_exact(&mut body).unwrap();
+    let body = String::from_utf8(body).unwrap();
+    let event: Value = serde_json::from_str(&body).unwrap();
+    let (status, hold) = {
+        let mut g = state.lock().unwrap();
+        let in_flight = g.in_flight.entry(path.clone()).or_insert(0);
+        *in_flight += 1;
+        let now = *in_flight;
+        g.most_in_flight = g.most_in_flight.max(now);
+        let status = if g.fail_first > 0 {
+            g.fail_first -= 1;
+            500
+        } else {
+            200
+        };
+        (status, g.hold_first.take())
+    };
+    if let Some((wait, tell)) = hold {
+        let _ = tell.send(());
+        std::thread::sleep(wait);
+    }
+    // The receiver's check, as the README shows it: t within 5 minutes, v1 the HMAC of
+    // "<t>.<body>" with the secret.
+    let mut g = state.lock().unwrap();
+    let signed = (|| {
+        let secret = g.secrets.get(&path)?;
+        let sig = headers.get("coupons-signature")?;
+        let (t, v1) = sig.split_once(",v1=")?;
+        let t: i64 = t.strip_prefix("t=")?.parse().ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs() as i64;
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).ok()?;
+        mac.update(format!("{t}.{body}").as_bytes());
+        let want: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(want == v1 && (now - t).abs() < 300)
+    })()
+    .unwrap_or(false);
+    let event_id = event["id"].as_u64().unwrap();
+    assert_eq!(
+        headers.get("coupons-event-id").map(String::as_str),
+        Some(event_id.to_string().as_str())
+    );
+    g.hits.push(Hit {
+        path: path.clone(),
+        event_id,
+        kind: event["type"].as_str().unwrap().to_owned(),
+        status,
+        signed,
+    });
+    *g.in_flight.get_mut(&path).unwrap() -= 1;
+    drop(g);
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
+/// Waits until `done` holds, for at most `secs`.
+#[track_caller]
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {secs} s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every event id of the feed of the given types (all when empty), oldest first.
+fn event_ids(db: &TestDb, kinds: &[&str]) -> Vec<u64> {
+    let mut conn = db.conn();
+    let rows: Vec<(u64, String)> = conn
+        .query("SELECT seq, type FROM events WHERE seq IS NOT NULL ORDER BY seq")
+        .unwrap();
+    rows.into_iter()
+        .filter(|(_, t)| kinds.is_empty() || kinds.contains(&t.as_str()))
+        .map(|(s, _)| s)
+        .collect()
+}
+
+/// Checks what `path` received: every wanted event delivered with a 200, each attempt signed,
+/// in feed order (a retry repeats the event it retries, never an older one), nothing else.
+#[track_caller]
+fn check_deliveries(hits: &[Hit], path: &str, wanted: &[u64]) {
+    let mine: Vec<&Hit> = hits.iter().filter(|h| h.path == path).collect();
+    assert!(mine.iter().all(|h| h.signed), "unsigned: {mine:?}");
+    let ids: Vec<u64> = mine.iter().map(|h| h.event_id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {ids:?}"
+    );
+    let mut delivered: Vec<u64> = mine
+        .iter()
+        .filter(|h| h.status == 200)
+        .map(|h| h.event_id)
+        .collect();
+    delivered.dedup();
+    assert_eq!(delivered, wanted, "{path}");
+    let all: HashSet<u64> = ids.into_iter().collect();
+    assert_eq!(
+        all,
+        wanted.iter().copied().collect::<HashSet<u64>>(),
+        "{path}: nothing else"
+    );
+}
+
+fn create_webhook(svc: &Service, admin: &str, url: &str, events: &str) -> crate::support::Resp {
+    let h = bearer(admin);
+    let body = format!(r#"{{"url":"{url}","events":{events},"description":"test"}}"#);
+    svc.call("POST", "/admin/webhooks", &[JSON, (h.0, &h.1)], Some(&body))
+}
+
+#[test]
+fn webhooks_are_signed_retried_and_delivered_in_order() {
+    let db = TestDb::new();
+    let receiver = Receiver::start(3);
+    let env = [
+        ("WEBHOOK_ALLOW_PRIVATE", "on"),
+        ("WEBHOOK_FIRST_RETRY_MS", "100"),
+    ];
+    let svc = Service::start_with(&db, &env);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let h = bearer(&admin);
+    let before = new_coupon(&db, "BEFORE", 1);
+    let all = create_webhook(&svc, &admin, &receiver.url("/all"), r#"["*"]"#);
+    assert_eq!(all.status, 201, "{}", all.body);
+    let secret = all.body["secret"].as_str().unwrap().to_owned();
+    assert!(
+        secret.starts_with("whsec_") && secret.len() == 6 + 64,
+        "{secret}"
+    );
+    let voids = create_webhook(
+        &svc,
+        &admin,
+        &receiver.url("/voids"),
+        r#"["claim.voided", "claim.voided"]"#,
+    );
+    assert_eq!(voids.status, 201, "{}", voids.body);
+    assert_eq!(voids.body["events"], serde_json::json!(["claim.voided"]));
+    {
+        let mut g = receiver.got.lock().unwrap();
+        g.secrets.insert("/all".into(), secret.clone());
+        g.secrets.insert(
+            "/voids".into(),
+            voids.body["secret"].as_str().unwrap().into(),
+        );
+    }
+    let first_event = event_ids(&db, &[]).last().copied().unwrap_or(0);
+    // The secret is shown once: never in the list.
+    let listed = svc.call("GET", "/admin/webhooks", &[(h.0, &h.1)], None);
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    assert!(!listed.body.to_string().contains("whsec_"));
+
+    // Changes: claims racing for 20 units (the rest refused: no events), voids, a coupon.
+    let users = new_users(&db, &auth(), 4);
+    let c = new_coupon(&db, "HOOKED", 20);
+    let won: Vec<u64> = threads(8).install(|| {
+        (0..60)
+            .into_par_iter()
+            .filter_map(|i| match db.claims.claim(users[i % 4], c) {
+                Ok(won) => Some(won.claim.id.0),
+                Err(Error::SoldOut) => None,
+                Err(e) => panic!("{e}"),
+            })
+            .collect()
+    });
+    assert_eq!(won.len(), 20);
+    let why = Label::parse("reason", "test", 500).unwrap();
+    for id in &won[..3] {
+        life::void(&db.pool, UserId(0), coupons::ClaimId(*id), &why).unwrap();
+    }
+    coupon::delete(&db.pool, UserId(0), before).unwrap();
+    events::sequence(&db.pool).unwrap();
+    let wanted: Vec<u64> = event_ids(&db, &[])
+        .into_iter()
+        .filter(|&id| id > first_event)
+        .collect();
+    let wanted_voids: Vec<u64> = event_ids(&db, &["claim.voided"]);
+    assert_eq!((wanted.len(), wanted_voids.len()), (1 + 20 + 3 + 1, 3));
+    wait_for(60, "every delivery", || {
+        let hits = receiver.hits();
+        let done = |path: &str, n: usize| {
+            hits.iter()
+                .filter(|h| h.path == path && h.status == 200)
+                .count()
+                >= n
+        };
+        done("/all", wanted.len()) && done("/voids", wanted_voids.len())
+    });
+    let hits = receiver.hits();
+    check_deliveries(&hits, "/all", &wanted);
+    check_deliveries(&hits, "/voids", &wanted_voids);
+    assert_eq!(hits.iter().filter(|h| h.status == 500).count(), 3);
+    let created = hits
+        .iter()
+        .filter(|h| h.path == "/all" && h.status == 200 && h.kind == "claim.created")
+        .count();
+    assert_eq!(created as i64, db.scalar("SELECT COUNT(*) FROM claims"));
+    assert!(receiver.got.lock().unwrap().most_in_flight <= 1);
+    db.stock(c.0);
+
+    // Each attempt is listed, newest first: the failures with their status and next attempt.
+    let id = all.body["id"].as_u64().unwrap();
+    let mut attempts: Vec<Value> = Vec::new();
+    let mut after = String::new();
+    loop {
+        let r = svc.call(
+            "GET",
+            &format!("/admin/webhooks/{id}/deliveries?limit=10{after}"),
+            &[(h.0, &h.1)],
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = r.body.as_array().unwrap().clone();
+        let Some(last) = page.last() else { break };
+        after = format!("&after={}", last["id"]);
+        attempts.extend(page);
+    }
+    let failed: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["outcome"] == "failed")
+        .collect();
+    let tried = hits.iter().filter(|h| h.path == "/all").count();
+    assert_eq!(attempts.len(), tried, "one row per attempt");
+    assert!(failed
+        .iter()
+        .all(|a| a["status_code"] == 500 && a["next_attempt_at"].is_string()));
+    assert_eq!(
+        attempts
+            .iter()
+            .filter(|a| a["outcome"] == "delivered")
+            .count(),
+        wanted.len()
+    );
+    assert!(!attempts.iter().any(|a| a.to_string().contains("whsec_")));
+
+    // Deleted: 404 after, and nothing more goes to it.
+    let path = format!("/admin/webhooks/{id}");
+    assert_eq!(svc.call("DELETE", &path, &[(h.0, &h.1)], None).status, 200);
+    assert_eq!(svc.call("DELETE", &path, &[(h.0, &h.1)], None).status, 404);
+    let r = svc.call("GET", &format!("{path}/deliveries"), &[(h.0, &h.1)], None);
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (404, Some("webhook_not_found"))
+    );
+    assert_eq!(
+        svc.call("DELETE", "/admin/webhooks/x", &[(h.0, &h.1)], None)
+            .status,
+        404
+    );
+    let u = bearer(&svc.register("user@example.com"));
+    let r = svc.call("GET", "/admin/webhooks", &[(u.0, &u.1)], None);
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn webhook_urls_to_internal_addresses_are_refused() {
+    let db = TestDb::new();
+    let svc = Service::start(&db);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let refused = [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "https://10.0.0.8/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://0.0.0.0/",
+        "http://[fd00::1]/",
+        "http://2130706433/",
+    ];
+    for url in refused {
+        let r = create_webhook(&svc, &admin, url, r#"["*"]"#);
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (422, Some("webhook_url_not_allowed")),
+            "{url}: {}",
+            r.body
+        );
+    }
+    for (url, events, code) in [
+        ("ftp://example.com/", r#"["*"]"#, "invalid_url"),
+        ("not a url", r#"["*"]"#, "invalid_url"),
+        ("https://example.com/", r#"[]"#, "invalid_events"),
+        (
+            "https://example.com/",
+            r#"["claim.eaten"]"#,
+            "invalid_events",
+        ),
+    ] {
+        let r = create_webhook(&svc, &admin, url, events);
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (422, Some(code)),
+            "{url} {events}"
+        );
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM webhooks"), 0);
+}
+
+/// A service killed with SIGKILL in the middle of a delivery loses none: its lease runs out
+/// and the services that remain deliver everything, one at a time per endpoint.
+#[test]
+fn a_service_killed_mid_delivery_loses_no_event() {
+    let db = TestDb::new();
+    let receiver = Receiver::start(1);
+    let (tell, came) = std::sync::mpsc::channel();
+    receiver.got.lock().unwrap().hold_first = Some((Duration::from_secs(3), tell));
+    let env = [
+        ("WEBHOOK_ALLOW_PRIVATE", "on"),
+        ("WEBHOOK_FIRST_RETRY_MS", "100"),
+    ];
+    let mut doomed = Service::start_with(&db, &env);
+    let admin = make_admin(&db, &doomed, "admin@example.com");
+    let hook = create_webhook(&doomed, &admin, &receiver.url("/hook"), r#"["*"]"#);
+    assert_eq!(hook.status, 201, "{}", hook.body);
+    receiver
+        .got
+        .lock()
+        .unwrap()
+        .secrets
+        .insert("/hook".into(), hook.body["secret"].as_str().unwrap().into());
+    let first_event = event_ids(&db, &[]).last().copied().unwrap_or(0);
+    let users = new_users(&db, &auth(), 2);
+    let c = new_coupon(&db, "KILLED", 50);
+    for i in 0..10 {
+        db.claims.claim(users[i % 2], c).unwrap();
+    }
+    came.recv_timeout(Duration::from_secs(20))
+        .expect("a delivery began");
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    // Two services take over; more changes meanwhile.
+    let others: Vec<Service> = (0..2).map(|_| Service::start_with(&db, &env)).collect();
+    for i in 0..10 {
+        db.claims.claim(users[i % 2], c).unwrap();
+    }
+    events::sequence(&db.pool).unwrap();
+    let wanted: Vec<u64> = event_ids(&db, &[])
+        .into_iter()
+        .filter(|&id| id > first_event)
+        .collect();
+    assert_eq!(wanted.len(), 1 + 20);
+    wait_for(90, "every delivery after the kill", || {
+        let hits = receiver.hits();
+        let mut ok: Vec<u64> = hits
+            .iter()
+            .filter(|h| h.status == 200)
+            .map(|h| h.event_id)
+            .collect();
+        ok.dedup();
+        ok.len() >= wanted.len()
+    });
+    check_deliveries(&receiver.hits(), "/hook", &wanted);
+    assert_eq!(
+        receiver.got.lock().unwrap().most_in_flight,
+        1,
+        "one delivery at a time"
+    );
+    drop(others);
+    db.stock(c.0);
+}

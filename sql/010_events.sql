@@ -1,22 +1,24 @@
--- The event feed: every change writes its event in the change's own transaction, with `seq`
--- NULL. A sequencer later numbers committed events in order (`seq`, the id the feed shows),
--- one sequencer at a time (the `event_sequence` row's lock), so a reader asking for the events
--- after the last one it saw never skips one that committed late with a smaller `id`.
+-- The event feed: every change writes its events in the change's own transaction, as one row
+-- (a claim batch's many claims: one row, not one per claim), unnumbered. A sequencer later
+-- numbers committed rows in order, one sequencer at a time (the `event_sequence` row's lock):
+-- the row's events get the feed ids seq_first to seq_last. So a reader asking for the events
+-- after the last id it saw never skips one that committed late with a smaller `id`.
 CREATE TABLE IF NOT EXISTS events (
     id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    -- The feed's id: NULL until sequenced, then unique and rising in commit order.
-    seq BIGINT UNSIGNED NULL,
-    -- coupon.created, claim.redeemed, ...
-    type VARCHAR(32) CHARACTER SET ascii NOT NULL,
-    -- The object as the change left it, as JSON.
-    data TEXT NOT NULL,
+    -- The feed ids of this row's events: NULL until sequenced, then rising in commit order.
+    seq_first BIGINT UNSIGNED NULL,
+    seq_last BIGINT UNSIGNED NULL,
+    -- How many events the row holds.
+    n INT UNSIGNED NOT NULL,
+    -- The events, in order, as a JSON array of {"type": ..., "data": ...}: each object as the
+    -- change left it.
+    events MEDIUMTEXT NOT NULL,
     created_at DATETIME(6) NOT NULL,
-    -- The feed reads by seq; the sequencer finds seq IS NULL here too.
-    KEY events_seq (seq),
-    KEY events_type_seq (type, seq)
+    -- The feed reads by seq_last; the sequencer finds seq_last IS NULL here too.
+    KEY events_seq (seq_last)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
--- One row: the last seq given. Its row lock makes one sequencer run at a time.
+-- One row: the last feed id given. Its row lock makes one sequencer run at a time.
 CREATE TABLE IF NOT EXISTS event_sequence (
     id TINYINT UNSIGNED NOT NULL PRIMARY KEY,
     last_seq BIGINT UNSIGNED NOT NULL

@@ -1,14 +1,14 @@
 //! The event feed: every change tells the shop's other systems what happened. Each event is
 //! written in the transaction of its change ([`record_many`]), so an event exists exactly when
-//! its change committed; [`sequence`] then numbers committed events in commit order, so that a
-//! reader asking for the events after the last id it saw never skips one. Webhooks
-//! ([`crate::webhooks`]) deliver the same feed.
+//! its change committed (one row for all the events of a transaction); [`sequence`] then
+//! numbers committed events in commit order, so that a reader asking for the events after the
+//! last id it saw never skips one. Webhooks ([`crate::webhooks`]) deliver the same feed.
 //!
 //! Why a sequencer: auto-increment ids are taken at INSERT and commits land in another order,
 //! so "after id N" would skip an event committed late with a smaller id. An event is inserted
-//! with `seq` NULL; [`sequence`], under the one `event_sequence` row's lock, reads the
-//! committed unsequenced events with a plain (non-locking) read, which never waits on a claim
-//! in flight, and gives them the next numbers by primary key. A run that sees an event's
+//! unnumbered; [`sequence`], under the one `event_sequence` row's lock, reads the committed
+//! unnumbered rows with a plain (non-locking) read, which never waits on a claim in flight,
+//! and gives their events the next numbers by primary key. A run that sees an event's
 //! commit numbers it after every event numbered before, and readers see a run's numbers all at
 //! once (one commit), so the numbers a reader sees only ever grow.
 
@@ -88,34 +88,39 @@ pub(crate) fn pending(kind: &'static str, data: &impl Serialize) -> Result<Pendi
     Ok((kind, data))
 }
 
-/// Writes events, in the caller's transaction, in a few multi-row INSERTs (chunks of 64, 32,
-/// ..., 1 rows, so that few statements are prepared): a claim batch's events cost one or two
-/// statements, not one per claim.
+/// Writes events, in the caller's transaction, as one row: a claim batch's events cost one
+/// INSERT of one row, and later one number range, not a row and an update per claim.
 pub(crate) fn record_many(tx: &mut impl Queryable, events: &[Pending]) -> Result<(), Error> {
-    let now = Timestamp::now();
-    let mut rest = events;
-    while !rest.is_empty() {
-        let (chunk, more) = rest.split_at(1 << rest.len().min(64).ilog2());
-        let sql = format!(
-            "INSERT INTO events (type, data, created_at) VALUES {}",
-            placeholders(chunk.len(), "(?, ?, ?)")
-        );
-        let params: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(kind, data)| [(*kind).into(), data.as_str().into(), now.into()])
-            .collect();
-        tx.exec_drop(sql, params)?;
-        rest = more;
+    if events.is_empty() {
+        return Ok(());
     }
+    // The data is JSON already and the types are our own names: joined, not parsed again.
+    let mut json = String::with_capacity(events.iter().map(|(_, d)| d.len() + 32).sum());
+    json.push('[');
+    for (i, (kind, data)) in events.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(r#"{"type":""#);
+        json.push_str(kind);
+        json.push_str(r#"","data":"#);
+        json.push_str(data);
+        json.push('}');
+    }
+    json.push(']');
+    tx.exec_drop(
+        "INSERT INTO events (n, events, created_at) VALUES (?, ?, ?)",
+        (events.len() as u64, json, Timestamp::now()),
+    )?;
     Ok(())
 }
 
-/// The most events one sequencing statement numbers.
+/// The most rows one sequencing transaction numbers.
 const SEQUENCE_CHUNK: usize = 256;
 
-/// Numbers the committed events not numbered yet, in id order, after every event numbered
+/// Numbers the committed events not numbered yet, in row order, after every event numbered
 /// before: the feed then shows them. Safe from any number of threads and processes at once
-/// (they take turns on the `event_sequence` row). Returns how many it numbered.
+/// (they take turns on the `event_sequence` row). Returns how many rows it numbered.
 pub fn sequence(pool: &Pool) -> Result<usize, Error> {
     let mut total = 0;
     loop {
@@ -125,32 +130,40 @@ pub fn sequence(pool: &Pool) -> Result<usize, Error> {
                 (),
             )?;
             let last = last.ok_or(Error::Internal("no event_sequence row".into()))?;
-            // A plain read after the lock: committed events only, and no wait on (nor gap
-            // lock before) the events of transactions in flight.
-            let ids: Vec<u64> = tx.exec(
-                "SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT ?",
+            // A plain read after the lock: committed rows only, and no wait on (nor gap lock
+            // before) the rows of transactions in flight.
+            let rows: Vec<(u64, u64)> = tx.exec(
+                "SELECT id, n FROM events WHERE seq_last IS NULL ORDER BY id LIMIT ?",
                 (SEQUENCE_CHUNK as u64,),
             )?;
-            if ids.is_empty() {
+            if rows.is_empty() {
                 return Ok(0);
             }
-            let pairs = padded(ids.iter().zip(last + 1..).map(|(&id, s)| (id, s)).collect());
+            let mut next = last;
+            let mut ranges = Vec::with_capacity(rows.len());
+            for &(id, n) in &rows {
+                ranges.push((id, next + 1, next + n));
+                next += n;
+            }
+            let ranges = padded(ranges);
+            let case = vec!["WHEN ? THEN ?"; ranges.len()].join(" ");
             let sql = format!(
-                "UPDATE events SET seq = CASE id {} END WHERE id IN ({})",
-                vec!["WHEN ? THEN ?"; pairs.len()].join(" "),
-                placeholders(pairs.len(), "?")
+                "UPDATE events SET seq_first = CASE id {case} END, seq_last = CASE id {case} END
+                 WHERE id IN ({})",
+                placeholders(ranges.len(), "?")
             );
-            let params: Vec<Value> = pairs
+            let params: Vec<Value> = ranges
                 .iter()
-                .flat_map(|&(id, s)| [id.into(), s.into()])
-                .chain(pairs.iter().map(|&(id, _)| id.into()))
+                .flat_map(|&(id, first, _)| [id.into(), first.into()])
+                .chain(ranges.iter().flat_map(|&(id, _, l)| [id.into(), l.into()]))
+                .chain(ranges.iter().map(|&(id, _, _)| id.into()))
                 .collect();
             tx.exec_drop(sql, params)?;
             tx.exec_drop(
                 "UPDATE event_sequence SET last_seq = ? WHERE id = 1",
-                (last + ids.len() as u64,),
+                (next,),
             )?;
-            Ok(ids.len())
+            Ok(rows.len())
         })?;
         total += n;
         if n < SEQUENCE_CHUNK {
@@ -163,41 +176,69 @@ pub fn sequence(pool: &Pool) -> Result<usize, Error> {
 /// given. Numbers what has committed first, so the page is current.
 pub fn list(pool: &Pool, page: Page, kind: Option<EventType>) -> Result<Vec<Event>, Error> {
     sequence(pool)?;
-    read(pool, page.after.unwrap_or(0), page.limit, kind)
+    let kinds = kind.map(|k| vec![k.as_str()]);
+    read(
+        pool,
+        page.after.unwrap_or(0),
+        u64::MAX,
+        page.limit,
+        kinds.as_deref(),
+    )
 }
 
-/// The events numbered after `after`, oldest first, at most `limit`.
+/// The events numbered after `after` and up to `upto`, oldest first, at most `limit`, of the
+/// types `kinds` if given. Reads rows a chunk at a time until it has `limit` events or none
+/// is left.
 pub(crate) fn read(
     pool: &Pool,
     after: u64,
+    upto: u64,
     limit: u32,
-    kind: Option<EventType>,
+    kinds: Option<&[&str]>,
 ) -> Result<Vec<Event>, Error> {
-    with_conn(pool, |conn| {
-        type Row = (u64, String, String, Timestamp);
-        let rows: Vec<Row> = match kind {
-            None => conn.exec(
-                "SELECT seq, type, data, created_at FROM events
-                 WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
-            )?,
-            Some(k) => conn.exec(
-                "SELECT seq, type, data, created_at FROM events
-                 WHERE type = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (k.as_str(), after, limit),
-            )?,
+    let mut out = Vec::new();
+    let mut from = after;
+    with_conn(pool, |conn| loop {
+        type Row = (u64, u64, String, Timestamp);
+        let rows: Vec<Row> = conn.exec(
+            "SELECT seq_first, seq_last, events, created_at FROM events
+             WHERE seq_last > ? ORDER BY seq_last LIMIT ?",
+            (from, READ_CHUNK),
+        )?;
+        let Some(&(_, end, _, _)) = rows.last() else {
+            return Ok(out);
         };
-        Ok(rows.into_iter().map(event).collect())
+        for (first, _, events, created_at) in rows {
+            let events: Vec<Stored> = serde_json::from_str(&events)
+                .map_err(|e| Error::Internal(format!("an events row: {e}")))?;
+            for (id, e) in (first..).zip(events) {
+                if id <= after || kinds.is_some_and(|k| !k.contains(&e.kind.as_str())) {
+                    continue;
+                }
+                if id > upto || out.len() == limit as usize {
+                    return Ok(out);
+                }
+                out.push(Event {
+                    id,
+                    kind: e.kind,
+                    created_at,
+                    data: e.data,
+                });
+            }
+        }
+        from = end;
     })
 }
 
-fn event((id, kind, data, created_at): (u64, String, String, Timestamp)) -> Event {
-    Event {
-        id,
-        kind,
-        created_at,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
-    }
+/// Rows read at a time: a claim batch's row holds up to 512 events.
+const READ_CHUNK: u64 = 32;
+
+/// An event as a row stores it.
+#[derive(serde::Deserialize)]
+struct Stored {
+    #[serde(rename = "type")]
+    kind: String,
+    data: serde_json::Value,
 }
 
 /// A thread that runs [`sequence`] every `every`, until dropped, so the feed and webhooks stay

@@ -14,15 +14,13 @@
 //! receiver holds up nothing but its own deliveries.
 
 use crate::codes::Random;
-use crate::db::{placeholders, transaction, with_conn, Pool};
+use crate::db::{transaction, with_conn, Pool};
 use crate::events::{self, EventType};
 use crate::{Error, Label, Page, Timestamp};
 use hmac::{Hmac, Mac};
 use mysql::prelude::Queryable;
-use mysql::Value;
 use serde::Serialize;
 use sha2::Sha256;
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -545,36 +543,46 @@ impl Run<'_> {
                 Ok(conn.exec_first("SELECT last_seq FROM event_sequence WHERE id = 1", ())?)
             })?;
             let last = last.unwrap_or(0);
-            let Some(event) = self.next_event(&e, last)? else {
+            let pending = self.next_events(&e, last)?;
+            if pending.is_empty() {
                 // Nothing it subscribed to up to `last`: done up to there.
-                self.finish(last, Timestamp::now())?;
-                return Ok(());
-            };
-            if stopping.load(Ordering::Relaxed) {
-                return self.finish(e.delivered_seq, Timestamp::now());
+                return self.finish(last, Timestamp::now());
             }
-            let body = serde_json::to_string(&event).map_err(|e| Error::Internal(e.to_string()))?;
-            let now = Timestamp::now();
-            let sent = self
-                .agent
-                .post(&e.url)
-                .set("Content-Type", "application/json")
-                .set("Coupons-Event-Id", &event.id.to_string())
-                .set(
-                    "Coupons-Signature",
-                    &signature(&e.secret, now.unix_secs(), &body),
-                )
-                .send_string(&body);
-            let (status, error) = match sent {
-                Ok(r) => (Some(r.status()), None),
-                Err(ureq::Error::Status(code, _)) => (Some(code), None),
-                Err(ureq::Error::Transport(t)) => (None, Some(transport_error(&t))),
-            };
-            let ok = status.is_some_and(|s| (200..300).contains(&s));
-            if !self.record(&e, &event, now, status, error, ok)? || !ok {
-                return Ok(());
+            let mut e = e;
+            for event in pending {
+                if stopping.load(Ordering::Relaxed) {
+                    return self.finish(e.delivered_seq, Timestamp::now());
+                }
+                if !self.send(&e, &event)? {
+                    return Ok(());
+                }
+                (e.delivered_seq, e.attempts, e.failing_since) = (event.id, 0, None);
             }
         }
+    }
+
+    /// One attempt at delivering `event`, recorded; `true` when it was delivered (or given up)
+    /// and this run still holds the lease, so the next event may go.
+    fn send(&self, e: &Endpoint, event: &events::Event) -> Result<bool, Error> {
+        let body = serde_json::to_string(event).map_err(|e| Error::Internal(e.to_string()))?;
+        let now = Timestamp::now();
+        let sent = self
+            .agent
+            .post(&e.url)
+            .set("Content-Type", "application/json")
+            .set("Coupons-Event-Id", &event.id.to_string())
+            .set(
+                "Coupons-Signature",
+                &signature(&e.secret, now.unix_secs(), &body),
+            )
+            .send_string(&body);
+        let (status, error) = match sent {
+            Ok(r) => (Some(r.status()), None),
+            Err(ureq::Error::Status(code, _)) => (Some(code), None),
+            Err(ureq::Error::Transport(t)) => (None, Some(transport_error(&t))),
+        };
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        self.record(e, event, now, status, error, ok)
     }
 
     /// The endpoint, if this run still holds its lease and it is not deleted.
@@ -599,33 +607,12 @@ impl Run<'_> {
         })
     }
 
-    /// The first event after the endpoint's cursor, up to `last`, of a type it subscribed to.
-    fn next_event(&self, e: &Endpoint, last: u64) -> Result<Option<events::Event>, Error> {
-        if e.events.iter().any(|k| k == "*") {
-            return Ok(events::read(self.pool, e.delivered_seq, 1, None)?
-                .pop()
-                .filter(|ev| ev.id <= last));
-        }
-        let kinds: HashSet<&str> = e.events.iter().map(String::as_str).collect();
-        with_conn(self.pool, |conn| {
-            let kinds: Vec<&str> = kinds.into_iter().collect();
-            let sql = format!(
-                "SELECT seq, type, data, created_at FROM events
-                 WHERE seq > ? AND seq <= ? AND type IN ({}) ORDER BY seq LIMIT 1",
-                placeholders(kinds.len(), "?")
-            );
-            let params: Vec<Value> = [e.delivered_seq.into(), last.into()]
-                .into_iter()
-                .chain(kinds.iter().map(|k| (*k).into()))
-                .collect();
-            let row: Option<(u64, String, String, Timestamp)> = conn.exec_first(sql, params)?;
-            Ok(row.map(|(id, kind, data, created_at)| events::Event {
-                id,
-                kind,
-                created_at,
-                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
-            }))
-        })
+    /// The next events after the endpoint's cursor, up to `last`, of the types it subscribed
+    /// to: a hundred at most, delivered one by one.
+    fn next_events(&self, e: &Endpoint, last: u64) -> Result<Vec<events::Event>, Error> {
+        let kinds: Vec<&str> = e.events.iter().map(String::as_str).collect();
+        let kinds = (!kinds.contains(&"*")).then_some(kinds.as_slice());
+        events::read(self.pool, e.delivered_seq, last, 100, kinds)
     }
 
     /// Done up to `seq`: the cursor moves there and the lease ends.
@@ -643,7 +630,8 @@ impl Run<'_> {
 
     /// Records an attempt and moves the endpoint on: past the event when it was delivered (or
     /// given up after 24 hours of failures), else to its next attempt, ending the lease.
-    /// `false` when the lease was lost meanwhile (another process took over: nothing written).
+    /// `true` when the endpoint moved past the event; `false` when it waits for a retry, or the
+    /// lease was lost meanwhile (another process took over: nothing written).
     fn record(
         &self,
         e: &Endpoint,
@@ -701,7 +689,7 @@ impl Run<'_> {
                     next,
                 ),
             )?;
-            Ok(true)
+            Ok(next.is_none())
         })
     }
 }

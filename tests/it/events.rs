@@ -18,6 +18,14 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// Events stored, and rows not numbered yet.
+fn stored(db: &TestDb) -> (i64, i64) {
+    (
+        db.scalar("SELECT CAST(COALESCE(SUM(n), 0) AS SIGNED) FROM events"),
+        db.scalar("SELECT COUNT(*) FROM events WHERE seq_last IS NULL"),
+    )
+}
+
 /// The whole feed, oldest first, as (type, data).
 fn feed(db: &TestDb) -> Vec<(String, Value)> {
     let mut out = Vec::new();
@@ -116,12 +124,8 @@ fn every_committed_change_has_its_event_and_a_refused_one_none() {
     assert_eq!(all[0].1["code"], "EVENTS");
     assert_eq!(all[12].1["added"], 1);
     assert_eq!(all[13].1["id"].as_u64(), Some(other.0));
-    // Rows and feed agree: every event numbered once.
-    let numbered = db.scalar("SELECT COUNT(DISTINCT seq) FROM events WHERE seq IS NOT NULL");
-    assert_eq!(
-        (db.scalar("SELECT COUNT(*) FROM events"), numbered),
-        (14, 14)
-    );
+    // Rows and feed agree: every event numbered, once.
+    assert_eq!(stored(&db), (14, 0));
 
     // One type, paged.
     let created = EventType::parse("type", "claim.created").unwrap();
@@ -243,12 +247,9 @@ fn the_feed_never_skips_with_writers_on_three_services() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids rise, never repeat"
     );
-    let total = db.scalar("SELECT COUNT(*) FROM events");
+    let (total, unnumbered) = stored(&db);
+    assert_eq!(unnumbered, 0);
     assert_eq!(ids.len() as i64, total, "every event read once");
-    assert_eq!(
-        db.scalar("SELECT COUNT(*) FROM events WHERE seq IS NULL"),
-        0
-    );
     let created: HashSet<u64> = seen
         .iter()
         .filter(|e| e.1 == "claim.created")
@@ -458,14 +459,21 @@ fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 
 /// Every event id of the feed of the given types (all when empty), oldest first.
 fn event_ids(db: &TestDb, kinds: &[&str]) -> Vec<u64> {
-    let mut conn = db.conn();
-    let rows: Vec<(u64, String)> = conn
-        .query("SELECT seq, type FROM events WHERE seq IS NOT NULL ORDER BY seq")
-        .unwrap();
-    rows.into_iter()
-        .filter(|(_, t)| kinds.is_empty() || kinds.contains(&t.as_str()))
-        .map(|(s, _)| s)
-        .collect()
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = Page { limit: 1000, after };
+        let got = events::list(&db.pool, page, None).unwrap();
+        let Some(last) = got.last() else {
+            return ids;
+        };
+        after = Some(last.id);
+        ids.extend(
+            got.iter()
+                .filter(|e| kinds.is_empty() || kinds.contains(&e.kind.as_str()))
+                .map(|e| e.id),
+        );
+    }
 }
 
 /// Checks what `path` received: every wanted event delivered with a 200, each attempt signed,
@@ -750,4 +758,77 @@ fn a_service_killed_mid_delivery_loses_no_event() {
     );
     drop(others);
     db.stock(c.0);
+}
+
+/// An event failing for 24 hours is given up, listed so, and the next one goes.
+#[test]
+fn an_event_failing_for_a_day_is_given_up_and_the_next_goes() {
+    let db = TestDb::new();
+    let receiver = Receiver::start(usize::MAX);
+    let env = [
+        ("WEBHOOK_ALLOW_PRIVATE", "on"),
+        ("WEBHOOK_FIRST_RETRY_MS", "100"),
+    ];
+    let svc = Service::start_with(&db, &env);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let hook = create_webhook(
+        &svc,
+        &admin,
+        &receiver.url("/down"),
+        r#"["coupon.created"]"#,
+    );
+    assert_eq!(hook.status, 201, "{}", hook.body);
+    receiver
+        .got
+        .lock()
+        .unwrap()
+        .secrets
+        .insert("/down".into(), hook.body["secret"].as_str().unwrap().into());
+    new_coupon(&db, "FIRST", 1);
+    new_coupon(&db, "SECOND", 1);
+    let ids = event_ids(&db, &["coupon.created"]);
+    let (first, second) = (ids[ids.len() - 2], ids[ids.len() - 1]);
+    wait_for(30, "a failed attempt", || {
+        receiver.hits().iter().any(|h| h.event_id == first)
+    });
+    // A day of failures, as if it had been so since yesterday.
+    db.conn()
+        .query_drop(
+            "UPDATE webhooks SET failing_since = failing_since - INTERVAL 25 HOUR
+             WHERE failing_since IS NOT NULL",
+        )
+        .unwrap();
+    wait_for(30, "the next event tried", || {
+        receiver.hits().iter().any(|h| h.event_id == second)
+    });
+    let h = bearer(&admin);
+    let id = hook.body["id"].as_u64().unwrap();
+    let r = svc.call(
+        "GET",
+        &format!("/admin/webhooks/{id}/deliveries?limit=1000"),
+        &[(h.0, &h.1)],
+        None,
+    );
+    let outcomes: Vec<(u64, String)> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["event_id"].as_u64().unwrap(),
+                d["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let gave_up: Vec<u64> = outcomes
+        .iter()
+        .filter(|(_, o)| o == "gave_up")
+        .map(|(e, _)| *e)
+        .collect();
+    assert_eq!(gave_up, [first], "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|(e, o)| o != "delivered" && (*e == first || *e == second)));
+    assert!(receiver.hits().iter().all(|h| h.signed && h.status == 500));
 }

@@ -644,17 +644,14 @@ fn decide(
             expires_at: row.expires_at,
             assigned_code: row.assigned_code.map(str::to_owned),
         };
-        created.push(events::pending(
-            "claim.created",
-            &ClaimRecord::new(claim.clone(), row.user),
-        )?);
+        created.push(events::Pending::ClaimCreated(id));
         steps[i] = Step::Done(Ok(Claimed {
             claim,
             available_count: *left,
         }));
     }
-    // The batch's events in one statement or a few, in this transaction: one each exactly
-    // when its claim commits.
+    // The batch's events in one row, in this transaction: one each exactly when its claim
+    // commits (each only its claim's id: the rest is in the claim row).
     events::record_many(tx, &created)
 }
 
@@ -1076,6 +1073,54 @@ impl ClaimRecord {
             void_reason: None,
         }
     }
+}
+
+/// Claims as they were made (`held` or `claimed`, nothing of their life after), from the
+/// columns of a claim row that never change: the data of their `claim.created` events.
+pub(crate) fn as_created(
+    conn: &mut impl Queryable,
+    ids: &[ClaimId],
+) -> Result<HashMap<ClaimId, ClaimRecord>, Error> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CLAIM_BATCH_LIMIT) {
+        let ids = padded(chunk.iter().map(|c| c.0).collect());
+        type Row = (
+            u64,
+            u64,
+            String,
+            Option<String>,
+            Timestamp,
+            Option<Timestamp>,
+            u64,
+            Option<String>,
+        );
+        let rows: Vec<Row> = conn.exec(
+            format!(
+                "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+                     cl.claimed_at, cl.expires_at, cl.user_id, cl.assigned_code
+                 FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id IN ({})",
+                placeholders(ids.len(), "?")
+            ),
+            ids,
+        )?;
+        for (id, coupon, code, name, claimed_at, expires_at, user, assigned_code) in rows {
+            let claim = Claim {
+                id: ClaimId(id),
+                coupon_id: CouponId(coupon),
+                code,
+                name,
+                claimed_at,
+                status: match expires_at {
+                    Some(_) => ClaimStatus::Held,
+                    None => ClaimStatus::Claimed,
+                },
+                expires_at,
+                assigned_code,
+            };
+            out.insert(ClaimId(id), ClaimRecord::new(claim, UserId(user)));
+        }
+    }
+    Ok(out)
 }
 
 /// The columns [`record`] reads, of `claims cl JOIN coupons co`.

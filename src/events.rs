@@ -13,7 +13,7 @@
 //! once (one commit), so the numbers a reader sees only ever grow.
 
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
-use crate::{Error, Page, Timestamp};
+use crate::{ClaimId, Error, Page, Timestamp};
 use mysql::prelude::Queryable;
 use mysql::Value;
 use serde::Serialize;
@@ -70,8 +70,15 @@ impl EventType {
     }
 }
 
-/// An event to write: its type and its data, serialized.
-pub(crate) type Pending = (&'static str, String);
+/// An event to write.
+pub(crate) enum Pending {
+    /// Its type and its data, serialized.
+    Data(&'static str, String),
+    /// `claim.created` for this claim. Its data is the claim as made, which the claim row's
+    /// columns that never change say: the claim transaction writes only the id, and readers
+    /// rebuild the rest ([`crate::claim::as_created`]), so a batch of claims stays cheap.
+    ClaimCreated(ClaimId),
+}
 
 /// Writes one event, in the caller's transaction.
 pub(crate) fn record(
@@ -85,7 +92,7 @@ pub(crate) fn record(
 /// An event of `kind` with `data`, to write with [`record_many`].
 pub(crate) fn pending(kind: &'static str, data: &impl Serialize) -> Result<Pending, Error> {
     let data = serde_json::to_string(data).map_err(|e| Error::Internal(e.to_string()))?;
-    Ok((kind, data))
+    Ok(Pending::Data(kind, data))
 }
 
 /// Writes events, in the caller's transaction, as one row: a claim batch's events cost one
@@ -95,17 +102,30 @@ pub(crate) fn record_many(tx: &mut impl Queryable, events: &[Pending]) -> Result
         return Ok(());
     }
     // The data is JSON already and the types are our own names: joined, not parsed again.
-    let mut json = String::with_capacity(events.iter().map(|(_, d)| d.len() + 32).sum());
+    let size = |p: &Pending| match p {
+        Pending::Data(_, d) => d.len() + 32,
+        Pending::ClaimCreated(_) => 24,
+    };
+    let mut json = String::with_capacity(events.iter().map(size).sum::<usize>() + 2);
     json.push('[');
-    for (i, (kind, data)) in events.iter().enumerate() {
+    for (i, event) in events.iter().enumerate() {
         if i > 0 {
             json.push(',');
         }
-        json.push_str(r#"{"type":""#);
-        json.push_str(kind);
-        json.push_str(r#"","data":"#);
-        json.push_str(data);
-        json.push('}');
+        match event {
+            Pending::Data(kind, data) => {
+                json.push_str(r#"{"type":""#);
+                json.push_str(kind);
+                json.push_str(r#"","data":"#);
+                json.push_str(data);
+                json.push('}');
+            }
+            Pending::ClaimCreated(id) => {
+                json.push_str(r#"{"claim":"#);
+                json.push_str(&id.0.to_string());
+                json.push('}');
+            }
+        }
     }
     json.push(']');
     tx.exec_drop(
@@ -208,21 +228,43 @@ pub(crate) fn read(
         let Some(&(_, end, _, _)) = rows.last() else {
             return Ok(out);
         };
+        let mut parsed = Vec::with_capacity(rows.len());
         for (first, _, events, created_at) in rows {
             let events: Vec<Stored> = serde_json::from_str(&events)
                 .map_err(|e| Error::Internal(format!("an events row: {e}")))?;
+            parsed.push((first, events, created_at));
+        }
+        // The claims made, as made, for the claim.created events wanted.
+        let wanted = |kind: &str| kinds.is_none_or(|k| k.contains(&kind));
+        let ids: Vec<ClaimId> = parsed
+            .iter()
+            .flat_map(|(first, events, _)| (*first..).zip(events))
+            .filter(|(id, _)| *id > after && *id <= upto && wanted("claim.created"))
+            .filter_map(|(_, e)| e.claim.map(ClaimId))
+            .collect();
+        let mut made = crate::claim::as_created(&mut **conn, &ids)?;
+        for (first, events, created_at) in parsed {
             for (id, e) in (first..).zip(events) {
-                if id <= after || kinds.is_some_and(|k| !k.contains(&e.kind.as_str())) {
+                let (kind, data) = match (e.claim, e.kind) {
+                    (Some(claim), _) => (
+                        "claim.created".to_owned(),
+                        made.remove(&ClaimId(claim)).map(|r| serde_json::json!(r)),
+                    ),
+                    (None, Some(kind)) => (kind, e.data),
+                    (None, None) => return Err(Error::Internal("an event without a type".into())),
+                };
+                if id <= after || !wanted(&kind) {
                     continue;
                 }
                 if id > upto || out.len() == limit as usize {
                     return Ok(out);
                 }
+                let data = data.ok_or(Error::Internal(format!("event {id}: no data")))?;
                 out.push(Event {
                     id,
-                    kind: e.kind,
+                    kind,
                     created_at,
-                    data: e.data,
+                    data,
                 });
             }
         }
@@ -233,12 +275,13 @@ pub(crate) fn read(
 /// Rows read at a time: a claim batch's row holds up to 512 events.
 const READ_CHUNK: u64 = 32;
 
-/// An event as a row stores it.
+/// An event as a row stores it: its type and data, or the claim it made.
 #[derive(serde::Deserialize)]
 struct Stored {
     #[serde(rename = "type")]
-    kind: String,
-    data: serde_json::Value,
+    kind: Option<String>,
+    data: Option<serde_json::Value>,
+    claim: Option<u64>,
 }
 
 /// A thread that runs [`sequence`] every `every`, until dropped, so the feed and webhooks stay

@@ -832,3 +832,86 @@ fn an_event_failing_for_a_day_is_given_up_and_the_next_goes() {
         .all(|(e, o)| o != "delivered" && (*e == first || *e == second)));
     assert!(receiver.hits().iter().all(|h| h.signed && h.status == 500));
 }
+
+/// A receiver that takes connections and never answers holds up only its own deliveries: the
+/// other endpoint gets every event and claims go on, while its attempts time out one at a time.
+#[test]
+fn a_dead_receiver_holds_up_only_its_own_deliveries() {
+    let db = TestDb::new();
+    // Bound and listening, never accepted: a request is sent and no answer ever comes.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/dead", dead.local_addr().unwrap());
+    let alive = Receiver::start(0);
+    let env = [
+        ("WEBHOOK_ALLOW_PRIVATE", "on"),
+        ("WEBHOOK_FIRST_RETRY_MS", "100"),
+    ];
+    let svc = Service::start_with(&db, &env);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let stuck = create_webhook(&svc, &admin, &dead_url, r#"["*"]"#);
+    assert_eq!(stuck.status, 201, "{}", stuck.body);
+    let ok = create_webhook(&svc, &admin, &alive.url("/alive"), r#"["*"]"#);
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    alive
+        .got
+        .lock()
+        .unwrap()
+        .secrets
+        .insert("/alive".into(), ok.body["secret"].as_str().unwrap().into());
+    let first_event = event_ids(&db, &[]).last().copied().unwrap_or(0);
+    let tokens: Vec<String> = (0..4)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    let c = new_coupon(&db, "DEADLINE", 100);
+    let won = threads(8).install(|| {
+        (0..120)
+            .into_par_iter()
+            .filter(|i| {
+                let t = bearer(&tokens[i % 4]);
+                let r = svc.call(
+                    "POST",
+                    &format!("/coupons/{}/claim", c.0),
+                    &[JSON, (t.0, t.1.as_str())],
+                    None,
+                );
+                assert!(
+                    r.status == 201 || r.status == 409,
+                    "{} {}",
+                    r.status,
+                    r.body
+                );
+                r.status == 201
+            })
+            .count()
+    });
+    assert_eq!(won, 100);
+    events::sequence(&db.pool).unwrap();
+    let wanted: Vec<u64> = event_ids(&db, &[])
+        .into_iter()
+        .filter(|&id| id > first_event)
+        .collect();
+    assert_eq!(wanted.len(), 1 + 100);
+    // Well within one 10 s timeout of the dead endpoint's first attempt.
+    wait_for(8, "the live endpoint's deliveries", || {
+        alive.hits().iter().filter(|h| h.status == 200).count() >= wanted.len()
+    });
+    check_deliveries(&alive.hits(), "/alive", &wanted);
+    // The dead one's first attempt times out and is listed with its error.
+    let h = bearer(&admin);
+    let id = stuck.body["id"].as_u64().unwrap();
+    let path = format!("/admin/webhooks/{id}/deliveries");
+    wait_for(20, "the dead endpoint's timeout", || {
+        let r = svc.call("GET", &path, &[(h.0, &h.1)], None);
+        !r.body.as_array().unwrap().is_empty()
+    });
+    let r = svc.call("GET", &path, &[(h.0, &h.1)], None);
+    let last = &r.body[0];
+    assert_eq!(last["outcome"], "failed", "{last}");
+    assert!(
+        last["status_code"].is_null() && last["error"].is_string(),
+        "{last}"
+    );
+    assert_eq!(last["event_id"].as_u64(), Some(wanted[0]));
+    db.stock(c.0);
+    drop(dead);
+}

@@ -6,6 +6,7 @@ use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
 use crate::coupon::{self, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
+use crate::events;
 use crate::idempotency::{self, Answer, IdempotencyKey, Keyed, Recorded, RequestDigest};
 use crate::{
     ClaimId, ClaimStatus, CouponCode, CouponId, Error, HoldSeconds, Page, Status, Timestamp, UserId,
@@ -629,24 +630,29 @@ fn decide(
     codes::assign(tx, &pairs)?;
     // Each coupon's stock right after each of its claims, in order.
     let mut left: HashMap<CouponId, u64> = HashMap::new();
+    let mut created = Vec::with_capacity(granted.len());
     for ((&(i, c, _), row), id) in granted.iter().zip(&rows).zip(ids) {
         let left = left.entry(c.id).or_insert(c.available_count);
         *left -= 1;
+        let claim = Claim {
+            id,
+            coupon_id: c.id,
+            code: c.code.clone(),
+            name: c.name.clone(),
+            claimed_at: now,
+            status: row.status(),
+            expires_at: row.expires_at,
+            assigned_code: row.assigned_code.map(str::to_owned),
+        };
+        created.push(events::Pending::ClaimCreated(id));
         steps[i] = Step::Done(Ok(Claimed {
-            claim: Claim {
-                id,
-                coupon_id: c.id,
-                code: c.code.clone(),
-                name: c.name.clone(),
-                claimed_at: now,
-                status: row.status(),
-                expires_at: row.expires_at,
-                assigned_code: row.assigned_code.map(str::to_owned),
-            },
+            claim,
             available_count: *left,
         }));
     }
-    Ok(())
+    // The batch's events in one row, in this transaction: one each exactly when its claim
+    // commits (each only its claim's id: the rest is in the claim row).
+    events::record_many(tx, &created)
 }
 
 /// The code (id, code) each granted claim gets, in order: the unique code it named, or for a
@@ -1050,6 +1056,71 @@ pub struct ClaimRecord {
     pub voided_at: Option<Timestamp>,
     /// Why it was voided.
     pub void_reason: Option<String>,
+}
+
+impl ClaimRecord {
+    /// A claim just made by `user`: nothing recorded of its life yet.
+    pub(crate) fn new(claim: Claim, user: UserId) -> ClaimRecord {
+        ClaimRecord {
+            claim,
+            user_id: user,
+            redeemed_at: None,
+            order_id: None,
+            order_amount: None,
+            order_currency: None,
+            discount_amount: None,
+            voided_at: None,
+            void_reason: None,
+        }
+    }
+}
+
+/// Claims as they were made (`held` or `claimed`, nothing of their life after), from the
+/// columns of a claim row that never change: the data of their `claim.created` events.
+pub(crate) fn as_created(
+    conn: &mut impl Queryable,
+    ids: &[ClaimId],
+) -> Result<HashMap<ClaimId, ClaimRecord>, Error> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CLAIM_BATCH_LIMIT) {
+        let ids = padded(chunk.iter().map(|c| c.0).collect());
+        type Row = (
+            u64,
+            u64,
+            String,
+            Option<String>,
+            Timestamp,
+            Option<Timestamp>,
+            u64,
+            Option<String>,
+        );
+        let rows: Vec<Row> = conn.exec(
+            format!(
+                "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+                     cl.claimed_at, cl.expires_at, cl.user_id, cl.assigned_code
+                 FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id IN ({})",
+                placeholders(ids.len(), "?")
+            ),
+            ids,
+        )?;
+        for (id, coupon, code, name, claimed_at, expires_at, user, assigned_code) in rows {
+            let claim = Claim {
+                id: ClaimId(id),
+                coupon_id: CouponId(coupon),
+                code,
+                name,
+                claimed_at,
+                status: match expires_at {
+                    Some(_) => ClaimStatus::Held,
+                    None => ClaimStatus::Claimed,
+                },
+                expires_at,
+                assigned_code,
+            };
+            out.insert(ClaimId(id), ClaimRecord::new(claim, UserId(user)));
+        }
+    }
+    Ok(out)
 }
 
 /// The columns [`record`] reads, of `claims cl JOIN coupons co`.

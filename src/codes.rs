@@ -199,12 +199,14 @@ pub fn add(pool: &Pool, actor: UserId, coupon: CouponId, new: &NewCodes) -> Resu
             None,
             &serde_json::json!({ "added": added }),
         )?;
-        Ok(Added {
+        let added = Added {
             coupon_id: coupon,
             added,
             total_codes: total,
             available_count: available,
-        })
+        };
+        crate::events::record(tx, "codes.added", &added)?;
+        Ok(added)
     })
 }
 
@@ -283,13 +285,14 @@ pub(crate) fn check_not_a_unique_code(conn: &mut impl Queryable, code: &str) -> 
     }
 }
 
-/// Random bytes from the operating system, as `auth::Secret::generate` reads them.
-struct Random {
+/// Random bytes from the operating system, as `auth::Secret::generate` reads them; also the
+/// source of webhook secrets ([`crate::webhooks`]).
+pub(crate) struct Random {
     source: std::io::BufReader<std::fs::File>,
 }
 
 impl Random {
-    fn new() -> Result<Random, Error> {
+    pub(crate) fn new() -> Result<Random, Error> {
         let file = std::fs::File::open("/dev/urandom")
             .map_err(|e| Error::Internal(format!("opening /dev/urandom: {e}")))?;
         Ok(Random {
@@ -319,7 +322,7 @@ impl Random {
         }
     }
 
-    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
+    pub(crate) fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
         let mut b = [0u8; N];
         self.source
             .read_exact(&mut b)

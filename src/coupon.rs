@@ -334,6 +334,7 @@ fn insert(conn: &mut impl Queryable, actor: UserId, new: &NewCoupon) -> Result<C
         None,
         &serde_json::json!(c),
     )?;
+    crate::events::record(conn, "coupon.created", &c)?;
     Ok(c)
 }
 
@@ -502,6 +503,7 @@ pub fn update(
             None,
             &changes(&old, &new),
         )?;
+        crate::events::record(tx, "coupon.updated", &new)?;
         Ok(new)
     })
     .on_duplicate(Error::CodeTaken)
@@ -525,7 +527,9 @@ pub fn delete(pool: &Pool, actor: UserId, id: CouponId) -> Result<(), Error> {
             Some(id),
             None,
             &serde_json::json!({}),
-        )
+        )?;
+        let gone = read(tx, id, false)?.ok_or(Error::CouponNotFound)?;
+        crate::events::record(tx, "coupon.deleted", &gone)
     })
 }
 

@@ -79,6 +79,8 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (7, include_str!("../sql/007_coupon_value.sql")),
     (8, include_str!("../sql/008_claim_life.sql")),
     (9, include_str!("../sql/009_codes.sql")),
+    (10, include_str!("../sql/010_events.sql")),
+    (11, include_str!("../sql/011_webhooks.sql")),
 ];
 
 /// A pooled connection that remembers whether it failed and when it was last used.

@@ -84,6 +84,11 @@ pub enum Error {
     /// The coupon has claims, so what it is worth (`percent_off`, `amount_off`, `currency`,
     /// `min_order_amount`) can no longer change (409 `terms_locked`).
     TermsLocked,
+    /// A webhook's URL names (or resolves to) a private, loopback, link-local or otherwise
+    /// internal address (422 `webhook_url_not_allowed`).
+    WebhookUrlNotAllowed,
+    /// No webhook has this id (404 `webhook_not_found`).
+    WebhookNotFound,
     /// The coupon changed since the version the caller read (412 `precondition_failed`).
     Stale,
     /// Deadlocks or lock-wait timeouts outlasted the retries (503 `busy`, with Retry-After).
@@ -208,6 +213,10 @@ impl fmt::Display for Error {
             Error::TermsLocked => f.write_str(
                 "the coupon has claims; its percent_off, amount_off, currency and min_order_amount can no longer change",
             ),
+            Error::WebhookUrlNotAllowed => f.write_str(
+                "the webhook's URL is a private, loopback, link-local or internal address",
+            ),
+            Error::WebhookNotFound => f.write_str("webhook not found"),
             Error::Stale => f.write_str("the coupon changed since you read it; read it again"),
             Error::Busy => f.write_str("too much contention, try again"),
             Error::Unavailable(e) => write!(f, "database unavailable: {e}"),

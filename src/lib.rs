@@ -48,11 +48,13 @@ pub mod coupon;
 pub mod db;
 pub mod embedded;
 mod error;
+pub mod events;
 mod gate;
 mod group;
 pub mod idempotency;
 pub mod life;
 mod types;
+pub mod webhooks;
 
 pub use error::{Error, TokenProblem};
 pub use types::{

@@ -11,6 +11,7 @@ use crate::audit;
 use crate::claim::{self, ClaimRecord};
 use crate::coupon::{self, Coupon};
 use crate::db::{padded, placeholders, transaction, Pool};
+use crate::events;
 use crate::group::Group;
 use crate::{ClaimId, ClaimStatus, CouponId, Currency, Error, Label, OrderId, Timestamp, UserId};
 use mysql::prelude::Queryable;
@@ -37,6 +38,17 @@ pub enum Action {
 }
 
 impl Action {
+    /// The event feed's name for it ([`crate::events`]).
+    fn event_name(self) -> &'static str {
+        match self {
+            Action::Confirm => "claim.confirmed",
+            Action::Release => "claim.released",
+            Action::Redeem => "claim.redeemed",
+            Action::Void => "claim.voided",
+            Action::Expire => "claim.expired",
+        }
+    }
+
     /// The audit log's name for it.
     fn audit_name(self) -> &'static str {
         match self {
@@ -223,6 +235,12 @@ fn confirm_many(
         .copied()
         .collect();
     let records = claim::read_many(tx, &ok)?;
+    let changed: Vec<events::Pending> = audit
+        .iter()
+        .filter_map(|(_, _, _, id, _)| records.get(&(*id)?))
+        .map(|r| events::pending(Action::Confirm.event_name(), r))
+        .collect::<Result<_, _>>()?;
+    events::record_many(tx, &changed)?;
     Ok(decided
         .into_iter()
         .map(|d| d.and_then(|id| records.get(&id).cloned().ok_or(Error::ClaimNotFound)))
@@ -420,6 +438,8 @@ pub fn redeem(pool: &Pool, by: Actor, claim: ClaimId, order: &Order) -> Result<R
             Some(claim),
             &detail,
         )?;
+        let record = claim::read(tx, claim)?.ok_or(Error::ClaimNotFound)?;
+        events::record(tx, Action::Redeem.event_name(), &record)?;
         Ok(r)
     })
 }
@@ -487,7 +507,7 @@ fn lock_claim(tx: &mut Transaction<'_>, id: ClaimId, by: Actor) -> Result<Locked
 }
 
 /// Moves a locked claim to `to`, gives its unit back if that ends it (the caller holds the
-/// coupon's lock then), and records the change in the audit log.
+/// coupon's lock then), and records the change in the audit log and the event feed.
 fn set_status(
     tx: &mut Transaction<'_>,
     c: &Locked,
@@ -527,7 +547,9 @@ fn set_status(
         Some(c.coupon),
         Some(c.id),
         &detail,
-    )
+    )?;
+    let record = claim::read(tx, c.id)?.ok_or(Error::ClaimNotFound)?;
+    events::record(tx, action.event_name(), &record)
 }
 
 fn json_none() -> serde_json::Value {

@@ -54,6 +54,9 @@ pub struct Config {
     pub claim_batch: usize,
     /// `CLAIM_LANES`: claim transactions in flight at most (0: one lane per coupon).
     pub claim_lanes: u64,
+    /// `WEBHOOK_ALLOW_PRIVATE` (`off`, default, or `on`) and `WEBHOOK_FIRST_RETRY_MS` (1 to
+    /// 5,000, default 5,000): where webhooks may go, and the wait before a first retry.
+    pub webhooks: coupons::webhooks::Policy,
 }
 
 impl Config {
@@ -121,6 +124,22 @@ impl Config {
                 (workers / 2).max(1),
                 0..=1_000_000,
             )?,
+            webhooks: coupons::webhooks::Policy {
+                allow_private: match var("WEBHOOK_ALLOW_PRIVATE").as_deref() {
+                    None | Some("off") => false,
+                    Some("on") => true,
+                    Some(other) => {
+                        return Err(format!(
+                            "WEBHOOK_ALLOW_PRIVATE={other:?} is not valid: expected on or off"
+                        ))
+                    }
+                },
+                first_retry: Duration::from_millis(number(
+                    "WEBHOOK_FIRST_RETRY_MS",
+                    5000,
+                    1..=5000,
+                )?),
+            },
         })
     }
 }

@@ -173,6 +173,8 @@ pub fn app_parts(e: &Error) -> (u16, String, String) {
         Error::LimitReached => (409, "limit_reached".into(), e.to_string()),
         Error::CodeLocked => (409, "code_locked".into(), e.to_string()),
         Error::TermsLocked => (409, "terms_locked".into(), e.to_string()),
+        Error::WebhookUrlNotAllowed => (422, "webhook_url_not_allowed".into(), e.to_string()),
+        Error::WebhookNotFound => (404, "webhook_not_found".into(), e.to_string()),
         Error::Stale => (412, "precondition_failed".into(), e.to_string()),
         Error::Busy => (503, "busy".into(), e.to_string()),
         Error::Unavailable(_) => (

@@ -45,6 +45,8 @@ pub struct App {
     pub access_log: bool,
     /// Claims handed to `claims` and not answered yet.
     pub claims_pending: AtomicUsize,
+    /// Where webhooks may go, and how soon they are retried.
+    pub webhooks: coupons::webhooks::Policy,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers; or a body streamed
@@ -165,6 +167,30 @@ pub fn serve(
         }
     })
     .map_err(|e| e.to_string())?;
+    let sequencing = Arc::clone(&app);
+    // Committed events get their feed ids within ~100 ms, for webhooks and idle readers.
+    let _sequencer =
+        coupons::events::Sequencer::start(app.pool.clone(), SEQUENCE_EVERY, move |e| {
+            let ready = sequencing.ready.load(Ordering::SeqCst);
+            if ready && !matches!(e, coupons::Error::Unavailable(_)) {
+                eprintln!("coupons: sequencing events: {e}");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let delivering = Arc::clone(&app);
+    // Webhook deliveries, each endpoint on a thread of its own while it has events to deliver.
+    let _deliverer = coupons::webhooks::Deliverer::start(
+        app.pool.clone(),
+        app.webhooks,
+        DELIVER_EVERY,
+        move |e| {
+            let ready = delivering.ready.load(Ordering::SeqCst);
+            if ready && !matches!(e, coupons::Error::Unavailable(_)) {
+                eprintln!("coupons: delivering webhooks: {e}");
+            }
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
     std::thread::scope(|s| {
@@ -248,6 +274,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 const SMALL_BODY: usize = 1024;
 /// How often holds that ran out are looked for: well within the 5 s promised.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often committed events are numbered for the feed (`coupons::events::sequence`).
+const SEQUENCE_EVERY: Duration = Duration::from_millis(100);
+/// How often due webhook endpoints are looked for (`coupons::webhooks::Deliverer`).
+const DELIVER_EVERY: Duration = Duration::from_millis(200);
 
 fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
     let mut drain_until = None;

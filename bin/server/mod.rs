@@ -61,6 +61,7 @@ pub fn app(
         metrics: metrics::Metrics::default(),
         access_log: config.access_log,
         claims_pending: Default::default(),
+        webhooks: config.webhooks,
     })
 }
 

@@ -61,6 +61,7 @@ fn parameter(key: &str) -> Value {
         "format" => ("format", "query", json!({"enum": ["json", "csv"], "default": "json"}),
             "csv: every code (with status, if given) as text/csv (code,status,claim_id), streamed"),
         "q" => ("q", "query", text, "Only coupons whose code starts with this"),
+        "event type" => ("type", "query", json!({"enum": coupons::events::TYPES}), "Only events of this type"),
         "Idempotency-Key" => ("Idempotency-Key", "header",
             json!({"type": "string", "pattern": "^[ -~]{0,254}[!-~]$"}),
             "1 to 255 printable ASCII characters, not ending in a space; a retry with the same key gets the same answer"),
@@ -298,10 +299,45 @@ fn schemas() -> Value {
         "Detail": {"type": "object", "properties": {"detail": {"type": "string"}}},
         "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
     });
-    if let (Some(all), Some(codes)) = (all.as_object_mut(), codes.as_object()) {
-        all.extend(codes.clone());
+    for more in [codes, event_schemas()] {
+        if let (Some(all), Some(more)) = (all.as_object_mut(), more.as_object()) {
+            all.extend(more.clone());
+        }
     }
     all
+}
+
+/// The event feed's and webhooks' schemas.
+fn event_schemas() -> Value {
+    let ts = json!({"type": "string", "format": "date-time"});
+    let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
+    json!({
+        "Event": {"type": "object", "required": ["id", "type", "created_at", "data"], "properties": {
+            "id": {"type": "integer", "description": "Rising in commit order: ask for after=<the last id seen>"},
+            "type": {"enum": coupons::events::TYPES}, "created_at": ts,
+            "data": {"type": "object", "description": "The coupon, the claim (with coupon_id and status) or the codes added, as the change left it"}}},
+        "Events": list("Event"),
+        "NewWebhook": body(&["url", "events"], json!({
+            "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                "description": "http or https; a private, loopback or link-local address is refused (422 webhook_url_not_allowed) unless WEBHOOK_ALLOW_PRIVATE=on"},
+            "events": {"type": "array", "minItems": 1, "maxItems": 20,
+                "items": {"enum": coupons::events::TYPES.iter().copied().chain(["*"]).collect::<Vec<_>>()}},
+            "description": {"type": ["string", "null"], "maxLength": 500, "pattern": NO_CONTROL}})),
+        "Webhook": {"type": "object", "properties": {"id": {"type": "integer"}, "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}}, "description": {"type": ["string", "null"]},
+            "created_at": ts}},
+        "CreatedWebhook": {"type": "object", "required": ["id", "url", "events", "secret"], "properties": {
+            "id": {"type": "integer"}, "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}}, "description": {"type": ["string", "null"]},
+            "created_at": ts, "secret": {"type": "string", "pattern": "^whsec_[0-9a-f]{64}$",
+                "description": "Signs deliveries (Coupons-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">); shown only here"}}},
+        "Webhooks": list("Webhook"),
+        "Delivery": {"type": "object", "properties": {"id": {"type": "integer"}, "event_id": {"type": "integer"},
+            "event_type": {"type": "string"}, "attempted_at": ts, "status_code": {"type": ["integer", "null"]},
+            "error": {"type": ["string", "null"]}, "outcome": {"enum": ["delivered", "failed", "gave_up"]},
+            "next_attempt_at": {"anyOf": [ts, {"type": "null"}]}}},
+        "Deliveries": list("Delivery"),
+    })
 }
 
 /// A response: its description, its body (a schema name, a media type, or `""` for any JSON)
@@ -356,7 +392,7 @@ pub fn document() -> Value {
         let mut parameters: Vec<Value> = op.params.iter().map(|p| parameter(p)).collect();
         let id = json!({"type": "integer", "minimum": 1, "maximum": u64::MAX});
         let path_param = match route.id {
-            Some(Id::Coupon | Id::Claim) => Some(("id", id)),
+            Some(Id::Coupon | Id::Claim | Id::Webhook) => Some(("id", id)),
             Some(Id::File) => Some(("file", json!({"enum": super::pages::files(route.path())}))),
             None => None,
         };

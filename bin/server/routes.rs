@@ -11,6 +11,7 @@ use coupons::auth::{self, Principal};
 use coupons::codes::{self, CodeStatus, NewCodes};
 use coupons::coupon::{self, AdminFilter, CouponChange, NewCoupon, RulesChange};
 use coupons::idempotency::{Answer, IdempotencyKey};
+use coupons::webhooks;
 use coupons::{
     claim, db, life, Amount, ClaimId, CouponCode, CouponId, Currency, Email, Error, HoldSeconds,
     Label, Metadata, OrderId, Page, Password, PerUserLimit, PercentOff, Status, Stock, Timestamp,
@@ -60,6 +61,8 @@ pub enum Id {
     Claim,
     /// A static file of a page, by name (`{file}`): bin/server/pages.rs looks it up.
     File,
+    /// A webhook: its number.
+    Webhook,
 }
 
 /// A request's `{id}`, parsed as its route's pattern types it. An id that names nothing is
@@ -74,6 +77,8 @@ pub enum Params {
     Claim(std::result::Result<ClaimId, Error>),
     /// A file's name, as sent.
     File(String),
+    /// A webhook's id, or `WebhookNotFound`.
+    Webhook(std::result::Result<u64, Error>),
 }
 
 impl Params {
@@ -90,6 +95,14 @@ impl Params {
         match self {
             Params::Claim(id) => id,
             _ => Err(Error::ClaimNotFound),
+        }
+    }
+
+    /// The webhook the path names.
+    pub fn webhook(self) -> std::result::Result<u64, Error> {
+        match self {
+            Params::Webhook(id) => id,
+            _ => Err(Error::WebhookNotFound),
         }
     }
 }
@@ -128,6 +141,12 @@ impl Route {
             (Some(Id::Coupon), Some(id)) => Params::Coupon(id.parse()),
             (Some(Id::Claim), Some(id)) => Params::Claim(id.parse()),
             (Some(Id::File), Some(name)) => Params::File(name.to_owned()),
+            (Some(Id::Webhook), Some(id)) => Params::Webhook(
+                id.parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(Error::WebhookNotFound),
+            ),
             _ => Params::None,
         }
     }
@@ -500,6 +519,81 @@ pub static ROUTES: &[Route] = &[
         },
     },
     Route {
+        name: "GET /admin/events",
+        id: None,
+        class: Class::Inline,
+        handler: events,
+        doc: Op {
+            summary: "The event feed, oldest first (paged; ?type= for one type): every committed change, none skipped",
+            who: Who::Admin,
+            body: None,
+            params: &["limit", "after", "event type"],
+            ok: (200, "Events"),
+            headers: &["Link"],
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "POST /admin/webhooks",
+        id: None,
+        class: Class::Inline,
+        handler: create_webhook,
+        doc: Op {
+            summary: "Add a webhook endpoint: the events it names are posted to it, signed; its secret is shown only here",
+            who: Who::Admin,
+            body: Some("NewWebhook"),
+            params: &[],
+            ok: (201, "CreatedWebhook"),
+            headers: &[],
+            errors: &[400, 401, 403, 411, 413, 415, 422],
+        },
+    },
+    Route {
+        name: "GET /admin/webhooks",
+        id: None,
+        class: Class::Inline,
+        handler: list_webhooks,
+        doc: Op {
+            summary: "The webhook endpoints, oldest first (paged), without their secrets",
+            who: Who::Admin,
+            body: None,
+            params: PAGED,
+            ok: (200, "Webhooks"),
+            headers: &["Link"],
+            errors: &[401, 403, 422],
+        },
+    },
+    Route {
+        name: "DELETE /admin/webhooks/{id}",
+        id: Some(Id::Webhook),
+        class: Class::Inline,
+        handler: delete_webhook,
+        doc: Op {
+            summary: "Delete a webhook endpoint: nothing more is delivered to it",
+            who: Who::Admin,
+            body: None,
+            params: &[],
+            ok: (200, "Detail"),
+            headers: &[],
+            errors: &[401, 403, 404],
+        },
+    },
+    Route {
+        name: "GET /admin/webhooks/{id}/deliveries",
+        id: Some(Id::Webhook),
+        class: Class::Inline,
+        handler: webhook_deliveries,
+        doc: Op {
+            summary: "A webhook's delivery attempts, newest first (paged): time, status or error, next attempt",
+            who: Who::Admin,
+            body: None,
+            params: PAGED,
+            ok: (200, "Deliveries"),
+            headers: &["Link"],
+            errors: &[401, 403, 404, 422],
+        },
+    },
+    Route {
         name: "GET /healthz",
         id: None,
         class: Class::Inline,
@@ -793,6 +887,64 @@ fn audit_log(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply>
     let page = page(url)?;
     let items = coupons::audit::list(&app.pool, page)?;
     Ok(paged(url, page, &items, |e| e.id))
+}
+
+fn events(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let q = query(url);
+    let kind = q
+        .iter()
+        .find(|(k, _)| k == "type")
+        .map(|(_, t)| coupons::events::EventType::parse("type", t))
+        .transpose()?;
+    let items = coupons::events::list(&app.pool, page, kind)?;
+    Ok(paged(url, page, &items, |e| e.id))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+fn create_webhook(app: &App, rq: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let body: WebhookBody = json_body(rq)?
+        .ok_or_else(|| ApiError::InvalidBody("url and events are required".into()))?;
+    let description = body
+        .description
+        .map(|d| Label::parse("description", &d, 500))
+        .transpose()?;
+    let new = webhooks::NewWebhook::parse(&body.url, &body.events, description)?;
+    Ok(Reply::json(
+        201,
+        &webhooks::create(&app.pool, &new, app.webhooks)?,
+    ))
+}
+
+fn list_webhooks(app: &App, rq: &mut Request, url: &str, _: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let page = page(url)?;
+    let items = webhooks::list(&app.pool, page)?;
+    Ok(paged(url, page, &items, |w| w.id))
+}
+
+fn delete_webhook(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    webhooks::delete(&app.pool, id.webhook()?)?;
+    Ok(Reply::json(200, &json!({"detail": "Webhook deleted"})))
+}
+
+fn webhook_deliveries(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {
+    admin(app, rq)?;
+    let id = id.webhook()?;
+    let page = page(url)?;
+    let items = webhooks::deliveries(&app.pool, id, page)?;
+    Ok(paged(url, page, &items, |d| d.id))
 }
 
 fn admin_claims(app: &App, rq: &mut Request, url: &str, id: Params) -> Result<Reply> {

@@ -471,8 +471,9 @@ fn migrating_twice_changes_nothing() {
         crate::support::migrations()
     );
     // users, coupons, claims, idempotency_keys, user_coupon_claims, audit_log,
-    // schema_migrations; coupon_codes, returned_codes, code_adds.
-    assert_eq!(before.len(), 10);
+    // schema_migrations; coupon_codes, returned_codes, code_adds; events, event_sequence,
+    // webhooks, webhook_deliveries.
+    assert_eq!(before.len(), 14);
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod codes;
 mod combine;
 mod console;
 mod embedded;
+mod events;
 mod faults;
 mod http;
 mod library;

@@ -311,6 +311,12 @@ fn every_request_body_is_closed_and_unknown_fields_are_refused() {
             "RedeemRequest",
             json!({"order_id": "A-1", "order_amount": 1, "currency": "EUR"}),
         ),
+        (
+            "POST",
+            "/admin/webhooks",
+            "NewWebhook",
+            json!({"url": "https://shop.example/hook", "events": ["*"]}),
+        ),
     ];
     // Every body the document names is a case here.
     let mut named: Vec<&str> = f.doc["paths"]

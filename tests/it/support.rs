@@ -280,6 +280,8 @@ pub const SERVICE_VARS: &[&str] = &[
     "CLAIM_BATCHING",
     "CLAIM_BATCH_MAX",
     "CLAIM_LANES",
+    "WEBHOOK_ALLOW_PRIVATE",
+    "WEBHOOK_FIRST_RETRY_MS",
 ];
 
 /// The `coupons` binary with `env` and none of the service's variables inherited.

@@ -10,8 +10,8 @@
 #
 # The service runs on a private MariaDB in a temporary directory (DATABASE_URL unset), with
 # BCRYPT_COST=4 and the brute-force and keyed-request limits off, so that the fuzzer's
-# thousands of requests measure the document, not the limits. Everything it starts is
-# stopped on exit.
+# thousands of requests measure the document, not the limits, and WEBHOOK_ALLOW_PRIVATE=on, so
+# that hooks.py can give webhooks a local URL. Everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=$(readlink -f "${1:-target/debug/coupons}")
@@ -34,7 +34,7 @@ trap cleanup EXIT
 
 export COUPONS_DATA_DIR="$dir/db" BCRYPT_COST=4 ACCESS_LOG=off \
   LOGIN_FAILS_PER_EMAIL_PER_MIN=0 LOGIN_FAILS_PER_IP_PER_MIN=0 \
-  REGISTRATIONS_PER_IP_PER_MIN=0 KEYED_CLAIMS_PER_USER_PER_MIN=0
+  REGISTRATIONS_PER_IP_PER_MIN=0 KEYED_CLAIMS_PER_USER_PER_MIN=0 WEBHOOK_ALLOW_PRIVATE=on
 unset DATABASE_URL
 BIND_ADDR=127.0.0.1:0 "$bin" serve >"$dir/out" 2>&1 &
 pid=$!

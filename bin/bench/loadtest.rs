@@ -23,10 +23,20 @@ coupons loadtest [--url URL | --embedded] [--scenario hot|hold|codes|spread|sell
                  [--stock K] [--admin-email E --admin-password P] [--json] [--svg FILE]
                  [--coupon ID]   (hot: claim this existing coupon, e.g. one shared by several
                                   loads on several service processes; its balance is not checked)
+                 [--webhook ok|slow|dead]   (--embedded: a webhook for every event, to a
+                                  receiver here that answers 200 at once, after 9 s, or never)
 hold: as hot, but each request holds a unit (hold_seconds 600), then confirms it; a success is
       a confirmed hold, and its latency both requests'.
 codes: as hot, on a coupon of unique codes (--stock of them, default 300,000, generated
        before the run), so each claim is also given a code.";
+
+/// How the run's webhook receiver answers each delivery.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Receiver {
+    Ok,
+    Slow,
+    Dead,
+}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Scenario {
@@ -53,6 +63,7 @@ struct Options {
     coupon: Option<u64>,
     json: bool,
     svg: Option<String>,
+    webhook: Option<Receiver>,
 }
 
 const PASSWORD: &str = "loadtest-password";
@@ -72,6 +83,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         coupon: None,
         json: false,
         svg: None,
+        webhook: None,
     };
     let (mut email, mut password) = (None, None);
     let mut it = args.iter();
@@ -107,6 +119,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--admin-password" => password = Some(value()?),
             "--json" => o.json = true,
             "--svg" => o.svg = Some(value()?),
+            "--webhook" => {
+                o.webhook = Some(match value()?.as_str() {
+                    "ok" => Receiver::Ok,
+                    "slow" => Receiver::Slow,
+                    "dead" => Receiver::Dead,
+                    other => return Err(format!("unknown webhook receiver {other:?}")),
+                })
+            }
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }
@@ -122,6 +142,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     if o.scenario == Scenario::Sellout && o.requests.is_none() {
         o.requests = Some(o.stock * 5);
     }
+    if o.webhook.is_some() && !o.embedded {
+        return Err("--webhook goes with --embedded".into());
+    }
     o.admin = email.zip(password);
     Ok(o)
 }
@@ -130,13 +153,17 @@ fn parse(args: &[String]) -> Result<Options, String> {
 pub fn run(args: &[String]) -> Result<bool, String> {
     let o = parse(args)?;
     let target = if o.embedded {
-        Target::embedded()?
+        Target::embedded(o.webhook.is_some())?
     } else {
         Target::remote(&o.url)?
     };
     let addr = target.addr;
     let admin = target.admin_token(&o)?;
     let coupons = setup_coupons(addr, &admin, &o)?;
+    let delivered = o
+        .webhook
+        .map(|mode| receive_webhooks(addr, &admin, mode))
+        .transpose()?;
     let tokens = setup_users(addr, &o)?;
     eprintln!(
         "loadtest: {:?} on {} with {} connections, {} users, {} coupons",
@@ -165,6 +192,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     summary["scenario"] = json!(format!("{:?}", o.scenario).to_lowercase());
     summary["connections"] = json!(o.connections);
     summary["invariant_ok"] = json!(ok);
+    if let (Some(mode), Some(delivered)) = (o.webhook, &delivered) {
+        summary["webhook"] = json!(format!("{mode:?}").to_lowercase());
+        summary["webhook_deliveries_received"] = json!(delivered.load(Relaxed));
+    }
     if let Some((rss, threads)) = at_rest {
         let (max_rss, max_threads) = *peak.lock().unwrap_or_else(|e| e.into_inner());
         summary["server_rss_mib_at_start"] = json!((rss as f64 / 1024.0 * 10.0).round() / 10.0);
@@ -224,7 +255,8 @@ impl Target {
         })
     }
 
-    fn embedded() -> Result<Target, String> {
+    /// `webhooks`: let the service deliver to this machine (the run's receiver is local).
+    fn embedded(webhooks: bool) -> Result<Target, String> {
         let dir = std::env::temp_dir().join(format!("coupons-loadtest-{}", std::process::id()));
         let server = EmbeddedServer::start_ephemeral(&dir).map_err(|e| e.to_string())?;
         let url = server.url("coupons");
@@ -246,6 +278,7 @@ impl Target {
             )
             .env("LOGIN_FAILS_PER_IP_PER_MIN", "0")
             .env("LOGIN_FAILS_PER_EMAIL_PER_MIN", "0")
+            .env("WEBHOOK_ALLOW_PRIVATE", if webhooks { "on" } else { "off" })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd
@@ -432,6 +465,81 @@ fn add_codes(client: &mut Client, admin: &str, id: u64, n: u64, tag: &str) -> Re
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Starts a webhook receiver on 127.0.0.1 that answers each delivery as `mode` says, and
+/// subscribes it to every event. Returns the count of deliveries it has read.
+fn receive_webhooks(
+    addr: SocketAddr,
+    admin: &str,
+    mode: Receiver,
+) -> Result<std::sync::Arc<AtomicU64>, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let count = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&count);
+    // Threads that end with the process: the run is bounded, and so are the service's
+    // deliveries (one at a time per endpoint).
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let counted = std::sync::Arc::clone(&counted);
+            std::thread::spawn(move || answer_deliveries(stream, mode, &counted));
+        }
+    });
+    let body = json!({"url": url, "events": ["*"]}).to_string();
+    let (status, answer) = Client::new(addr)
+        .call("POST", "/admin/webhooks", Some(admin), Some(&body))
+        .map_err(|e| e.to_string())?;
+    if status != 201 {
+        let answer = String::from_utf8_lossy(&answer);
+        return Err(format!("creating the webhook: {status} {answer}"));
+    }
+    Ok(count)
+}
+
+/// Reads deliveries on one connection (keep-alive) and answers each: 200 at once, 200 after
+/// 9 s (inside the service's 10 s), or never.
+fn answer_deliveries(stream: TcpStream, mode: Receiver, count: &AtomicU64) {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line.trim_end().is_empty() => break,
+                Ok(_) => {
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        count.fetch_add(1, Relaxed);
+        match mode {
+            Receiver::Ok => {}
+            Receiver::Slow => std::thread::sleep(Duration::from_secs(9)),
+            // Holds the connection until the service gives up on it.
+            Receiver::Dead => {
+                let _ = reader.read(&mut [0; 1]);
+                return;
+            }
+        }
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        if reader.get_mut().write_all(ok).is_err() {
+            return;
+        }
+    }
 }
 
 /// The server's resident memory (KiB) and thread count, from /proc.

@@ -1096,7 +1096,9 @@ pub(crate) fn as_created(
         );
         let rows: Vec<Row> = conn.exec(
             format!(
-                "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+                // The claim's own name, NULL when its coupon had none then: the coupon's name
+                // may be set later (its code may not, once claimed).
+                "SELECT cl.id, cl.coupon_id, COALESCE(cl.code, co.code), cl.name,
                      cl.claimed_at, cl.expires_at, cl.user_id, cl.assigned_code
                  FROM claims cl JOIN coupons co ON co.id = cl.coupon_id WHERE cl.id IN ({})",
                 placeholders(ids.len(), "?")
@@ -1124,7 +1126,7 @@ pub(crate) fn as_created(
 }
 
 /// The columns [`record`] reads, of `claims cl JOIN coupons co`.
-const RECORD: &str = "cl.id, cl.coupon_id, COALESCE(cl.code, co.code), COALESCE(cl.name, co.name),
+const RECORD: &str = "cl.id, cl.coupon_id, COALESCE(cl.code, co.code), cl.name,
     cl.claimed_at, cl.status, cl.expires_at, cl.user_id, cl.redeemed_at, cl.order_id,
     cl.order_amount, cl.order_currency, cl.discount_amount, cl.voided_at, cl.void_reason,
     cl.assigned_code";

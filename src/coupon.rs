@@ -359,7 +359,13 @@ pub fn create_once(
                 replayed: true,
             });
         }
+        // A refusal found after the insert (the code is one of a coupon's unique codes) is
+        // recorded with the key and committed: the insert must not be.
+        tx.query_drop("SAVEPOINT coupon_create")?;
         let result = insert(tx, admin, new);
+        if result.is_err() {
+            tx.query_drop("ROLLBACK TO SAVEPOINT coupon_create")?;
+        }
         let (outcome, id) = match &result {
             Ok(c) => ("created", Some(c.id.0)),
             Err(e) => match e.outcome() {

@@ -13,12 +13,11 @@
 //! once (one commit), so the numbers a reader sees only ever grow.
 
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
+use crate::ticker::Ticker;
 use crate::{ClaimId, Error, Page, Timestamp};
 use mysql::prelude::Queryable;
 use mysql::Value;
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Every type of event, as the feed names them.
@@ -287,8 +286,8 @@ struct Stored {
 /// A thread that runs [`sequence`] every `every`, until dropped, so the feed and webhooks stay
 /// current without a reader. Any number of processes may run one over the same database.
 pub struct Sequencer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    // Held for its Drop, which stops the thread.
+    _ticker: Ticker,
 }
 
 impl Sequencer {
@@ -299,32 +298,14 @@ impl Sequencer {
         every: Duration,
         log: impl Fn(&Error) + Send + 'static,
     ) -> Result<Sequencer, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("event-sequencer".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    if let Err(e) = sequence(&pool) {
-                        log(&e);
-                    }
-                    std::thread::park_timeout(every);
-                }
-            })
-            .map_err(|e| Error::Internal(format!("could not start the event sequencer: {e}")))?;
+        let turn = move |_: &_| {
+            if let Err(e) = sequence(&pool) {
+                log(&e);
+            }
+            false
+        };
         Ok(Sequencer {
-            stop,
-            thread: Some(thread),
+            _ticker: Ticker::start("event-sequencer", every, turn)?,
         })
-    }
-}
-
-impl Drop for Sequencer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
     }
 }

@@ -49,10 +49,12 @@ pub mod db;
 pub mod embedded;
 mod error;
 pub mod events;
+pub mod fds;
 mod gate;
 mod group;
 pub mod idempotency;
 pub mod life;
+mod ticker;
 mod types;
 pub mod webhooks;
 

@@ -13,12 +13,12 @@ use crate::coupon::{self, Coupon};
 use crate::db::{padded, placeholders, transaction, Pool};
 use crate::events;
 use crate::group::Group;
+use crate::ticker::Ticker;
 use crate::{ClaimId, ClaimStatus, CouponId, Currency, Error, Label, OrderId, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -633,8 +633,8 @@ pub fn expire_due(pool: &Pool) -> Result<usize, Error> {
 /// A thread that expires holds that ran out ([`expire_due`]) every `every`, until dropped.
 /// Any number of processes may run one over the same database.
 pub struct Sweeper {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    // Held for its Drop, which stops the thread.
+    _ticker: Ticker,
 }
 
 impl Sweeper {
@@ -645,35 +645,16 @@ impl Sweeper {
         every: Duration,
         log: impl Fn(&Error) + Send + 'static,
     ) -> Result<Sweeper, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("hold-sweeper".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    match expire_due(&pool) {
-                        Ok(n) if n == SWEEP_BATCH => continue,
-                        Ok(_) => {}
-                        Err(e) => log(&e),
-                    }
-                    std::thread::park_timeout(every);
-                }
-            })
-            .map_err(|e| Error::Internal(format!("could not start the hold sweeper: {e}")))?;
+        let turn = move |_: &_| match expire_due(&pool) {
+            Ok(n) => n == SWEEP_BATCH,
+            Err(e) => {
+                log(&e);
+                false
+            }
+        };
         Ok(Sweeper {
-            stop,
-            thread: Some(thread),
+            _ticker: Ticker::start("hold-sweeper", every, turn)?,
         })
-    }
-}
-
-impl Drop for Sweeper {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
     }
 }
 

@@ -16,6 +16,7 @@
 use crate::codes::Random;
 use crate::db::{transaction, with_conn, Pool};
 use crate::events::{self, EventType};
+use crate::ticker::Ticker;
 use crate::{Error, Label, Page, Timestamp};
 use hmac::{Hmac, Mac};
 use mysql::prelude::Queryable;
@@ -119,6 +120,11 @@ impl NewWebhook {
         if parsed.host().is_none() {
             return Err(bad_url("has no host"));
         }
+        // What is stored is the normalised URL: percent-encoding and punycode can make it
+        // several times longer than what was sent.
+        if parsed.as_str().len() > MAX_URL {
+            return Err(bad_url("is longer than 2048 characters once normalised"));
+        }
         if events.is_empty() || events.len() > 20 {
             return Err(Error::invalid("events", "must list 1 to 20 event types"));
         }
@@ -159,8 +165,9 @@ fn public(ip: IpAddr) -> bool {
             }
             let s = v6.segments();
             let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-            // NAT64 (64:ff9b::/96) reaches the IPv4 address it embeds.
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            // NAT64 (64:ff9b::/96) and IPv4-translated (::ffff:0:0/96) reach the IPv4 address
+            // they embed.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
                 return public_v4(v4);
             }
             // ::/96: unspecified, loopback and the deprecated IPv4-compatible form.
@@ -173,6 +180,8 @@ fn public(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
                 || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
                 || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local NAT64 64:ff9b:1::/48
+                || s[0] == 0x2002 // 6to4: reaches an IPv4 address of any kind
                 || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
         }
     }
@@ -394,8 +403,8 @@ fn delay(first: Duration, attempts: u32) -> Duration {
 /// A thread that delivers the due webhooks of `pool` (see the module's doc), until dropped.
 /// Any number of processes may run one over the same database.
 pub struct Deliverer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    // Held for its Drop, which stops the thread.
+    _ticker: Ticker,
 }
 
 impl Deliverer {
@@ -407,8 +416,6 @@ impl Deliverer {
         every: Duration,
         log: impl Fn(&Error) + Send + Sync + 'static,
     ) -> Result<Deliverer, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
         let agent = ureq::AgentBuilder::new()
             .timeout(DELIVERY_TIMEOUT)
             .redirects(0)
@@ -417,61 +424,60 @@ impl Deliverer {
             .resolver(move |netloc: &str| resolve(netloc, policy))
             .build();
         let log = Arc::new(log);
-        let thread = std::thread::Builder::new()
-            .name("webhook-leases".into())
-            .spawn(move || {
-                let in_flight = Arc::new(AtomicUsize::new(0));
-                while !stopping.load(Ordering::Relaxed) {
-                    let free = MAX_IN_FLIGHT.saturating_sub(in_flight.load(Ordering::SeqCst));
-                    match lease(&pool, free) {
-                        Ok(leased) => {
-                            for (id, token) in leased {
-                                in_flight.fetch_add(1, Ordering::SeqCst);
-                                let (pool, agent, log) =
-                                    (pool.clone(), agent.clone(), Arc::clone(&log));
-                                let (stop, running) =
-                                    (Arc::clone(&stopping), Arc::clone(&in_flight));
-                                let spawned = std::thread::Builder::new()
-                                    .name("webhook-delivery".into())
-                                    .spawn(move || {
-                                        let run = Run {
-                                            pool: &pool,
-                                            agent: &agent,
-                                            policy,
-                                            id,
-                                            token,
-                                        };
-                                        if let Err(e) = run.deliver(&stop) {
-                                            log(&e);
-                                        }
-                                        running.fetch_sub(1, Ordering::SeqCst);
-                                    });
-                                if spawned.is_err() {
-                                    // Its lease runs out and another turn takes it.
-                                    in_flight.fetch_sub(1, Ordering::SeqCst);
-                                }
-                            }
-                        }
-                        Err(e) => log(&e),
-                    }
-                    std::thread::park_timeout(every);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let turn = move |stopping: &Arc<AtomicBool>| {
+            let free = MAX_IN_FLIGHT.saturating_sub(in_flight.load(Ordering::SeqCst));
+            let leased = match lease(&pool, free) {
+                Ok(leased) => leased,
+                Err(e) => {
+                    log(&e);
+                    return false;
                 }
-            })
-            .map_err(|e| Error::Internal(format!("could not start webhook deliveries: {e}")))?;
+            };
+            for (id, token) in leased {
+                let slot = Slot::take(&in_flight);
+                let (pool, agent, log) = (pool.clone(), agent.clone(), Arc::clone(&log));
+                let stop = Arc::clone(stopping);
+                // If the thread cannot start, its slot is given back here and the lease runs
+                // out for another turn to take.
+                let _ = std::thread::Builder::new()
+                    .name("webhook-delivery".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        let run = Run {
+                            pool: &pool,
+                            agent: &agent,
+                            policy,
+                            id,
+                            token,
+                        };
+                        if let Err(e) = run.deliver(&stop) {
+                            log(&e);
+                        }
+                    });
+            }
+            false
+        };
         Ok(Deliverer {
-            stop,
-            thread: Some(thread),
+            _ticker: Ticker::start("webhook-leases", every, turn)?,
         })
     }
 }
 
-impl Drop for Deliverer {
+/// A delivery thread's place among [`MAX_IN_FLIGHT`], given back when dropped: when the thread
+/// ends, by a panic too.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(in_flight: &Arc<AtomicUsize>) -> Slot {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        Slot(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -553,6 +559,10 @@ impl Run<'_> {
                 if stopping.load(Ordering::Relaxed) {
                     return self.finish(e.delivered_seq, Timestamp::now());
                 }
+                // A lease that ran out (a slow receiver before) or a deleted endpoint: stop.
+                if !self.renew()? {
+                    return Ok(());
+                }
                 if !self.send(&e, &event)? {
                     return Ok(());
                 }
@@ -583,6 +593,21 @@ impl Run<'_> {
         };
         let ok = status.is_some_and(|s| (200..300).contains(&s));
         self.record(e, event, now, status, error, ok)
+    }
+
+    /// Extends this run's lease to a whole [`LEASE`] from now, so that the delivery about to
+    /// start (at most [`DELIVERY_TIMEOUT`]) ends inside it; `false` when the lease has run out
+    /// (another process may hold it now) or the endpoint was deleted.
+    fn renew(&self) -> Result<bool, Error> {
+        let now = Timestamp::now();
+        with_conn(self.pool, |conn| {
+            conn.exec_drop(
+                "UPDATE webhooks SET leased_until = ?
+                 WHERE id = ? AND lease = ? AND deleted_at IS NULL AND leased_until > ?",
+                (now.plus(LEASE), self.id, self.token, now),
+            )?;
+            Ok(conn.affected_rows() == 1)
+        })
     }
 
     /// The endpoint, if this run still holds its lease and it is not deleted.
@@ -656,7 +681,7 @@ impl Run<'_> {
                     tx.exec_drop(
                         "UPDATE webhooks SET delivered_seq = ?, attempts = 0, failing_since = NULL,
                              leased_until = ?
-                         WHERE id = ? AND lease = ?",
+                         WHERE id = ? AND lease = ? AND deleted_at IS NULL",
                         (event.id, now.plus(LEASE), self.id, self.token),
                     )?;
                     tx.affected_rows()
@@ -665,7 +690,7 @@ impl Run<'_> {
                     tx.exec_drop(
                         "UPDATE webhooks SET attempts = ?, failing_since = ?, next_attempt_at = ?,
                              lease = NULL, leased_until = NULL
-                         WHERE id = ? AND lease = ?",
+                         WHERE id = ? AND lease = ? AND deleted_at IS NULL",
                         (attempts, failing_since, at, self.id, self.token),
                     )?;
                     tx.affected_rows()
@@ -731,6 +756,9 @@ mod tests {
             "::127.0.0.1",
             "64:ff9b::a00:1",
             "fec0::1",
+            "::ffff:0:a00:1",
+            "64:ff9b:1::1",
+            "2002:a00:1::1",
         ];
         for ip in refused {
             let ip: IpAddr = ip.parse().unwrap();
@@ -789,5 +817,9 @@ mod tests {
         let mixed = ["claim.created".to_owned(), "*".to_owned()];
         let w = NewWebhook::parse("https://a.example/", &mixed, None).unwrap();
         assert_eq!(w.events, ["*"]);
+        // Within 2,048 as sent, over it once percent-encoded (an 'é' becomes six characters).
+        let long = format!("https://a.example/{}", "é".repeat(1000));
+        assert!(long.len() <= MAX_URL);
+        assert!(NewWebhook::parse(&long, &all, None).is_err());
     }
 }

@@ -68,7 +68,7 @@ pub fn app(
 /// Caps the open client connections: `MAX_CONNECTIONS`, or what the descriptor limit (raised
 /// to its hard limit first) leaves. Each connection holds a thread and a descriptor.
 pub fn cap_connections(config: &Config) {
-    let fds = http::raise_fd_limit();
+    let fds = coupons::fds::raise_fd_limit();
     // Room for the database connections and files; then two descriptors a connection:
     // tiny_http clones each socket into a read and a write half.
     let room = fds.saturating_sub(u64::from(config.db_pool_size) + 256) / 2;

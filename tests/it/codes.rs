@@ -363,6 +363,25 @@ fn codes_over_http_import_claim_list_and_csv() {
         (r.status, r.body["code"].as_str()),
         (409, Some("code_taken"))
     );
+    // The same with a key: the refusal is recorded and replayed, and no coupon is left behind
+    // (the insert came before the check and was committed with the key once).
+    let coupons_before: i64 = db.scalar("SELECT COUNT(*) FROM coupons");
+    for replay in ["false", "true"] {
+        let r = svc.call(
+            "POST",
+            "/admin/coupons",
+            &[JSON, (a.0, &a.1), ("Idempotency-Key", "own-code-m3")],
+            Some(r#"{"code":"m-3","available_count":1}"#),
+        );
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (409, Some("code_taken"))
+        );
+        let replayed = r.headers.get("idempotent-replayed").map(String::as_str);
+        assert_eq!(replayed.unwrap_or("false"), replay);
+    }
+    let coupons_after: i64 = db.scalar("SELECT COUNT(*) FROM coupons");
+    assert_eq!(coupons_after, coupons_before);
     let r = call(
         &a,
         "PUT",

@@ -915,3 +915,30 @@ fn a_dead_receiver_holds_up_only_its_own_deliveries() {
     db.stock(c.0);
     drop(dead);
 }
+
+#[test]
+fn a_claim_created_event_keeps_the_claim_as_made_when_its_coupon_changes() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 1);
+    let c = new_coupon(&db, "UNNAMED", 5);
+    let made = db.claims.claim(users[0], c).unwrap().claim;
+    assert_eq!(made.name, None);
+    // Named after the claim: the claim's event still says what the claim said.
+    let named = CouponChange {
+        rules: coupon::RulesChange {
+            name: Some(Some(Label::parse("name", "Named later", 200).unwrap())),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    coupon::update(&db.pool, UserId(0), c, &named).unwrap();
+    let created: Vec<Value> = feed(&db)
+        .into_iter()
+        .filter(|(t, _)| t == "claim.created")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0]["id"], made.id.0);
+    assert_eq!(created[0]["name"], Value::Null, "{}", created[0]);
+    assert_eq!(created[0]["status"], "claimed");
+}

@@ -72,6 +72,11 @@ pub struct TestDb {
 impl TestDb {
     pub fn new() -> TestDb {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
+        // Tests run side by side in this one process, and some open a thousand connections.
+        static RAISED: std::sync::Once = std::sync::Once::new();
+        RAISED.call_once(|| {
+            coupons::fds::raise_fd_limit();
+        });
         let name = format!(
             "coupons_test_{}_{}",
             std::process::id(),

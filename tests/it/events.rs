@@ -942,3 +942,35 @@ fn a_claim_created_event_keeps_the_claim_as_made_when_its_coupon_changes() {
     assert_eq!(created[0]["name"], Value::Null, "{}", created[0]);
     assert_eq!(created[0]["status"], "claimed");
 }
+
+#[test]
+fn a_deleted_webhook_gets_nothing_after_the_delivery_in_flight() {
+    let db = TestDb::new();
+    let receiver = Receiver::start(0);
+    let (tell, arrived) = std::sync::mpsc::channel();
+    receiver.got.lock().unwrap().hold_first = Some((Duration::from_secs(2), tell));
+    let svc = Service::start_with(&db, &[("WEBHOOK_ALLOW_PRIVATE", "on")]);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let hook = create_webhook(&svc, &admin, &receiver.url("/gone"), r#"["*"]"#);
+    assert_eq!(hook.status, 201, "{}", hook.body);
+    for i in 0..5 {
+        new_coupon(&db, &format!("GONE{i}"), 1);
+    }
+    // The first delivery is held at the receiver; the endpoint is deleted meanwhile.
+    arrived
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first delivery");
+    let h = bearer(&admin);
+    let id = hook.body["id"].as_u64().unwrap();
+    let r = svc.call(
+        "DELETE",
+        &format!("/admin/webhooks/{id}"),
+        &[(h.0, &h.1)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Its run had four more events in hand: none of them goes.
+    std::thread::sleep(Duration::from_secs(4));
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+}

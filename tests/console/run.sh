@@ -24,25 +24,9 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import selenium' 2>/d
   "$venv/bin/pip" install -q 'selenium>=4.20,<5'
 fi
 
-# A short path: the MariaDB socket's path must stay under about 100 characters.
-dir=$(mktemp -d /tmp/console.XXXXXX)
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-export COUPONS_DATA_DIR="$dir/db" BCRYPT_COST=4 ACCESS_LOG=off
-unset DATABASE_URL
-BIND_ADDR=127.0.0.1:0 "$bin" serve >"$dir/out" 2>&1 &
-pid=$!
-addr=""
-for _ in $(seq 150); do
-  addr=$(sed -n 's|^coupons: listening on http://||p' "$dir/out")
-  [ -n "$addr" ] && break
-  sleep 0.2
-done
-[ -n "$addr" ] || { cat "$dir/out"; echo "run.sh: the service did not start" >&2; exit 1; }
+source tests/serve.sh
+export BCRYPT_COST=4 ACCESS_LOG=off
+serve console
 
 # An admin, as README "Making an admin" says: register, then `coupons admin promote`.
 curl -sf -X POST "http://$addr/register" -H 'Content-Type: application/json' \

@@ -23,28 +23,11 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/pip" install -q 'schemathesis>=4,<5'
 fi
 
-# A short path: the MariaDB socket's path must stay under about 100 characters.
-dir=$(mktemp -d /tmp/schemathesis.XXXXXX)
-pid=""
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-export COUPONS_DATA_DIR="$dir/db" BCRYPT_COST=4 ACCESS_LOG=off \
+source tests/serve.sh
+export BCRYPT_COST=4 ACCESS_LOG=off \
   LOGIN_FAILS_PER_EMAIL_PER_MIN=0 LOGIN_FAILS_PER_IP_PER_MIN=0 \
   REGISTRATIONS_PER_IP_PER_MIN=0 KEYED_CLAIMS_PER_USER_PER_MIN=0 WEBHOOK_ALLOW_PRIVATE=on
-unset DATABASE_URL
-BIND_ADDR=127.0.0.1:0 "$bin" serve >"$dir/out" 2>&1 &
-pid=$!
-addr=""
-for _ in $(seq 150); do
-  addr=$(sed -n 's|^coupons: listening on http://||p' "$dir/out")
-  [ -n "$addr" ] && break
-  sleep 0.2
-done
-[ -n "$addr" ] || { cat "$dir/out"; echo "run.sh: the service did not start" >&2; exit 1; }
+serve schemathesis
 
 # An admin, so that the admin routes are fuzzed past their 401 and 403.
 creds='{"email":"fuzz-admin@example.com","password":"fuzz-admin-password"}'

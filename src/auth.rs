@@ -25,12 +25,8 @@ impl Secret {
 
     /// 32 random bytes from the operating system, hex-encoded.
     pub fn generate() -> Result<Secret, Error> {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .map_err(|e| Error::Internal(format!("reading /dev/urandom: {e}")))?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Secret::parse(&hex)
+        let bytes = crate::random::Random::new()?.bytes::<32>()?;
+        Secret::parse(&crate::random::hex(&bytes))
     }
 
     /// Reads the secret kept at `path`, or generates one and keeps it there (mode 0600), so

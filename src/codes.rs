@@ -12,6 +12,7 @@
 
 use crate::audit;
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
+use crate::random::Random;
 use crate::{ClaimId, CouponCode, CouponId, Error, Page, UserId};
 use mysql::prelude::Queryable;
 use mysql::{Transaction, Value};
@@ -282,52 +283,6 @@ pub(crate) fn check_not_a_unique_code(conn: &mut impl Queryable, code: &str) -> 
     match found {
         Some(_) => Err(Error::CodeTaken),
         None => Ok(()),
-    }
-}
-
-/// Random bytes from the operating system, as `auth::Secret::generate` reads them; also the
-/// source of webhook secrets ([`crate::webhooks`]).
-pub(crate) struct Random {
-    source: std::io::BufReader<std::fs::File>,
-}
-
-impl Random {
-    pub(crate) fn new() -> Result<Random, Error> {
-        let file = std::fs::File::open("/dev/urandom")
-            .map_err(|e| Error::Internal(format!("opening /dev/urandom: {e}")))?;
-        Ok(Random {
-            source: std::io::BufReader::with_capacity(1 << 16, file),
-        })
-    }
-
-    /// A uniform number below `n` (2 to 256), without modulo bias.
-    fn below(&mut self, n: usize) -> Result<usize, Error> {
-        let limit = 256 - 256 % n;
-        loop {
-            let [b] = self.bytes::<1>()?;
-            if (b as usize) < limit {
-                return Ok(b as usize % n);
-            }
-        }
-    }
-
-    /// A uniform number below `n`, any size.
-    fn below_u64(&mut self, n: u64) -> Result<u64, Error> {
-        let limit = u64::MAX - u64::MAX % n;
-        loop {
-            let v = u64::from_le_bytes(self.bytes::<8>()?);
-            if v < limit {
-                return Ok(v % n);
-            }
-        }
-    }
-
-    pub(crate) fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
-        let mut b = [0u8; N];
-        self.source
-            .read_exact(&mut b)
-            .map_err(|e| Error::Internal(format!("reading /dev/urandom: {e}")))?;
-        Ok(b)
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{ClaimId, Error, Page, Timestamp};
 use mysql::prelude::Queryable;
 use mysql::Value;
 use serde::Serialize;
+use std::fmt::Write;
 use std::time::Duration;
 
 /// Every type of event, as the feed names them.
@@ -120,9 +121,7 @@ pub(crate) fn record_many(tx: &mut impl Queryable, events: &[Pending]) -> Result
                 json.push('}');
             }
             Pending::ClaimCreated(id) => {
-                json.push_str(r#"{"claim":"#);
-                json.push_str(&id.0.to_string());
-                json.push('}');
+                let _ = write!(json, r#"{{"claim":{}}}"#, id.0);
             }
         }
     }
@@ -189,6 +188,13 @@ pub fn sequence(pool: &Pool) -> Result<usize, Error> {
             return Ok(total);
         }
     }
+}
+
+/// The last feed id given, by a plain read (no lock: the sequencer's row stays free).
+pub(crate) fn last_id(conn: &mut impl Queryable) -> Result<u64, Error> {
+    let last: Option<u64> =
+        conn.exec_first("SELECT last_seq FROM event_sequence WHERE id = 1", ())?;
+    Ok(last.unwrap_or(0))
 }
 
 /// The feed, oldest first: the events after `page.after` (an event id), of type `kind` if

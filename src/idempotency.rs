@@ -10,7 +10,6 @@ use crate::error::{OnConstraint, TokenProblem};
 use crate::{Error, Timestamp, UserId};
 use mysql::prelude::Queryable;
 use sha2::{Digest, Sha256};
-use std::fmt::Write;
 use std::time::Duration;
 
 /// How long keys are kept at least.
@@ -50,11 +49,7 @@ pub(crate) struct RequestDigest(String);
 impl RequestDigest {
     /// The digest of a request's canonical text.
     pub(crate) fn of(request: &str) -> RequestDigest {
-        let mut hex = String::with_capacity(64);
-        for byte in Sha256::digest(request.as_bytes()) {
-            let _ = write!(hex, "{byte:02x}");
-        }
-        RequestDigest(hex)
+        RequestDigest(crate::random::hex(&Sha256::digest(request.as_bytes())))
     }
 
     /// The digest in hex, as stored.

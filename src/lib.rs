@@ -54,6 +54,7 @@ mod gate;
 mod group;
 pub mod idempotency;
 pub mod life;
+mod random;
 mod ticker;
 mod types;
 pub mod webhooks;

@@ -235,12 +235,12 @@ fn confirm_many(
         .copied()
         .collect();
     let records = claim::read_many(tx, &ok)?;
-    let changed: Vec<events::Pending> = audit
+    let confirmed: Vec<events::Pending> = audit
         .iter()
         .filter_map(|(_, _, _, id, _)| records.get(&(*id)?))
         .map(|r| events::pending(Action::Confirm.event_name(), r))
         .collect::<Result<_, _>>()?;
-    events::record_many(tx, &changed)?;
+    events::record_many(tx, &confirmed)?;
     Ok(decided
         .into_iter()
         .map(|d| d.and_then(|id| records.get(&id).cloned().ok_or(Error::ClaimNotFound)))

@@ -13,9 +13,9 @@
 //! on a thread of its own, holding a connection only between HTTP calls, so a slow or dead
 //! receiver holds up nothing but its own deliveries.
 
-use crate::codes::Random;
 use crate::db::{transaction, with_conn, Pool};
 use crate::events::{self, EventType};
+use crate::random::{hex, Random};
 use crate::ticker::Ticker;
 use crate::{Error, Label, Page, Timestamp};
 use hmac::{Hmac, Mac};
@@ -235,10 +235,7 @@ pub fn create(pool: &Pool, new: &NewWebhook, policy: Policy) -> Result<Created, 
     }
     let mut random = Random::new()?;
     let bytes = random.bytes::<32>()?;
-    let secret = format!(
-        "whsec_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let secret = format!("whsec_{}", hex(&bytes));
     let now = Timestamp::now();
     let events_json =
         serde_json::to_string(&new.events).map_err(|e| Error::Internal(e.to_string()))?;
@@ -246,8 +243,7 @@ pub fn create(pool: &Pool, new: &NewWebhook, policy: Policy) -> Result<Created, 
     // Numbers what has committed, so that the new endpoint starts after it.
     events::sequence(pool)?;
     let id = transaction(pool, |tx| {
-        let last: Option<u64> =
-            tx.exec_first("SELECT last_seq FROM event_sequence WHERE id = 1", ())?;
+        let last = events::last_id(tx)?;
         tx.exec_drop(
             "INSERT INTO webhooks (url, events, description, secret, created_at, delivered_seq,
                  next_attempt_at)
@@ -258,7 +254,7 @@ pub fn create(pool: &Pool, new: &NewWebhook, policy: Policy) -> Result<Created, 
                 &description,
                 &secret,
                 now,
-                last.unwrap_or(0),
+                last,
                 now,
             ),
         )?;
@@ -383,13 +379,7 @@ pub fn deliveries(pool: &Pool, id: u64, page: Page) -> Result<Vec<Delivery>, Err
 pub fn signature(secret: &str, t: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
     mac.update(format!("{t}.{body}").as_bytes());
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("t={t},v1={hex}")
+    format!("t={t},v1={}", hex(&mac.finalize().into_bytes()))
 }
 
 /// The wait after the `attempts`-th failure in a row: `first`, then twice as long each time,
@@ -487,11 +477,8 @@ fn lease(pool: &Pool, max: usize) -> Result<Vec<(u64, u64)>, Error> {
     if max == 0 {
         return Ok(Vec::new());
     }
-    // A plain read first: the lease's locking read must not lock the sequencer's row.
-    let last: Option<u64> = with_conn(pool, |conn| {
-        Ok(conn.exec_first("SELECT last_seq FROM event_sequence WHERE id = 1", ())?)
-    })?;
-    let last = last.unwrap_or(0);
+    // Read first, apart: the lease's locking read must not lock the sequencer's row.
+    let last = with_conn(pool, |conn| events::last_id(&mut **conn))?;
     transaction(pool, |tx| {
         let now = Timestamp::now();
         let due: Vec<u64> = tx.exec(
@@ -545,10 +532,7 @@ impl Run<'_> {
             let Some(e) = self.endpoint()? else {
                 return Ok(());
             };
-            let last: Option<u64> = with_conn(self.pool, |conn| {
-                Ok(conn.exec_first("SELECT last_seq FROM event_sequence WHERE id = 1", ())?)
-            })?;
-            let last = last.unwrap_or(0);
+            let last = with_conn(self.pool, |conn| events::last_id(&mut **conn))?;
             let pending = self.next_events(&e, last)?;
             if pending.is_empty() {
                 // Nothing it subscribed to up to `last`: done up to there.

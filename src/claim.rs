@@ -3,6 +3,7 @@
 
 use crate::codes;
 use crate::combine::{Combiner, Leader, Outcome, Run, Ticket};
+use crate::counts;
 use crate::coupon::{self, lock_many, Coupon, Lock};
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::error::{OnConstraint, TokenProblem};
@@ -621,6 +622,11 @@ fn decide(
             assigned_code: code.as_ref().map(|(_, code)| code.as_str()),
         })
         .collect();
+    let moves: Vec<_> = rows
+        .iter()
+        .map(|r| (r.coupon.id, None, r.status()))
+        .collect();
+    counts::record(tx, counts::NEW_CLAIMS, &moves)?;
     let ids = insert_claims(tx, now, &rows)?;
     let pairs: Vec<(u64, ClaimId)> = assigned
         .iter()

@@ -652,26 +652,20 @@ impl StatusCounts {
     }
 }
 
-/// Counts each coupon's claims by status, from the (coupon_id, status) index, in one
-/// statement.
+/// Each coupon's claims by status: the kept counts ([`crate::counts`]), and `claimed` from the
+/// invariant (`held + claimed + redeemed == total_count - available_count`).
 fn count_claims(conn: &mut impl Queryable, coupons: &mut [AdminCoupon]) -> Result<(), Error> {
-    if coupons.is_empty() {
-        return Ok(());
-    }
-    let ids = padded(coupons.iter().map(|c| c.coupon.id.0).collect());
-    let rows: Vec<(u64, String, u64)> = conn.exec(
-        format!(
-            "SELECT coupon_id, status, COUNT(*) FROM claims WHERE coupon_id IN ({})
-             GROUP BY coupon_id, status",
-            placeholders(ids.len(), "?")
-        ),
-        ids,
-    )?;
-    for (coupon, status, n) in rows {
-        let status = ClaimStatus::from_db(&status)?;
-        if let Some(c) = coupons.iter_mut().find(|c| c.coupon.id.0 == coupon) {
+    let ids: Vec<CouponId> = coupons.iter().map(|c| c.coupon.id).collect();
+    let mut kept = crate::counts::read(conn, &ids)?;
+    for c in coupons {
+        for (status, n) in kept.remove(&c.coupon.id).unwrap_or_default() {
             c.claims.add(status, n);
         }
+        let live = c
+            .coupon
+            .total_count
+            .saturating_sub(c.coupon.available_count);
+        c.claims.claimed = live.saturating_sub(c.claims.held + c.claims.redeemed);
     }
     Ok(())
 }
@@ -698,8 +692,9 @@ pub fn admin_list(
         return Ok(Vec::new());
     }
     let status = filter.status.map(Status::as_str);
-    with_conn(pool, |conn| {
-        let rows: Vec<mysql::Row> = conn.exec(
+    // One snapshot for the coupons and their counts, so that they agree.
+    transaction(pool, |tx| {
+        let rows: Vec<mysql::Row> = tx.exec(
             format!(
                 "SELECT {COLUMNS}, deleted_at FROM coupons
                  WHERE (? IS NULL OR status = ?) AND LEFT(code, CHAR_LENGTH(?)) = ?
@@ -718,7 +713,7 @@ pub fn admin_list(
             .into_iter()
             .map(admin_row)
             .collect::<Result<Vec<_>, _>>()?;
-        count_claims(&mut **conn, &mut coupons)?;
+        count_claims(tx, &mut coupons)?;
         Ok(coupons)
     })
 }
@@ -736,13 +731,13 @@ fn admin_row(mut row: mysql::Row) -> Result<AdminCoupon, Error> {
 
 /// One coupon as admins see it, deleted or not.
 pub fn admin_get(pool: &Pool, id: CouponId) -> Result<AdminCoupon, Error> {
-    with_conn(pool, |conn| {
-        let row: Option<mysql::Row> = conn.exec_first(
+    transaction(pool, |tx| {
+        let row: Option<mysql::Row> = tx.exec_first(
             format!("SELECT {COLUMNS}, deleted_at FROM coupons WHERE id = ?"),
             (id.0,),
         )?;
         let mut coupon = [admin_row(row.ok_or(Error::CouponNotFound)?)?];
-        count_claims(&mut **conn, &mut coupon)?;
+        count_claims(tx, &mut coupon)?;
         let [coupon] = coupon;
         Ok(coupon)
     })

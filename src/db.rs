@@ -81,6 +81,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (9, include_str!("../sql/009_codes.sql")),
     (10, include_str!("../sql/010_events.sql")),
     (11, include_str!("../sql/011_webhooks.sql")),
+    (12, include_str!("../sql/012_claim_counts.sql")),
 ];
 
 /// A pooled connection that remembers whether it failed and when it was last used.

@@ -44,6 +44,7 @@ pub mod auth;
 pub mod claim;
 pub mod codes;
 mod combine;
+mod counts;
 pub mod coupon;
 pub mod db;
 pub mod embedded;

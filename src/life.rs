@@ -9,6 +9,7 @@
 
 use crate::audit;
 use crate::claim::{self, ClaimRecord};
+use crate::counts;
 use crate::coupon::{self, Coupon};
 use crate::db::{padded, placeholders, transaction, Pool};
 use crate::events;
@@ -192,6 +193,7 @@ fn confirm_many(
     let mut locked = lock_claims(tx, &ids)?;
     let now = Timestamp::now();
     let mut changed: Vec<u64> = Vec::new();
+    let mut moves = Vec::new();
     let mut audit = Vec::new();
     let decided: Vec<Result<ClaimId, Error>> = batch
         .iter()
@@ -202,6 +204,7 @@ fn confirm_many(
                 .ok_or(Error::ClaimNotFound)?;
             if let Some(to) = next(c.status, c.expires_at, now, Action::Confirm)? {
                 changed.push(id.0);
+                moves.push((c.coupon, Some(c.status), to));
                 let detail = serde_json::json!({
                     "user_id": c.user.0, "from": c.status.as_str(), "to": to.as_str()
                 });
@@ -217,7 +220,8 @@ fn confirm_many(
             Ok(id)
         })
         .collect();
-    if !changed.is_empty() {
+    if let Some(&first) = changed.first() {
+        counts::record(tx, counts::slot_of(ClaimId(first)), &moves)?;
         let changed = padded(changed);
         tx.exec_drop(
             format!(
@@ -415,6 +419,8 @@ pub fn redeem(pool: &Pool, by: Actor, claim: ClaimId, order: &Order) -> Result<R
                 claim.0,
             ),
         )?;
+        let moves = [(c.coupon, Some(c.status), ClaimStatus::Redeemed)];
+        counts::record(tx, counts::slot_of(claim), &moves)?;
         let r = Redemption {
             claim_id: claim,
             coupon_id: c.coupon,
@@ -483,6 +489,11 @@ fn end(
         let c = lock_claim(tx, claim, by)?;
         if let Some(to) = next(c.status, c.expires_at, Timestamp::now(), action)? {
             set_status(tx, &c, to, action, by, detail)?;
+            counts::record(
+                tx,
+                counts::slot_of(claim),
+                &[(c.coupon, Some(c.status), to)],
+            )?;
         }
         claim::read(tx, claim)?.ok_or(Error::ClaimNotFound)
     })
@@ -607,6 +618,7 @@ pub fn expire_due(pool: &Pool) -> Result<usize, Error> {
                 .chain([now.into()])
                 .collect::<Vec<Value>>(),
         )?;
+        let mut moves = Vec::with_capacity(still.len());
         for &(id, user, coupon) in &still {
             let c = Locked {
                 id: ClaimId(id),
@@ -624,7 +636,12 @@ pub fn expire_due(pool: &Pool) -> Result<usize, Error> {
                     Actor::Admin(UserId(0)),
                     &json_none(),
                 )?;
+                moves.push((c.coupon, Some(c.status), to));
             }
+        }
+        // Once, after every claim's lock: counts rows are the last a transaction locks.
+        if let Some(&(first, _, _)) = still.first() {
+            counts::record(tx, counts::slot_of(ClaimId(first)), &moves)?;
         }
         Ok(still.len())
     })

@@ -833,3 +833,62 @@ fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
     );
     assert_eq!(balanced(&db, c), (0, 200, 200));
 }
+
+/// Migration 012 moved the counts by status from an index over the claims to `claim_counts`:
+/// run over claims made before it, it counts each status, and the admin's view agrees.
+#[test]
+fn the_counts_migration_counts_the_claims_made_before_it() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 2);
+    let c = new_coupon(&db, "BEFORE12", 20);
+    let held = |secs| {
+        db.claims
+            .ask(&hold(users[0], c, secs), None)
+            .result
+            .unwrap()
+    };
+    let made: Vec<ClaimId> = (0..6)
+        .map(|i| held(if i == 5 { 1 } else { 600 }).claim.id)
+        .collect();
+    db.claims.claim(users[1], c).unwrap();
+    life::confirm(&db.pool, users[0], made[0]).unwrap();
+    life::redeem(
+        &db.pool,
+        Actor::Owner(users[0]),
+        made[1],
+        &order("B-1", 500, "EUR"),
+    )
+    .unwrap();
+    life::release(&db.pool, Actor::Owner(users[0]), made[2]).unwrap();
+    let reason = Label::parse("reason", "test", 500).unwrap();
+    life::void(&db.pool, users[0], made[3], &reason).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(life::expire_due(&db.pool).unwrap(), 1);
+    // Back to how a database stood before 012: no kept counts, the old index.
+    let mut conn = db.conn();
+    conn.query_drop("DELETE FROM claim_counts").unwrap();
+    conn.query_drop("DELETE FROM schema_migrations WHERE version = 12")
+        .unwrap();
+    conn.query_drop("ALTER TABLE claims ADD KEY claims_by_coupon_status (coupon_id, status)")
+        .unwrap();
+    assert_eq!(crate::support::miscounted(&mut conn).len(), 1);
+    coupons::db::migrate(&db.pool).unwrap();
+    assert_eq!(crate::support::miscounted(&mut conn), vec![]);
+    let index: i64 = db.scalar(
+        "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE()
+         AND index_name = 'claims_by_coupon_status'",
+    );
+    assert_eq!(index, 0);
+    let seen = coupon::admin_get(&db.pool, c).unwrap().claims;
+    // held: made[4]; claimed: made[0] and users[1]'s; one each of the rest.
+    let expected = coupon::StatusCounts {
+        held: 1,
+        claimed: 2,
+        redeemed: 1,
+        voided: 1,
+        released: 1,
+        expired: 1,
+    };
+    assert_eq!(seen, expected);
+    assert_eq!(balanced(&db, c), (20 - 4, 4, 20));
+}

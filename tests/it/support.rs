@@ -115,6 +115,11 @@ impl TestDb {
             broken.is_empty(),
             "remaining + claims != stock for {broken:?}"
         );
+        let miscounted = miscounted(&mut self.conn());
+        assert!(
+            miscounted.is_empty(),
+            "kept counts by status != the claims' for {miscounted:?}"
+        );
         self.conn()
             .exec_first(
                 "SELECT co.available_count, (SELECT COUNT(*) FROM claims WHERE coupon_id = co.id AND status IN ('held', 'claimed', 'redeemed')), co.total_count
@@ -309,6 +314,46 @@ pub fn unbalanced(conn: &mut impl Queryable) -> Vec<(u64, i64, i64, i64)> {
          HAVING co.available_count + COALESCE(SUM(cl.status IN ('held', 'claimed', 'redeemed')), 0) <> co.total_count",
     )
     .unwrap()
+}
+
+/// Coupons whose counts by status kept in `claim_counts` disagree with their claims, as
+/// (coupon, counted from the claims, kept): held, redeemed, voided, released, expired.
+pub fn miscounted(conn: &mut impl Queryable) -> Vec<(u64, [i64; 5], [i64; 5])> {
+    type Row = (u64, i64, i64, i64, i64, i64);
+    let sums = |conn: &mut _, sql: &str| -> HashMap<u64, [i64; 5]> {
+        Queryable::query::<Row, _>(conn, sql)
+            .unwrap()
+            .into_iter()
+            .map(|(c, h, r, v, rl, e)| (c, [h, r, v, rl, e]))
+            .collect()
+    };
+    let counted = sums(
+        conn,
+        "SELECT coupon_id, CAST(SUM(status = 'held') AS SIGNED), CAST(SUM(status = 'redeemed') AS SIGNED),
+             CAST(SUM(status = 'voided') AS SIGNED), CAST(SUM(status = 'released') AS SIGNED),
+             CAST(SUM(status = 'expired') AS SIGNED)
+         FROM claims GROUP BY coupon_id",
+    );
+    let kept = sums(
+        conn,
+        "SELECT coupon_id, CAST(SUM(held) AS SIGNED), CAST(SUM(redeemed) AS SIGNED),
+             CAST(SUM(voided) AS SIGNED), CAST(SUM(released) AS SIGNED), CAST(SUM(expired) AS SIGNED)
+         FROM claim_counts GROUP BY coupon_id",
+    );
+    let mut coupons: Vec<u64> = counted.keys().chain(kept.keys()).copied().collect();
+    coupons.sort_unstable();
+    coupons.dedup();
+    coupons
+        .into_iter()
+        .map(|c| {
+            (
+                c,
+                counted.get(&c).copied().unwrap_or_default(),
+                kept.get(&c).copied().unwrap_or_default(),
+            )
+        })
+        .filter(|(_, a, b)| a != b)
+        .collect()
 }
 
 /// Per-user counter rows that disagree with the live claims (held, claimed or redeemed), as

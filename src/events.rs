@@ -14,7 +14,7 @@
 
 use crate::db::{padded, placeholders, transaction, with_conn, Pool};
 use crate::ticker::Ticker;
-use crate::{ClaimId, Error, Page, Timestamp};
+use crate::{ClaimId, ClaimStatus, Error, Page, Timestamp};
 use mysql::prelude::Queryable;
 use mysql::Value;
 use serde::Serialize;
@@ -78,6 +78,9 @@ pub(crate) enum Pending {
     /// columns that never change say: the claim transaction writes only the id, and readers
     /// rebuild the rest ([`crate::claim::as_created`]), so a batch of claims stays cheap.
     ClaimCreated(ClaimId),
+    /// `claim.confirmed` for this claim: the claim as made, now `claimed`, which the same
+    /// columns say (nothing else changes at a confirm), so a batch of confirms stays cheap too.
+    ClaimConfirmed(ClaimId),
 }
 
 /// Writes one event, in the caller's transaction.
@@ -104,7 +107,7 @@ pub(crate) fn record_many(tx: &mut impl Queryable, events: &[Pending]) -> Result
     // The data is JSON already and the types are our own names: joined, not parsed again.
     let size = |p: &Pending| match p {
         Pending::Data(_, d) => d.len() + 32,
-        Pending::ClaimCreated(_) => 24,
+        Pending::ClaimCreated(_) | Pending::ClaimConfirmed(_) => 28,
     };
     let mut json = String::with_capacity(events.iter().map(size).sum::<usize>() + 2);
     json.push('[');
@@ -122,6 +125,9 @@ pub(crate) fn record_many(tx: &mut impl Queryable, events: &[Pending]) -> Result
             }
             Pending::ClaimCreated(id) => {
                 let _ = write!(json, r#"{{"claim":{}}}"#, id.0);
+            }
+            Pending::ClaimConfirmed(id) => {
+                let _ = write!(json, r#"{{"confirmed":{}}}"#, id.0);
             }
         }
     }
@@ -239,24 +245,38 @@ pub(crate) fn read(
                 .map_err(|e| Error::Internal(format!("an events row: {e}")))?;
             parsed.push((first, events, created_at));
         }
-        // The claims made, as made, for the claim.created events wanted.
+        // The claims made, as made, for the claim.created and claim.confirmed events wanted.
         let wanted = |kind: &str| kinds.is_none_or(|k| k.contains(&kind));
         let ids: Vec<ClaimId> = parsed
             .iter()
             .flat_map(|(first, events, _)| (*first..).zip(events))
-            .filter(|(id, _)| *id > after && *id <= upto && wanted("claim.created"))
-            .filter_map(|(_, e)| e.claim.map(ClaimId))
+            .filter(|(id, _)| *id > after && *id <= upto)
+            .filter_map(|(_, e)| match (e.claim, e.confirmed) {
+                (Some(c), _) if wanted("claim.created") => Some(ClaimId(c)),
+                (_, Some(c)) if wanted("claim.confirmed") => Some(ClaimId(c)),
+                _ => None,
+            })
             .collect();
-        let mut made = crate::claim::as_created(&mut **conn, &ids)?;
+        let made = crate::claim::as_created(&mut **conn, &ids)?;
+        let rebuilt = |claim: u64, status: Option<ClaimStatus>| {
+            made.get(&ClaimId(claim)).map(|r| {
+                let mut r = r.clone();
+                r.claim.status = status.unwrap_or(r.claim.status);
+                serde_json::json!(r)
+            })
+        };
         for (first, events, created_at) in parsed {
             for (id, e) in (first..).zip(events) {
-                let (kind, data) = match (e.claim, e.kind) {
-                    (Some(claim), _) => (
-                        "claim.created".to_owned(),
-                        made.remove(&ClaimId(claim)).map(|r| serde_json::json!(r)),
+                let (kind, data) = match (e.claim, e.confirmed, e.kind) {
+                    (Some(claim), _, _) => ("claim.created".to_owned(), rebuilt(claim, None)),
+                    (_, Some(claim), _) => (
+                        "claim.confirmed".to_owned(),
+                        rebuilt(claim, Some(ClaimStatus::Claimed)),
                     ),
-                    (None, Some(kind)) => (kind, e.data),
-                    (None, None) => return Err(Error::Internal("an event without a type".into())),
+                    (None, None, Some(kind)) => (kind, e.data),
+                    (None, None, None) => {
+                        return Err(Error::Internal("an event without a type".into()))
+                    }
                 };
                 if id <= after || !wanted(&kind) {
                     continue;
@@ -280,13 +300,14 @@ pub(crate) fn read(
 /// Rows read at a time: a claim batch's row holds up to 512 events.
 const READ_CHUNK: u64 = 32;
 
-/// An event as a row stores it: its type and data, or the claim it made.
+/// An event as a row stores it: its type and data, or the claim it made or confirmed.
 #[derive(serde::Deserialize)]
 struct Stored {
     #[serde(rename = "type")]
     kind: Option<String>,
     data: Option<serde_json::Value>,
     claim: Option<u64>,
+    confirmed: Option<u64>,
 }
 
 /// A thread that runs [`sequence`] every `every`, until dropped, so the feed and webhooks stay

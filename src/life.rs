@@ -222,13 +222,13 @@ fn confirm_many(
         .collect();
     if let Some(&first) = changed.first() {
         counts::record(tx, counts::slot_of(ClaimId(first)), &moves)?;
-        let changed = padded(changed);
+        let ids = padded(changed.clone());
         tx.exec_drop(
             format!(
                 "UPDATE claims SET status = 'claimed' WHERE id IN ({})",
-                placeholders(changed.len(), "?")
+                placeholders(ids.len(), "?")
             ),
-            changed,
+            ids,
         )?;
         audit::record_many(tx, &audit)?;
     }
@@ -239,11 +239,10 @@ fn confirm_many(
         .copied()
         .collect();
     let records = claim::read_many(tx, &ok)?;
-    let confirmed: Vec<events::Pending> = audit
+    let confirmed: Vec<events::Pending> = changed
         .iter()
-        .filter_map(|(_, _, _, id, _)| records.get(&(*id)?))
-        .map(|r| events::pending(Action::Confirm.event_name(), r))
-        .collect::<Result<_, _>>()?;
+        .map(|&id| events::Pending::ClaimConfirmed(ClaimId(id)))
+        .collect();
     events::record_many(tx, &confirmed)?;
     Ok(decided
         .into_iter()

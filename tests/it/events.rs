@@ -121,6 +121,17 @@ fn every_committed_change_has_its_event_and_a_refused_one_none() {
     assert_eq!(claim(10), (Some(again.id.0), Some("released")));
     assert_eq!(all[2].1["coupon_id"].as_u64(), Some(c.0));
     assert_eq!(all[6].1["order_id"], "O-1");
+    // The confirm as it left the claim: not yet redeemed, though it is now.
+    assert!(all[5].1["order_id"].is_null(), "{:?}", all[5].1);
+    assert_eq!(all[5].1["expires_at"], all[2].1["expires_at"]);
+    let confirmed = EventType::parse("type", "claim.confirmed").unwrap();
+    let page = Page {
+        limit: 10,
+        after: None,
+    };
+    let only = events::list(&db.pool, page, Some(confirmed)).unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].data, all[5].1);
     assert_eq!(all[0].1["code"], "EVENTS");
     assert_eq!(all[12].1["added"], 1);
     assert_eq!(all[13].1["id"].as_u64(), Some(other.0));

@@ -892,7 +892,7 @@ fn insert_claims(
         .collect();
     let ids: Vec<u64> = tx.exec(sql, params)?;
     if ids.len() != rows.len() {
-        return Err(Error::Internal("claim ids not found after insert".into()));
+        return Err(Error::rolled_back("claim rows gone after their insert"));
     }
     Ok(ids.into_iter().map(ClaimId).collect())
 }

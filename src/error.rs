@@ -154,6 +154,17 @@ impl Error {
         }
     }
 
+    /// A transaction the server rolled back under us without saying so (seen on Galera: a
+    /// claim batch's own rows gone from its next read after another node's claim of the same
+    /// coupon won certification). Made a deadlock (1213), so that it is retried as one.
+    pub(crate) fn rolled_back(why: &str) -> Error {
+        Error::Database(mysql::Error::MySqlError(mysql::error::MySqlError {
+            state: "40001".into(),
+            message: why.into(),
+            code: 1213,
+        }))
+    }
+
     /// Deadlock or a Galera certification failure (1213), lock-wait timeout (1205, also a
     /// Galera `wsrep_sync_wait` timeout), or a row changed since the snapshot (1020, MariaDB
     /// 11.6+ `innodb_snapshot_isolation`): the whole transaction may be retried.
@@ -288,5 +299,17 @@ impl<T> OnConstraint<T> for Result<T, Error> {
             Err(e) if e.server_code() == Some(1452) => Err(err),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_transaction_rolled_back_under_us_is_retried_as_a_deadlock_is() {
+        let e = Error::rolled_back("claim rows gone after their insert");
+        assert!(e.is_conflict(), "{e}");
+        assert!(!Error::Internal("x".into()).is_conflict());
     }
 }

@@ -33,7 +33,7 @@ pub struct ClientConnection {
     no_more_requests: bool,
 
     // coupons patch: whether the last request's body was read through (see `next`).
-    body_signal: Option<std::sync::mpsc::Receiver<IoResult<()>>>,
+    body_signal: Option<crate::util::oneshot::Receiver<IoResult<()>>>,
 
     // true if the connection goes through SSL
     secure: bool,

@@ -103,7 +103,6 @@ use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -377,7 +376,7 @@ impl Server {
                                     // coupons patch: a channel per request, so that a failed
                                     // write (no notification) ends the connection here too.
                                     for rq in client {
-                                        let (sender, receiver) = mpsc::channel();
+                                        let (sender, receiver) = util::oneshot::channel();
                                         messages.push(rq.with_notify_sender(sender).into());
                                         if receiver.recv().is_err() {
                                             break;
@@ -390,14 +389,14 @@ impl Server {
                                     // turn. Now a connection has one request in the server at a
                                     // time: the next is read ahead, and handed on once the
                                     // previous response is written; a failed write closes it.
-                                    let mut answered: Option<mpsc::Receiver<()>> = None;
+                                    let mut answered: Option<util::oneshot::Receiver<()>> = None;
                                     for rq in client {
                                         if let Some(previous) = answered.take() {
                                             if previous.recv().is_err() {
                                                 break;
                                             }
                                         }
-                                        let (sender, receiver) = mpsc::channel();
+                                        let (sender, receiver) = util::oneshot::channel();
                                         let rq = rq.with_notify_sender(sender);
                                         answered = Some(receiver);
                                         // coupons patch: a first look, which may take it.

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use std::sync::mpsc::Sender;
+use crate::util::oneshot::Sender;
 
 use crate::util::{EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
@@ -75,7 +75,7 @@ pub struct Request {
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
     // coupons patch: taken by the connection, which closes when the body was not read through.
-    pub(crate) body_signal: Option<std::sync::mpsc::Receiver<std::io::Result<()>>>,
+    pub(crate) body_signal: Option<crate::util::oneshot::Receiver<std::io::Result<()>>>,
     // coupons patch: the connection's socket, for `raw_fd`.
     fd: Option<i32>,
     // coupons patch: see `hold`.

@@ -1,7 +1,6 @@
 use std::io::Read;
 use std::io::Result as IoResult;
-use std::sync::mpsc::channel;
-use std::sync::mpsc::{Receiver, Sender};
+use crate::util::oneshot::{channel, Receiver, Sender};
 
 /// A `Reader` that reads exactly the number of bytes from a sub-reader.
 ///
@@ -119,8 +118,10 @@ mod tests {
             assert_eq!(vec[0], b'h');
         }
 
+        // coupons patch: the unread rest of a body is left unread (the connection closes),
+        // not drained on drop.
         let mut string = String::new();
         org_reader.read_to_string(&mut string).unwrap();
-        assert_eq!(string, " world");
+        assert_eq!(string, "ello world");
     }
 }

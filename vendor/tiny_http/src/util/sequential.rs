@@ -1,8 +1,8 @@
 use std::io::Result as IoResult;
 use std::io::{BufRead, Read, Write};
 
-use std::sync::mpsc::channel;
-use std::sync::mpsc::{Receiver, Sender};
+// coupons patch: one-value channels (see oneshot.rs).
+use crate::util::oneshot::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use std::mem;

@@ -892,7 +892,17 @@ fn insert_claims(
         .collect();
     let ids: Vec<u64> = tx.exec(sql, params)?;
     if ids.len() != rows.len() {
-        return Err(Error::rolled_back("claim rows gone after their insert"));
+        let why = format!(
+            "{} of {} claim rows from id {first} found after their insert",
+            ids.len(),
+            rows.len()
+        );
+        // None of them: the transaction was rolled back under us, and a retry is clean. Some:
+        // not a rollback we know, and a retry might claim twice; an error, not retried.
+        return Err(match ids.is_empty() {
+            true => Error::rolled_back(&why),
+            false => Error::Internal(why),
+        });
     }
     Ok(ids.into_iter().map(ClaimId).collect())
 }

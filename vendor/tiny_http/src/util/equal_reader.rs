@@ -5,8 +5,8 @@ use crate::util::oneshot::{channel, Receiver, Sender};
 /// A `Reader` that reads exactly the number of bytes from a sub-reader.
 ///
 /// If the limit is reached, it returns EOF. If the limit is not reached
-/// when the destructor is called, the remaining bytes will be read and
-/// thrown away.
+/// when the destructor is called, the remaining bytes are left unread and
+/// the signal says so (coupons patch 1: the connection then closes).
 pub struct EqualReader<R>
 where
     R: Read,

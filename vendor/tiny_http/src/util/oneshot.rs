@@ -3,6 +3,8 @@
 //! channels a request, each sending once; `std::sync::mpsc` allocates a cache-aligned channel
 //! and, for its first value, a block of 31 slots (about 2 KiB for a reader) each time.
 
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::mpsc::RecvError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -12,7 +14,7 @@ pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
         state: Mutex::new(State::Empty),
         changed: Condvar::new(),
     });
-    (Sender(Arc::clone(&shared)), Receiver(shared))
+    (Sender(Arc::clone(&shared)), Receiver(shared, PhantomData))
 }
 
 struct Shared<T> {
@@ -63,8 +65,9 @@ impl<T> Drop for Sender<T> {
     }
 }
 
-/// Receives the one value, or an error once the sender is gone without sending.
-pub struct Receiver<T>(Arc<Shared<T>>);
+/// Receives the one value, or an error once the sender is gone without sending. One thread
+/// receives (not `Sync`, as std's receiver): the sender wakes one waiter.
+pub struct Receiver<T>(Arc<Shared<T>>, PhantomData<Cell<()>>);
 
 impl<T> Receiver<T> {
     pub fn recv(&self) -> Result<T, RecvError> {
@@ -104,5 +107,14 @@ mod tests {
         let (tx, rx) = channel();
         drop(rx);
         assert_eq!(tx.send(3), Err(3));
+    }
+
+    #[test]
+    fn a_waiting_receiver_is_woken_by_a_sender_dropped_without_sending() {
+        let (tx, rx) = channel::<u8>();
+        let t = std::thread::spawn(move || rx.recv());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(tx);
+        assert!(t.join().unwrap().is_err());
     }
 }

@@ -899,9 +899,10 @@ fn insert_claims(
         );
         // None of them: the transaction was rolled back under us, and a retry is clean. Some:
         // not a rollback we know, and a retry might claim twice; an error, not retried.
-        return Err(match ids.is_empty() {
-            true => Error::rolled_back(&why),
-            false => Error::Internal(why),
+        return Err(if ids.is_empty() {
+            Error::rolled_back(&why)
+        } else {
+            Error::Internal(why)
         });
     }
     Ok(ids.into_iter().map(ClaimId).collect())

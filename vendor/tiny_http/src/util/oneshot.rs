@@ -71,16 +71,12 @@ pub struct Receiver<T>(Arc<Shared<T>>, PhantomData<Cell<()>>);
 
 impl<T> Receiver<T> {
     pub fn recv(&self) -> Result<T, RecvError> {
-        let mut state = self.0.lock();
-        loop {
-            match std::mem::replace(&mut *state, State::Closed) {
-                State::Full(value) => return Ok(value),
-                State::Closed => return Err(RecvError),
-                State::Empty => {
-                    *state = State::Empty;
-                    state = self.0.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-                }
-            }
+        let waiting = |s: &mut State<T>| matches!(s, State::Empty);
+        let mut state = (self.0.changed.wait_while(self.0.lock(), waiting))
+            .unwrap_or_else(|e| e.into_inner());
+        match std::mem::replace(&mut *state, State::Closed) {
+            State::Full(value) => Ok(value),
+            _ => Err(RecvError),
         }
     }
 }

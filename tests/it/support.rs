@@ -319,41 +319,33 @@ pub fn unbalanced(conn: &mut impl Queryable) -> Vec<(u64, i64, i64, i64)> {
 /// Coupons whose counts by status kept in `claim_counts` disagree with their claims, as
 /// (coupon, counted from the claims, kept): held, redeemed, voided, released, expired.
 pub fn miscounted(conn: &mut impl Queryable) -> Vec<(u64, [i64; 5], [i64; 5])> {
-    type Row = (u64, i64, i64, i64, i64, i64);
-    let sums = |conn: &mut _, sql: &str| -> HashMap<u64, [i64; 5]> {
-        Queryable::query::<Row, _>(conn, sql)
-            .unwrap()
-            .into_iter()
-            .map(|(c, h, r, v, rl, e)| (c, [h, r, v, rl, e]))
-            .collect()
-    };
-    let counted = sums(
-        conn,
-        "SELECT coupon_id, CAST(SUM(status = 'held') AS SIGNED), CAST(SUM(status = 'redeemed') AS SIGNED),
-             CAST(SUM(status = 'voided') AS SIGNED), CAST(SUM(status = 'released') AS SIGNED),
-             CAST(SUM(status = 'expired') AS SIGNED)
-         FROM claims GROUP BY coupon_id",
-    );
-    let kept = sums(
-        conn,
-        "SELECT coupon_id, CAST(SUM(held) AS SIGNED), CAST(SUM(redeemed) AS SIGNED),
-             CAST(SUM(voided) AS SIGNED), CAST(SUM(released) AS SIGNED), CAST(SUM(expired) AS SIGNED)
-         FROM claim_counts GROUP BY coupon_id",
-    );
-    let mut coupons: Vec<u64> = counted.keys().chain(kept.keys()).copied().collect();
-    coupons.sort_unstable();
-    coupons.dedup();
-    coupons
+    // One statement, so one snapshot: a test may look while sweepers or claims still commit,
+    // and two reads could see the claims and the counts at different moments.
+    let rows: Vec<(u8, u64, i64, i64, i64, i64, i64)> = conn
+        .query(
+            "SELECT 0, coupon_id, CAST(SUM(status = 'held') AS SIGNED),
+                 CAST(SUM(status = 'redeemed') AS SIGNED), CAST(SUM(status = 'voided') AS SIGNED),
+                 CAST(SUM(status = 'released') AS SIGNED), CAST(SUM(status = 'expired') AS SIGNED)
+             FROM claims GROUP BY coupon_id
+             UNION ALL
+             SELECT 1, coupon_id, CAST(SUM(held) AS SIGNED), CAST(SUM(redeemed) AS SIGNED),
+                 CAST(SUM(voided) AS SIGNED), CAST(SUM(released) AS SIGNED),
+                 CAST(SUM(expired) AS SIGNED)
+             FROM claim_counts GROUP BY coupon_id",
+        )
+        .unwrap();
+    // Per coupon: [counted from the claims, kept].
+    let mut by_coupon: HashMap<u64, [[i64; 5]; 2]> = HashMap::new();
+    for (kept, c, h, r, v, rl, e) in rows {
+        by_coupon.entry(c).or_default()[kept as usize] = [h, r, v, rl, e];
+    }
+    let mut wrong: Vec<(u64, [i64; 5], [i64; 5])> = by_coupon
         .into_iter()
-        .map(|c| {
-            (
-                c,
-                counted.get(&c).copied().unwrap_or_default(),
-                kept.get(&c).copied().unwrap_or_default(),
-            )
-        })
-        .filter(|(_, a, b)| a != b)
-        .collect()
+        .filter(|(_, [counted, kept])| counted != kept)
+        .map(|(c, [counted, kept])| (c, counted, kept))
+        .collect();
+    wrong.sort_unstable();
+    wrong
 }
 
 /// Per-user counter rows that disagree with the live claims (held, claimed or redeemed), as

@@ -11,15 +11,25 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// A new channel: its sending half and its receiving half.
 pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State::Empty),
+        state: Mutex::new(Slot {
+            value: State::Empty,
+            waiting: false,
+        }),
         changed: Condvar::new(),
     });
     (Sender(Arc::clone(&shared)), Receiver(shared, PhantomData))
 }
 
 struct Shared<T> {
-    state: Mutex<State<T>>,
+    state: Mutex<Slot<T>>,
     changed: Condvar,
+}
+
+struct Slot<T> {
+    value: State<T>,
+    /// The receiver sleeps on `changed`: only then is a wake-up (a system call) sent. Most
+    /// values here are sent before anyone asks for them.
+    waiting: bool,
 }
 
 enum State<T> {
@@ -30,8 +40,23 @@ enum State<T> {
 }
 
 impl<T> Shared<T> {
-    fn lock(&self) -> MutexGuard<'_, State<T>> {
+    fn lock(&self) -> MutexGuard<'_, Slot<T>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fills an empty slot with `value`, waking the receiver if it sleeps; `Err` if not empty.
+    fn fill(&self, value: State<T>) -> Result<(), State<T>> {
+        let mut slot = self.lock();
+        if !matches!(slot.value, State::Empty) {
+            return Err(value);
+        }
+        slot.value = value;
+        let wake = slot.waiting;
+        drop(slot);
+        if wake {
+            self.changed.notify_one();
+        }
+        Ok(())
     }
 }
 
@@ -43,25 +68,16 @@ impl<T> Sender<T> {
         if Arc::strong_count(&self.0) == 1 {
             return Err(value);
         }
-        let mut state = self.0.lock();
-        if !matches!(*state, State::Empty) {
-            return Err(value);
-        }
-        *state = State::Full(value);
-        drop(state);
-        self.0.changed.notify_one();
-        Ok(())
+        self.0.fill(State::Full(value)).map_err(|v| match v {
+            State::Full(value) => value,
+            _ => unreachable!("given back as given"),
+        })
     }
 }
 
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
-        if matches!(*state, State::Empty) {
-            *state = State::Closed;
-            drop(state);
-            self.0.changed.notify_one();
-        }
+        let _ = self.0.fill(State::Closed);
     }
 }
 
@@ -71,10 +87,13 @@ pub struct Receiver<T>(Arc<Shared<T>>, PhantomData<Cell<()>>);
 
 impl<T> Receiver<T> {
     pub fn recv(&self) -> Result<T, RecvError> {
-        let waiting = |s: &mut State<T>| matches!(s, State::Empty);
-        let mut state = (self.0.changed.wait_while(self.0.lock(), waiting))
-            .unwrap_or_else(|e| e.into_inner());
-        match std::mem::replace(&mut *state, State::Closed) {
+        let mut slot = self.0.lock();
+        while matches!(slot.value, State::Empty) {
+            slot.waiting = true;
+            slot = self.0.changed.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+        slot.waiting = false;
+        match std::mem::replace(&mut slot.value, State::Closed) {
             State::Full(value) => Ok(value),
             _ => Err(RecvError),
         }

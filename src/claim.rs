@@ -323,15 +323,16 @@ impl Claims {
     }
 }
 
-/// Where a claim's answer goes when its caller does not wait for it ([`Claims::submit`]): a
-/// closure, or a type of the caller's that [`Claims::queue`] can give back whole.
-pub trait Reply: Send + 'static {
+/// Where an answer goes when its caller does not wait for it (a claim's from
+/// [`Claims::submit`], a confirm's from [`crate::life::Confirms::confirm_with`]): a closure,
+/// or a type of the caller's that [`Claims::queue`] can give back whole.
+pub trait Reply<A = Answer<Claimed>>: Send + 'static {
     /// Takes the answer.
-    fn send(self, answer: Answer<Claimed>);
+    fn send(self, answer: A);
 }
 
-impl<F: FnOnce(Answer<Claimed>) + Send + 'static> Reply for F {
-    fn send(self, answer: Answer<Claimed>) {
+impl<A, F: FnOnce(A) + Send + 'static> Reply<A> for F {
+    fn send(self, answer: A) {
         self(answer)
     }
 }

@@ -8,7 +8,7 @@
 //! they never wait behind a hot coupon's claims.
 
 use crate::audit;
-use crate::claim::{self, ClaimRecord};
+use crate::claim::{self, ClaimRecord, Reply};
 use crate::counts;
 use crate::coupon::{self, Coupon};
 use crate::db::{padded, placeholders, transaction, Pool};
@@ -149,7 +149,8 @@ impl Confirms {
         let lane = |_| {
             let pool = pool.clone();
             let run = move |batch: &[(UserId, ClaimId)]| confirm_batch(&pool, batch);
-            Group::new(CONFIRM_BATCH, run)
+            let failed = || Err(Error::Internal("confirm batch failed".into()));
+            Group::new(CONFIRM_BATCH, run, failed)
         };
         Confirms {
             lanes: (0..lanes).map(lane).collect(),
@@ -158,9 +159,34 @@ impl Confirms {
 
     /// [`confirm`], sharing a transaction with the confirms waiting beside it.
     pub fn confirm(&self, owner: UserId, claim: ClaimId) -> Result<ClaimRecord, Error> {
-        let failed = || Err(Error::Internal("confirm batch failed".into()));
-        let lane = &self.lanes[(claim.0 % self.lanes.len() as u64) as usize];
-        lane.submit((owner, claim), failed)
+        self.lane(claim).submit((owner, claim))
+    }
+
+    /// [`Confirms::confirm`], answered through `reply` on whichever thread runs its batch.
+    /// Returns at once, unless this thread finds the claim's lane idle: then it runs the
+    /// lane's batches until none is left queued. With `may_lead` false, a confirm that would
+    /// run here is not taken: `reply` comes back, and nothing was done. A server's connection
+    /// threads queue confirms so under load, and a worker runs them, with no thread waiting.
+    pub fn confirm_with<R: Reply<Result<ClaimRecord, Error>>>(
+        &self,
+        owner: UserId,
+        claim: ClaimId,
+        may_lead: bool,
+        reply: R,
+    ) -> Result<(), R> {
+        let mut reply = Some(reply);
+        let taken = self.lane(claim).submit_with((owner, claim), may_lead, || {
+            let reply = reply.take().expect("taken once");
+            Box::new(move |answer| reply.send(answer))
+        });
+        match reply {
+            Some(reply) if !taken => Err(reply),
+            _ => Ok(()),
+        }
+    }
+
+    fn lane(&self, claim: ClaimId) -> &ConfirmLane {
+        &self.lanes[(claim.0 % self.lanes.len() as u64) as usize]
     }
 }
 

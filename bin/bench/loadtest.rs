@@ -758,9 +758,18 @@ fn hold_and_confirm(
 ) -> std::io::Result<(u16, Vec<u8>)> {
     let (status, answer) =
         client.call("POST", path, Some(token), Some(r#"{"hold_seconds":600}"#))?;
-    let id = serde_json::from_slice::<Value>(&answer)
+    // Only the id, not a whole `Value`: the load generator shares the machine it measures.
+    #[derive(serde::Deserialize)]
+    struct Held {
+        claim: HeldClaim,
+    }
+    #[derive(serde::Deserialize)]
+    struct HeldClaim {
+        id: u64,
+    }
+    let id = serde_json::from_slice::<Held>(&answer)
         .ok()
-        .and_then(|v| v["claim"]["id"].as_u64());
+        .map(|h| h.claim.id);
     let (Some(id), 201) = (id, status) else {
         return Ok((status, answer));
     };

@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::routes::{self, Class};
 use coupons::auth::Auth;
-use coupons::claim::Claimed;
+use coupons::claim::{ClaimRecord, Claimed};
 use coupons::db::Pool;
 use coupons::idempotency::Answer;
 use serde::de::DeserializeOwned;
@@ -292,6 +292,7 @@ fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping:
                 }
             }
             Ok((route, id)) if route.class == Class::Claim => claim(app, rq, route.name, id),
+            Ok((route, id)) if route.class == Class::Grouped => confirm(app, rq, route.name, id),
             _ => handle(app, rq),
         }
     }
@@ -323,10 +324,22 @@ pub fn handle(app: &App, mut rq: Request) {
 /// A claim: read and checked here, then left with the claims, which answer it when its batch
 /// commits, on whichever thread runs the batch (this one, if it finds the lane idle).
 fn claim(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
-    let Some((ticket, answer)) = ClaimAnswer::read(app, rq, route, id) else {
+    let read = |rq: &mut Request| routes::claim_ticket(app, rq, id);
+    let Some((ticket, answer)) = ClaimAnswer::read(app, rq, route, read) else {
         return;
     };
     app.claims.submit(&ticket.ask, ticket.key.as_ref(), answer);
+}
+
+/// A confirm, as a claim: read and checked here, answered when its batch commits, on whichever
+/// thread runs the batch (this one, if it finds the lane idle).
+fn confirm(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params) {
+    let read = |rq: &mut Request| routes::confirm_ticket(app, rq, id);
+    let Some(((owner, claim), answer)) = ClaimAnswer::read(app, rq, route, read) else {
+        return;
+    };
+    // May lead: always taken.
+    let _ = app.confirms.confirm_with(owner, claim, true, answer);
 }
 
 /// On a connection's thread, before the request is queued for a worker: a claim whose lane
@@ -346,13 +359,22 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
         return Some(rq);
     };
-    // A confirm waits for its group's transaction on this thread, which has nothing else to
-    // do: a worker would be held for it. Counted as pending, so a graceful stop waits for it.
+    // A confirm whose lane has a batch in flight is queued there, as a claim is below; one
+    // that would run at once goes to a worker, which may run the lane's batches for a while
+    // (this thread would keep its own client waiting meanwhile).
     if route.class == Class::Grouped {
-        app.claims_pending.fetch_add(1, Ordering::SeqCst);
-        handle(app, rq);
-        app.claims_pending.fetch_sub(1, Ordering::SeqCst);
-        return None;
+        let mut rq = rq;
+        let checked = catch_unwind(AssertUnwindSafe(|| {
+            routes::confirm_ticket(app, &mut rq, id)
+        }));
+        let Ok(Ok((owner, claim))) = checked else {
+            return Some(rq);
+        };
+        let answer = ClaimAnswer::new(app, rq, route.name);
+        return match app.confirms.confirm_with(owner, claim, false, answer) {
+            Ok(()) => None,
+            Err(answer) => answer.give_back(),
+        };
     }
     // A claim by code finds its coupon by a read: a worker's work. So is a large body.
     let small = rq.body_length().is_none_or(|n| n <= SMALL_BODY);
@@ -406,7 +428,7 @@ fn restored(mut rq: Request, body: Vec<u8>) -> Request {
     rq
 }
 
-/// A claim request waiting for its answer, and where that answer goes.
+/// A claim request (or a confirm) waiting for its answer, and where that answer goes.
 struct ClaimAnswer {
     app: Arc<App>,
     /// `None` once answered or given back.
@@ -429,15 +451,15 @@ impl ClaimAnswer {
         }
     }
 
-    /// The claim `rq` asks for, and where its answer goes; `None` when it was answered at
-    /// once (a bad token, a bad key, a handler panic).
-    fn read(
+    /// What `rq` asks for, as `read` reads it, and where its answer goes; `None` when it was
+    /// answered at once (a bad token, a bad key, a handler panic).
+    fn read<T>(
         app: &Arc<App>,
         mut rq: Request,
         route: &'static str,
-        id: routes::Params,
-    ) -> Option<(routes::ClaimTicket, ClaimAnswer)> {
-        let checked = catch_unwind(AssertUnwindSafe(|| routes::claim_ticket(app, &mut rq, id)));
+        read: impl FnOnce(&mut Request) -> Result<T, ApiError>,
+    ) -> Option<(T, ClaimAnswer)> {
+        let checked = catch_unwind(AssertUnwindSafe(|| read(&mut rq)));
         let answer = ClaimAnswer::new(app, rq, route);
         let error = match checked {
             Ok(Ok(ticket)) => return Some((ticket, answer)),
@@ -468,10 +490,23 @@ impl Drop for ClaimAnswer {
 impl coupons::claim::Reply for ClaimAnswer {
     fn send(self, answer: Answer<Claimed>) {
         let reply = guarded(&self.what, || routes::claim_reply(&self.app, answer));
-        // The thread running a lane's batches answers them; a client that reads none of its
-        // answers must not make it wait: its answer goes out on a thread of its own. Should
-        // no thread be had, the request is dropped with the closure, and tiny_http answers it
-        // 500 from here after all.
+        self.deliver(reply);
+    }
+}
+
+impl coupons::claim::Reply<Result<ClaimRecord, coupons::Error>> for ClaimAnswer {
+    fn send(self, answer: Result<ClaimRecord, coupons::Error>) {
+        let reply = guarded(&self.what, || routes::confirm_reply(answer));
+        self.deliver(reply);
+    }
+}
+
+impl ClaimAnswer {
+    /// From the thread running a lane's batches. A client that reads none of its answers
+    /// must not make it wait: its answer goes out on a thread of its own. Should no thread be
+    /// had, the request is dropped with the closure, and tiny_http answers it 500 from here
+    /// after all.
+    fn deliver(self, reply: Reply) {
         if self.rq.as_ref().is_none_or(writable_now) {
             return self.answer(reply);
         }

@@ -47,8 +47,8 @@ pub enum Class {
     Bcrypt,
     /// A claim: read on its worker, answered by whichever thread runs its batch.
     Claim,
-    /// A confirm: run on its connection's own thread, where waiting for the transaction it
-    /// shares with other confirms holds no worker.
+    /// A confirm: read on its connection's thread or its worker, answered by whichever thread
+    /// runs its batch.
     Grouped,
 }
 
@@ -1045,9 +1045,19 @@ fn void(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
 }
 
 fn confirm(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
+    let (owner, claim) = confirm_ticket(app, rq, id)?;
+    confirm_reply(app.confirms.confirm(owner, claim))
+}
+
+/// Reads and checks a confirm request: whose, and which claim (the confirm itself is the
+/// confirms' to make).
+pub fn confirm_ticket(app: &App, rq: &mut Request, id: Params) -> Result<(UserId, ClaimId)> {
     let who = principal(app, rq)?;
-    let id = id.claim()?;
-    Ok(Reply::json(200, &app.confirms.confirm(who.user_id, id)?))
+    Ok((who.user_id, id.claim()?))
+}
+
+pub fn confirm_reply(answer: std::result::Result<claim::ClaimRecord, Error>) -> Result<Reply> {
+    Ok(Reply::json(200, &answer?))
 }
 
 fn release(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {

@@ -4,7 +4,7 @@
 use crate::http::{bearer, make_admin};
 use crate::library::{new_coupon, new_users, threads};
 use crate::support::{auth, Service, TestDb, JSON};
-use coupons::claim::{Ask, Claimed};
+use coupons::claim::{self, Ask, Claimed};
 use coupons::coupon::{self, CouponChange, RulesChange};
 use coupons::life::{self, Actor};
 use coupons::{
@@ -832,6 +832,111 @@ fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
         200
     );
     assert_eq!(balanced(&db, c), (0, 200, 200));
+}
+
+#[test]
+fn confirms_left_as_callbacks_are_answered_once_beside_waiting_ones() {
+    let db = TestDb::new();
+    let users = new_users(&db, &auth(), 4);
+    let c = new_coupon(&db, "CALLBACKS", 300);
+    let holds: Vec<(UserId, ClaimId)> = (0..300)
+        .map(|i| {
+            let won = db.claims.ask(&hold(users[i % 4], c, 600), None).result;
+            (users[i % 4], won.unwrap().claim.id)
+        })
+        .collect();
+    let confirms = life::Confirms::new(db.pool.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Each hold confirmed twice at once: by a caller that waits, and by one that leaves a
+    // callback (which may run batches, or only queue while one is in flight); and by someone
+    // else once, through a callback.
+    threads(32).install(|| {
+        (0..900).into_par_iter().for_each(|i| {
+            let (owner, id) = holds[i / 3];
+            let who = if i % 3 == 2 {
+                users[(i / 3 + 1) % 4]
+            } else {
+                owner
+            };
+            let sent = tx.clone();
+            let reply = move |a: Result<claim::ClaimRecord, Error>| {
+                sent.send((i, a.map(|r| r.claim.status))).unwrap()
+            };
+            if i % 3 == 0 {
+                tx.send((i, confirms.confirm(who, id).map(|r| r.claim.status)))
+                    .unwrap();
+            } else if let Err(reply) = confirms.confirm_with(who, id, i % 2 == 0, reply) {
+                // The lane was idle and this caller may not run it: it was given back.
+                reply(confirms.confirm(who, id));
+            }
+        })
+    });
+    drop(tx);
+    let mut answered = vec![0; 900];
+    for (i, answer) in rx {
+        answered[i] += 1;
+        match (i % 3, answer) {
+            (0 | 1, Ok(ClaimStatus::Claimed)) | (2, Err(Error::ClaimNotFound)) => {}
+            (_, other) => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert!(answered.iter().all(|&n| n == 1), "answers: {answered:?}");
+    assert_eq!(statuses(&db, c), vec![("claimed".into(), 300)]);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.confirm'"),
+        300
+    );
+    assert_eq!(balanced(&db, c), (0, 300, 300));
+}
+
+#[test]
+fn parallel_confirms_over_http_are_each_answered_with_their_own_claim() {
+    let s = shop(120);
+    let users: Vec<String> = (0..6)
+        .map(|i| s.svc.register(&format!("buyer{i}@example.com")))
+        .collect();
+    let claim_path = format!("/coupons/{}/claim", s.coupon);
+    let holds: Vec<(usize, u64)> = threads(24).install(|| {
+        (0..120)
+            .into_par_iter()
+            .map(|i| {
+                let r = s.post(&users[i % 6], &claim_path, Some(r#"{"hold_seconds": 600}"#));
+                assert_eq!(r.status, 201, "{}", r.body);
+                (i % 6, r.body["claim"]["id"].as_u64().unwrap())
+            })
+            .collect()
+    });
+    // Each hold confirmed twice at once by its owner, and once by someone else: connection
+    // threads queue confirms while a batch is in flight, and the batch's thread answers them.
+    let answers: Vec<(usize, u16, serde_json::Value)> = threads(48).install(|| {
+        (0..360)
+            .into_par_iter()
+            .map(|i| {
+                let (owner, id) = holds[i / 3];
+                let who = if i % 3 == 2 { (owner + 1) % 6 } else { owner };
+                let r = s.post(&users[who], &format!("/claims/{id}/confirm"), None);
+                (i, r.status, r.body)
+            })
+            .collect()
+    });
+    for (i, status, body) in answers {
+        let id = holds[i / 3].1;
+        match (i % 3, status) {
+            (0 | 1, 200) => {
+                assert_eq!(body["id"], id, "request {i}: {body}");
+                assert_eq!(body["status"], "claimed", "request {i}: {body}");
+            }
+            (2, 404) => assert_eq!(body["code"], "claim_not_found", "request {i}: {body}"),
+            _ => panic!("request {i}: {status} {body}"),
+        }
+    }
+    let c = CouponId(s.coupon);
+    assert_eq!(statuses(&s.db, c), vec![("claimed".into(), 120)]);
+    assert_eq!(
+        s.db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'claim.confirm'"),
+        120
+    );
+    assert_eq!(balanced(&s.db, c), (0, 120, 120));
 }
 
 /// Migration 012 moved the counts by status from an index over the claims to `claim_counts`:

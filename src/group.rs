@@ -105,18 +105,19 @@ impl<T, R> Group<T, R> {
         may_lead: bool,
         reply: impl FnOnce() -> Callback<R>,
     ) -> bool {
-        {
+        let lead = {
             let mut s = lock(&self.state);
-            if s.running || !may_lead {
-                if s.running {
-                    s.queue.push_back((request, Sink::Call(reply())));
-                }
-                return s.running;
+            let idle = !s.running;
+            if idle && !may_lead {
+                return false;
             }
-            s.running = true;
             s.queue.push_back((request, Sink::Call(reply())));
+            s.running = true;
+            idle
+        };
+        if lead {
+            self.lead(None);
         }
-        self.lead(None);
         true
     }
 

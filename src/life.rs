@@ -143,9 +143,15 @@ pub struct Confirms {
 }
 
 impl Confirms {
-    /// Confirms over `pool`.
+    /// Confirms over `pool`, in a lane per core.
     pub fn new(pool: Pool) -> Confirms {
-        let lanes = crate::claim::default_claim_lanes().max(1);
+        Confirms::with_lanes(pool, crate::claim::default_claim_lanes())
+    }
+
+    /// Confirms over `pool`, in `lanes` lanes (at least one). A lane busy with callbacks keeps
+    /// the thread that found it idle running its batches ([`Confirms::confirm_with`]).
+    pub fn with_lanes(pool: Pool, lanes: u64) -> Confirms {
+        let lanes = lanes.max(1);
         let lane = |_| {
             let pool = pool.clone();
             let run = move |batch: &[(UserId, ClaimId)]| confirm_batch(&pool, batch);

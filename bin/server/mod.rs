@@ -46,7 +46,12 @@ pub fn app(
         claims: Claims::new(pool.clone())
             .with_lanes(lanes)
             .with_batching(config.claim_batch),
-        confirms: coupons::life::Confirms::new(pool.clone()),
+        // Confirm lanes too, but at most a quarter: three quarters of the workers at most
+        // run lanes, the rest answer everything else.
+        confirms: coupons::life::Confirms::with_lanes(
+            pool.clone(),
+            coupons::claim::default_claim_lanes().min((config.workers as u64 / 4).max(1)),
+        ),
         pool,
         auth,
         ready,

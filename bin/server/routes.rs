@@ -1052,6 +1052,7 @@ fn confirm(app: &App, rq: &mut Request, _: &str, id: Params) -> Result<Reply> {
 /// Reads and checks a confirm request: whose, and which claim (the confirm itself is the
 /// confirms' to make).
 pub fn confirm_ticket(app: &App, rq: &mut Request, id: Params) -> Result<(UserId, ClaimId)> {
+    ready(app)?;
     let who = principal(app, rq)?;
     Ok((who.user_id, id.claim()?))
 }

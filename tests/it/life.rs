@@ -792,17 +792,28 @@ fn redemption_over_http_applies_the_coupons_terms() {
     assert_eq!(r.body["redeemed"], 2);
 }
 
-#[test]
-fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
-    let db = TestDb::new();
-    let users = new_users(&db, &auth(), 4);
-    let c = new_coupon(&db, "CONFIRMS", 200);
-    let holds: Vec<(UserId, ClaimId)> = (0..200)
+/// Four users, a coupon of stock `n`, and `n` holds of 600 s on it, the users taking turns:
+/// (users, coupon, [(owner, hold)]).
+fn held_by_four(
+    db: &TestDb,
+    code: &str,
+    n: usize,
+) -> (Vec<UserId>, CouponId, Vec<(UserId, ClaimId)>) {
+    let users = new_users(db, &auth(), 4);
+    let c = new_coupon(db, code, n as i64);
+    let holds = (0..n)
         .map(|i| {
             let won = db.claims.ask(&hold(users[i % 4], c, 600), None).result;
             (users[i % 4], won.unwrap().claim.id)
         })
         .collect();
+    (users, c, holds)
+}
+
+#[test]
+fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
+    let db = TestDb::new();
+    let (users, c, holds) = held_by_four(&db, "CONFIRMS", 200);
     let confirms = life::Confirms::new(db.pool.clone());
     // Each hold confirmed twice at once, and by someone else once: shared transactions, each
     // request decided alone.
@@ -837,14 +848,7 @@ fn confirms_combined_each_confirm_once_and_answer_each_their_own() {
 #[test]
 fn confirms_left_as_callbacks_are_answered_once_beside_waiting_ones() {
     let db = TestDb::new();
-    let users = new_users(&db, &auth(), 4);
-    let c = new_coupon(&db, "CALLBACKS", 300);
-    let holds: Vec<(UserId, ClaimId)> = (0..300)
-        .map(|i| {
-            let won = db.claims.ask(&hold(users[i % 4], c, 600), None).result;
-            (users[i % 4], won.unwrap().claim.id)
-        })
-        .collect();
+    let (users, c, holds) = held_by_four(&db, "CALLBACKS", 300);
     let confirms = life::Confirms::new(db.pool.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     // Each hold confirmed twice at once: by a caller that waits, and by one that leaves a

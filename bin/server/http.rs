@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tiny_http::{Header, Method, Request, Response, Server};
 
@@ -121,7 +121,7 @@ pub fn serve(
     listener: TcpListener,
     metrics: Option<TcpListener>,
     threads: Threads,
-    shutdown: &Shutdown,
+    shutdown: &Arc<Shutdown>,
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let metrics = metrics
@@ -129,10 +129,12 @@ pub fn serve(
         .transpose()?;
     let app = Arc::new(app);
     let look = Arc::clone(&app);
+    let stop = Arc::clone(shutdown);
     // A panic there drops the request, which tiny_http then answers 500.
     server.set_first_look(Box::new(move |mut rq| {
         take_share(&look, &mut rq);
-        catch_unwind(AssertUnwindSafe(|| first_look(&look, rq))).unwrap_or(None)
+        let stopping = stop.requested();
+        catch_unwind(AssertUnwindSafe(|| first_look(&look, rq, stopping))).unwrap_or(None)
     }));
     let stopping = &shutdown.requested;
     let sweeping = Arc::clone(&app);
@@ -170,6 +172,9 @@ pub fn serve(
     .map_err(|e| e.to_string())?;
     let (slow_tx, slow_rx) = sync_channel::<Request>(SLOW_QUEUE);
     let slow_rx = Mutex::new(slow_rx);
+    // One end for every worker's drain, from the first to see the stop: a worker that was
+    // running a lane's batches meanwhile must not start a drain of its own later.
+    let drain_until = OnceLock::new();
     std::thread::scope(|s| {
         s.spawn(|| purge_keys(&app, stopping));
         if let Some(metrics) = &metrics {
@@ -184,23 +189,31 @@ pub fn serve(
             });
         }
         for _ in 0..threads.workers {
-            let (app, server, slow) = (&app, &server, slow_tx.clone());
-            s.spawn(move || worker(app, server, &slow, stopping));
+            let (app, server, slow, drain_until) = (&app, &server, slow_tx.clone(), &drain_until);
+            s.spawn(move || worker(app, server, &slow, stopping, drain_until));
         }
         // Workers hold the only senders now: when they stop, the bcrypt threads stop too.
         drop(slow_tx);
     });
     // Claims waiting for a lock elsewhere run on threads of their own: let them answer too.
-    // Connections are still read meanwhile; what reaches the workers' queue now is refused.
+    // Connections are still read meanwhile; what reaches the workers' queue now is refused
+    // until the queue is empty, and clients that keep sending are refused for at most POLL
+    // more: they must not keep the service from stopping.
     let deadline = Instant::now() + DRAIN_LIMIT;
+    let mut settled = None;
     loop {
-        while let Ok(Some(rq)) = server.try_recv() {
-            respond(rq, ApiError::ShuttingDown.reply("shutdown"));
+        let now = Instant::now();
+        if app.claims_pending.load(Ordering::SeqCst) == 0 {
+            settled.get_or_insert(now + POLL);
         }
-        if app.claims_pending.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+        if now >= deadline || settled.is_some_and(|at| now >= at) {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        match server.recv_timeout(Duration::from_millis(10)) {
+            Ok(Some(rq)) => respond(rq, ApiError::ShuttingDown.reply("shutdown")),
+            _ if settled.is_some() => return Ok(()),
+            _ => {}
+        }
     }
 }
 
@@ -242,8 +255,8 @@ fn purge_keys(app: &App, stopping: &AtomicBool) {
 }
 
 /// Workers look for a stop this often. After one, they go on answering what arrives until
-/// nothing has for this long, and for [`DRAIN_LIMIT`] at most; whatever is still queued then
-/// gets a 503.
+/// nothing has for this long, and for [`DRAIN_LIMIT`] at most, counted from the first worker
+/// to see it; whatever is still queued then gets a 503.
 const POLL: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// The largest claim body the connection's thread reads (a hold is about 20 bytes); a larger
@@ -256,24 +269,20 @@ const SEQUENCE_EVERY: Duration = Duration::from_millis(100);
 /// How often due webhook endpoints are looked for (`coupons::webhooks::Deliverer`).
 const DELIVER_EVERY: Duration = Duration::from_millis(200);
 
-fn worker(app: &Arc<App>, server: &Server, slow: &SyncSender<Request>, stopping: &AtomicBool) {
-    let mut drain_until = None;
+fn worker(
+    app: &Arc<App>,
+    server: &Server,
+    slow: &SyncSender<Request>,
+    stopping: &AtomicBool,
+    drain_until: &OnceLock<Instant>,
+) {
     loop {
         let stop = stopping.load(Ordering::SeqCst);
-        if stop
-            && Instant::now() >= *drain_until.get_or_insert_with(|| Instant::now() + DRAIN_LIMIT)
-        {
-            while let Ok(Some(rq)) = server.try_recv() {
-                respond(rq, ApiError::ShuttingDown.reply("shutdown"));
-            }
+        // What is queued then is refused after the workers stop (`serve`).
+        if stop && Instant::now() >= *drain_until.get_or_init(|| Instant::now() + DRAIN_LIMIT) {
             return;
         }
-        let next = if stop {
-            server.try_recv()
-        } else {
-            server.recv_timeout(POLL)
-        };
-        let rq = match next {
+        let rq = match server.recv_timeout(POLL) {
             Ok(Some(rq)) => rq,
             Ok(None) if stop => return,
             Ok(None) => continue,
@@ -345,7 +354,9 @@ fn confirm(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params)
 /// On a connection's thread, before the request is queued for a worker: a claim whose lane
 /// has a batch in flight is read and queued in the lane here, so that no worker is woken just
 /// to pass it on. Anything else, and a claim that would run at once, goes to the workers.
-fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
+/// After a stop everything goes to the workers, whose drain has an end: a lane fed from here
+/// would keep its thread running as long as clients keep sending.
+fn first_look(app: &Arc<App>, rq: Request, stopping: bool) -> Option<Request> {
     // Nothing here upgrades a connection: refused before any worker sees it (tiny_http then
     // closes the connection, as it does after any upgrade request).
     if rq.headers().iter().any(|h| h.field.equiv("Upgrade")) {
@@ -355,6 +366,9 @@ fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
         let reply = ApiError::UpgradeRefused.reply(&what);
         finish(app, rq, reply, route, &what, started);
         return None;
+    }
+    if stopping {
+        return Some(rq);
     }
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {
         return Some(rq);

@@ -1956,6 +1956,135 @@ fn claims_in_flight_at_sigterm_are_answered_and_kept() {
     assert_eq!(db.stock(coupon), (88, 12, 100));
 }
 
+/// Claims on one kept-alive connection (a new one when it closes) until `exited`; the answers.
+fn claim_until(
+    addr: &str,
+    path: &str,
+    token: &str,
+    exited: &std::sync::atomic::AtomicBool,
+) -> Vec<(u16, serde_json::Value)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\ntoken: {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let mut seen = Vec::new();
+    let mut conn: Option<BufReader<std::net::TcpStream>> = None;
+    while !exited.load(std::sync::atomic::Ordering::SeqCst) {
+        let Some(c) = conn.as_mut() else {
+            match std::net::TcpStream::connect(addr) {
+                Ok(stream) => conn = Some(BufReader::new(stream)),
+                Err(_) => thread::sleep(std::time::Duration::from_millis(10)),
+            }
+            continue;
+        };
+        let mut answer = || -> std::io::Result<(u16, serde_json::Value, bool)> {
+            c.get_mut().write_all(request.as_bytes())?;
+            let mut line = String::new();
+            c.read_line(&mut line)?;
+            let status = line.split(' ').nth(1).and_then(|s| s.parse().ok());
+            let (mut length, mut close) = (0, false);
+            loop {
+                line.clear();
+                c.read_line(&mut line)?;
+                let Some((name, value)) = line.trim_end().split_once(':') else {
+                    break;
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    "connection" => close = value.trim().eq_ignore_ascii_case("close"),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; length];
+            c.read_exact(&mut body)?;
+            let status = status.ok_or(std::io::ErrorKind::InvalidData)?;
+            Ok((
+                status,
+                serde_json::from_slice(&body).unwrap_or_default(),
+                close,
+            ))
+        };
+        match answer() {
+            Ok((status, body, close)) => {
+                seen.push((status, body["code"].clone()));
+                if close {
+                    conn = None;
+                }
+            }
+            Err(_) => conn = None,
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_stop_ends_while_clients_keep_claiming_and_keeps_every_answered_claim() {
+    let db = TestDb::new();
+    // Small batches: 32 clients keep the lane's queue from ever running dry.
+    let mut svc = Service::start_with(&db, &[("CLAIM_BATCH_MAX", "4")]);
+    let admin = make_admin(&db, &svc, "admin@example.com");
+    let stock = 1_000_000;
+    let coupon = create_coupon(&svc, &admin, "NONSTOP", stock);
+    let users: Vec<String> = (0..32)
+        .map(|i| svc.register(&format!("u{i}@example.com")))
+        .collect();
+    let path = format!("/coupons/{coupon}/claim");
+    let exited = std::sync::atomic::AtomicBool::new(false);
+    let addr = svc.addr.clone();
+    let (stopped_in, status, answers) = thread::scope(|s| {
+        // Clients that claim without pause, each on a connection of its own kept open: a lane
+        // fed this way never goes idle by itself.
+        let clients: Vec<_> = users
+            .iter()
+            .map(|t| {
+                let (addr, path, exited) = (&addr, &path, &exited);
+                s.spawn(move || claim_until(addr, path, t, exited))
+            })
+            .collect();
+        thread::sleep(std::time::Duration::from_secs(2));
+        std::process::Command::new("kill")
+            .args(["-TERM", &svc.child.id().to_string()])
+            .status()
+            .unwrap();
+        let signalled = std::time::Instant::now();
+        // The drain is 10 s, and 10 s more for claims on threads of their own; a stop that
+        // waits for the clients to leave never comes.
+        let status = loop {
+            if let Some(status) = svc.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if signalled.elapsed() > std::time::Duration::from_secs(45) {
+                break None;
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let stopped_in = signalled.elapsed();
+        exited.store(true, std::sync::atomic::Ordering::SeqCst);
+        let answers: Vec<_> = clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        (stopped_in, status, answers)
+    });
+    let status = status.unwrap_or_else(|| {
+        let _ = svc.child.kill();
+        panic!("still serving {stopped_in:?} after SIGTERM")
+    });
+    assert!(status.success(), "{status:?}");
+    let claimed = answers.iter().filter(|(s, _)| *s == 201).count() as i64;
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 201).collect();
+    assert!(
+        refused
+            .iter()
+            .all(|(s, code)| *s == 503 && code == "shutting_down"),
+        "{:?}",
+        &refused[..refused.len().min(10)]
+    );
+    assert!(claimed > 0);
+    // Every claim answered is kept, and no claim was made that was not answered.
+    assert_eq!(db.stock(coupon), (stock - claimed, claimed, stock));
+}
+
 #[test]
 fn brute_force_limits_answer_429_and_let_a_burst_of_new_users_through() {
     let db = TestDb::new();

@@ -184,7 +184,13 @@ pub fn serve(
             s.spawn(|| {
                 lower_priority();
                 while let Ok(rq) = lock(&slow_rx).recv() {
-                    handle(&app, rq);
+                    // Past the drain a login queue of about 0.25 s each is refused, not worked off.
+                    match drain_until.get() {
+                        Some(end) if Instant::now() >= *end => {
+                            respond(rq, ApiError::ShuttingDown.reply("shutdown"))
+                        }
+                        _ => handle(&app, rq),
+                    }
                 }
             });
         }

@@ -3,6 +3,7 @@
 use crate::library::{forge, forge_claims};
 use crate::support::{request, send, Resp, Service, TestDb, JSON, SECRET};
 use mysql::prelude::Queryable;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::thread;
 
 pub(crate) fn bearer(token: &str) -> (&'static str, String) {
@@ -1956,65 +1957,67 @@ fn claims_in_flight_at_sigterm_are_answered_and_kept() {
     assert_eq!(db.stock(coupon), (88, 12, 100));
 }
 
-/// Claims on one kept-alive connection (a new one when it closes) until `exited`; the answers.
-fn claim_until(
-    addr: &str,
-    path: &str,
-    token: &str,
-    exited: &std::sync::atomic::AtomicBool,
-) -> Vec<(u16, serde_json::Value)> {
+/// What one client saw: each answer (when, status, code), and when a request it sent got none.
+type Seen = (
+    Vec<(std::time::Instant, u16, serde_json::Value)>,
+    Vec<std::time::Instant>,
+);
+
+/// Claims on one kept-alive connection (a new one when it fails) until `exited`.
+fn claim_until(addr: &str, path: &str, token: &str, exited: &AtomicBool) -> Seen {
     use std::io::{BufRead, BufReader, Read, Write};
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\ntoken: {token}\r\nContent-Length: 0\r\n\r\n"
     );
-    let mut seen = Vec::new();
+    let (mut answers, mut unanswered) = (Vec::new(), Vec::new());
     let mut conn: Option<BufReader<std::net::TcpStream>> = None;
-    while !exited.load(std::sync::atomic::Ordering::SeqCst) {
+    while !exited.load(SeqCst) {
         let Some(c) = conn.as_mut() else {
             match std::net::TcpStream::connect(addr) {
-                Ok(stream) => conn = Some(BufReader::new(stream)),
+                Ok(stream) => {
+                    // A service that stops answering fails the test rather than hang it.
+                    let timeout = Some(std::time::Duration::from_secs(30));
+                    stream.set_read_timeout(timeout).unwrap();
+                    conn = Some(BufReader::new(stream));
+                }
                 Err(_) => thread::sleep(std::time::Duration::from_millis(10)),
             }
             continue;
         };
-        let mut answer = || -> std::io::Result<(u16, serde_json::Value, bool)> {
-            c.get_mut().write_all(request.as_bytes())?;
+        if c.get_mut().write_all(request.as_bytes()).is_err() {
+            conn = None;
+            continue;
+        }
+        let mut answer = || -> std::io::Result<(u16, serde_json::Value)> {
             let mut line = String::new();
             c.read_line(&mut line)?;
             let status = line.split(' ').nth(1).and_then(|s| s.parse().ok());
-            let (mut length, mut close) = (0, false);
+            let mut length = 0;
             loop {
                 line.clear();
                 c.read_line(&mut line)?;
                 let Some((name, value)) = line.trim_end().split_once(':') else {
                     break;
                 };
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.trim().parse().unwrap_or(0),
-                    "connection" => close = value.trim().eq_ignore_ascii_case("close"),
-                    _ => {}
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
                 }
             }
             let mut body = vec![0; length];
             c.read_exact(&mut body)?;
             let status = status.ok_or(std::io::ErrorKind::InvalidData)?;
-            Ok((
-                status,
-                serde_json::from_slice(&body).unwrap_or_default(),
-                close,
-            ))
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            Ok((status, body["code"].clone()))
         };
         match answer() {
-            Ok((status, body, close)) => {
-                seen.push((status, body["code"].clone()));
-                if close {
-                    conn = None;
-                }
+            Ok((status, code)) => answers.push((std::time::Instant::now(), status, code)),
+            Err(_) => {
+                unanswered.push(std::time::Instant::now());
+                conn = None;
             }
-            Err(_) => conn = None,
         }
     }
-    seen
+    (answers, unanswered)
 }
 
 #[test]
@@ -2029,9 +2032,9 @@ fn a_stop_ends_while_clients_keep_claiming_and_keeps_every_answered_claim() {
         .map(|i| svc.register(&format!("u{i}@example.com")))
         .collect();
     let path = format!("/coupons/{coupon}/claim");
-    let exited = std::sync::atomic::AtomicBool::new(false);
+    let exited = AtomicBool::new(false);
     let addr = svc.addr.clone();
-    let (stopped_in, status, answers) = thread::scope(|s| {
+    let (signalled, stopped_in, status, seen) = thread::scope(|s| {
         // Clients that claim without pause, each on a connection of its own kept open: a lane
         // fed this way never goes idle by itself.
         let clients: Vec<_> = users
@@ -2047,41 +2050,52 @@ fn a_stop_ends_while_clients_keep_claiming_and_keeps_every_answered_claim() {
             .status()
             .unwrap();
         let signalled = std::time::Instant::now();
-        // The drain is 10 s, and 10 s more for claims on threads of their own; a stop that
-        // waits for the clients to leave never comes.
+        // The drain is 10 s, then refusals until no claim is pending; a stop that waits for
+        // the clients to leave never comes.
         let status = loop {
             if let Some(status) = svc.child.try_wait().unwrap() {
                 break Some(status);
             }
-            if signalled.elapsed() > std::time::Duration::from_secs(45) {
+            if signalled.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = svc.child.kill();
                 break None;
             }
             thread::sleep(std::time::Duration::from_millis(20));
         };
         let stopped_in = signalled.elapsed();
-        exited.store(true, std::sync::atomic::Ordering::SeqCst);
-        let answers: Vec<_> = clients
-            .into_iter()
-            .flat_map(|c| c.join().unwrap())
-            .collect();
-        (stopped_in, status, answers)
+        exited.store(true, SeqCst);
+        let seen: Vec<Seen> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (signalled, stopped_in, status, seen)
     });
-    let status = status.unwrap_or_else(|| {
-        let _ = svc.child.kill();
-        panic!("still serving {stopped_in:?} after SIGTERM")
-    });
+    let status = status.unwrap_or_else(|| panic!("still serving {stopped_in:?} after SIGTERM"));
     assert!(status.success(), "{status:?}");
-    let claimed = answers.iter().filter(|(s, _)| *s == 201).count() as i64;
-    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 201).collect();
+    // A request goes unanswered only at the exit itself: the one in flight as the connections
+    // close (seen here: all within 30 ms of it).
+    let exit = signalled + stopped_in;
+    let early: Vec<_> = seen
+        .iter()
+        .flat_map(|(_, at)| at)
+        .filter(|at| **at + std::time::Duration::from_secs(2) < exit)
+        .map(|at| exit - *at)
+        .collect();
     assert!(
-        refused
-            .iter()
-            .all(|(s, code)| *s == 503 && code == "shutting_down"),
+        early.is_empty(),
+        "unanswered this long before the exit: {early:?}"
+    );
+    let answers: Vec<_> = seen.iter().flat_map(|(a, _)| a).collect();
+    let refused: Vec<_> = answers.iter().filter(|(_, s, _)| *s != 201).collect();
+    assert!(
+        refused.iter().all(|(_, s, _)| *s == 503),
         "{:?}",
         &refused[..refused.len().min(10)]
     );
-    assert!(claimed > 0);
+    // Claims were served during the drain, and refused after it while clients kept sending.
+    assert!(answers
+        .iter()
+        .any(|(at, s, _)| *s == 201 && *at > signalled + std::time::Duration::from_secs(1)));
+    assert!(refused.iter().any(|(_, _, code)| code == "shutting_down"));
     // Every claim answered is kept, and no claim was made that was not answered.
+    let claimed = answers.iter().filter(|(_, s, _)| *s == 201).count() as i64;
     assert_eq!(db.stock(coupon), (stock - claimed, claimed, stock));
 }
 

@@ -233,11 +233,7 @@ fn run(command: Command, config: Config) -> Result<(), String> {
     }
 }
 
-fn serve(
-    config: &Config,
-    database: &Database,
-    shutdown: &Arc<http::Shutdown>,
-) -> Result<(), String> {
+fn serve(config: &Config, database: &Database, shutdown: &http::Shutdown) -> Result<(), String> {
     let private_db = database.embedded.as_ref();
     let app = server::app(
         config,

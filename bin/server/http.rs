@@ -47,6 +47,9 @@ pub struct App {
     pub claims_pending: AtomicUsize,
     /// Where webhooks may go, and how soon they are retried.
     pub webhooks: coupons::webhooks::Policy,
+    /// Set when a stop begins: `/healthz` answers 503 from then on, so that a load balancer
+    /// sends new clients elsewhere while the drain runs.
+    pub stopping: Stopping,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers; or a body streamed
@@ -89,7 +92,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// private database starts) still ends in a clean stop with status 0.
 #[derive(Default)]
 pub struct Shutdown {
-    requested: AtomicBool,
+    requested: Arc<AtomicBool>,
 }
 
 impl Shutdown {
@@ -106,6 +109,9 @@ impl Shutdown {
     }
 }
 
+/// Set at SIGINT or SIGTERM ([`Shutdown`]). Shared with the signal handler.
+pub type Stopping = Arc<AtomicBool>;
+
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
 ///
 /// Which thread does what (the README says more): tiny_http reads each connection on a thread
@@ -117,26 +123,26 @@ impl Shutdown {
 /// which then runs the lane's batches until it is idle again. Every claim is answered by the
 /// thread that runs its batch, and holds no thread while it waits.
 pub fn serve(
-    app: App,
+    mut app: App,
     listener: TcpListener,
     metrics: Option<TcpListener>,
     threads: Threads,
-    shutdown: &Arc<Shutdown>,
+    shutdown: &Shutdown,
 ) -> Result<(), String> {
     let server = Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let metrics = metrics
         .map(|l| Server::from_listener(l, None).map_err(|e| e.to_string()))
         .transpose()?;
+    app.stopping = Arc::clone(&shutdown.requested);
     let app = Arc::new(app);
     let look = Arc::clone(&app);
-    let stop = Arc::clone(shutdown);
     // A panic there drops the request, which tiny_http then answers 500.
     server.set_first_look(Box::new(move |mut rq| {
         take_share(&look, &mut rq);
-        let stopping = stop.requested();
+        let stopping = look.stopping.load(Ordering::SeqCst);
         catch_unwind(AssertUnwindSafe(|| first_look(&look, rq, stopping))).unwrap_or(None)
     }));
-    let stopping = &shutdown.requested;
+    let stopping = &*app.stopping;
     let sweeping = Arc::clone(&app);
     // Holds that ran out go back to stock within a second or so of their end.
     let _sweeper = coupons::life::Sweeper::start(app.pool.clone(), SWEEP_EVERY, move |e| {

@@ -67,6 +67,7 @@ pub fn app(
         access_log: config.access_log,
         claims_pending: Default::default(),
         webhooks: config.webhooks,
+        stopping: Default::default(),
     })
 }
 

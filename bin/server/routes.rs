@@ -701,6 +701,9 @@ pub static ROUTES: &[Route] = &[
 ];
 
 fn healthz(app: &App, _: &mut Request, _: &str, _: Params) -> Result<Reply> {
+    if app.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::ShuttingDown);
+    }
     db::ping(&app.pool)?;
     Ok(Reply::json(200, &json!({"status": "ok"})))
 }

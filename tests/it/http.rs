@@ -1949,6 +1949,13 @@ fn claims_in_flight_at_sigterm_are_answered_and_kept() {
             .status()
             .unwrap();
         thread::sleep(std::time::Duration::from_millis(300));
+        // Draining, the service tells a load balancer to send new clients elsewhere.
+        let health = svc.call("GET", "/healthz", &[], None);
+        assert_eq!(
+            (health.status, health.body["code"].as_str()),
+            (503, Some("shutting_down"))
+        );
+        assert_eq!(health.headers["retry-after"], "1");
         holder.query_drop("ROLLBACK").unwrap();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });

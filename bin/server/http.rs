@@ -48,8 +48,8 @@ pub struct App {
     /// Where webhooks may go, and how soon they are retried.
     pub webhooks: coupons::webhooks::Policy,
     /// Set when a stop begins: `/healthz` answers 503 from then on, so that a load balancer
-    /// sends new clients elsewhere while the drain runs.
-    pub stopping: Stopping,
+    /// sends new clients elsewhere while the drain runs. Shared with the signal handler.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// A response about to be sent: a status, a JSON body and extra headers; or a body streamed
@@ -109,9 +109,6 @@ impl Shutdown {
     }
 }
 
-/// Set at SIGINT or SIGTERM ([`Shutdown`]). Shared with the signal handler.
-pub type Stopping = Arc<AtomicBool>;
-
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish and returns.
 ///
 /// Which thread does what (the README says more): tiny_http reads each connection on a thread
@@ -139,10 +136,8 @@ pub fn serve(
     // A panic there drops the request, which tiny_http then answers 500.
     server.set_first_look(Box::new(move |mut rq| {
         take_share(&look, &mut rq);
-        let stopping = look.stopping.load(Ordering::SeqCst);
-        catch_unwind(AssertUnwindSafe(|| first_look(&look, rq, stopping))).unwrap_or(None)
+        catch_unwind(AssertUnwindSafe(|| first_look(&look, rq))).unwrap_or(None)
     }));
-    let stopping = &*app.stopping;
     let sweeping = Arc::clone(&app);
     // Holds that ran out go back to stock within a second or so of their end.
     let _sweeper = coupons::life::Sweeper::start(app.pool.clone(), SWEEP_EVERY, move |e| {
@@ -182,9 +177,9 @@ pub fn serve(
     // running a lane's batches meanwhile must not start a drain of its own later.
     let drain_until = OnceLock::new();
     std::thread::scope(|s| {
-        s.spawn(|| purge_keys(&app, stopping));
+        s.spawn(|| purge_keys(&app));
         if let Some(metrics) = &metrics {
-            s.spawn(|| serve_metrics(&app, metrics, stopping));
+            s.spawn(|| serve_metrics(&app, metrics));
         }
         for _ in 0..threads.bcrypt {
             s.spawn(|| {
@@ -202,7 +197,7 @@ pub fn serve(
         }
         for _ in 0..threads.workers {
             let (app, server, slow, drain_until) = (&app, &server, slow_tx.clone(), &drain_until);
-            s.spawn(move || worker(app, server, &slow, stopping, drain_until));
+            s.spawn(move || worker(app, server, &slow, drain_until));
         }
         // Workers hold the only senders now: when they stop, the bcrypt threads stop too.
         drop(slow_tx);
@@ -231,8 +226,8 @@ pub fn serve(
 
 /// `METRICS_ADDR`'s one thread: `GET /metrics` for anyone (a scraper has no token), and
 /// nothing else.
-fn serve_metrics(app: &App, server: &Server, stopping: &AtomicBool) {
-    while !stopping.load(Ordering::SeqCst) {
+fn serve_metrics(app: &App, server: &Server) {
+    while !app.stopping.load(Ordering::SeqCst) {
         let Ok(Some(rq)) = server.recv_timeout(POLL) else {
             continue;
         };
@@ -253,9 +248,9 @@ pub struct Threads {
 }
 
 /// Deletes expired idempotency keys once an hour, until the server stops.
-fn purge_keys(app: &App, stopping: &AtomicBool) {
+fn purge_keys(app: &App) {
     let mut next = std::time::Instant::now();
-    while !stopping.load(Ordering::SeqCst) {
+    while !app.stopping.load(Ordering::SeqCst) {
         if std::time::Instant::now() >= next {
             if let Err(e) = coupons::idempotency::purge(&app.pool, coupons::idempotency::KEEP_FOR) {
                 eprintln!("coupons: purging idempotency keys: {e}");
@@ -285,11 +280,10 @@ fn worker(
     app: &Arc<App>,
     server: &Server,
     slow: &SyncSender<Request>,
-    stopping: &AtomicBool,
     drain_until: &OnceLock<Instant>,
 ) {
     loop {
-        let stop = stopping.load(Ordering::SeqCst);
+        let stop = app.stopping.load(Ordering::SeqCst);
         // What is queued then is refused after the workers stop (`serve`).
         if stop && Instant::now() >= *drain_until.get_or_init(|| Instant::now() + DRAIN_LIMIT) {
             return;
@@ -368,7 +362,7 @@ fn confirm(app: &Arc<App>, rq: Request, route: &'static str, id: routes::Params)
 /// to pass it on. Anything else, and a claim that would run at once, goes to the workers.
 /// After a stop everything goes to the workers, whose drain has an end: a lane fed from here
 /// would keep its thread running as long as clients keep sending.
-fn first_look(app: &Arc<App>, rq: Request, stopping: bool) -> Option<Request> {
+fn first_look(app: &Arc<App>, rq: Request) -> Option<Request> {
     // Nothing here upgrades a connection: refused before any worker sees it (tiny_http then
     // closes the connection, as it does after any upgrade request).
     if rq.headers().iter().any(|h| h.field.equiv("Upgrade")) {
@@ -379,7 +373,7 @@ fn first_look(app: &Arc<App>, rq: Request, stopping: bool) -> Option<Request> {
         finish(app, rq, reply, route, &what, started);
         return None;
     }
-    if stopping {
+    if app.stopping.load(Ordering::SeqCst) {
         return Some(rq);
     }
     let Ok((route, id)) = routes::find(rq.method(), path(rq.url())) else {

@@ -1944,10 +1944,7 @@ fn claims_in_flight_at_sigterm_are_answered_and_kept() {
             .map(|t| s.spawn(|| svc.call("POST", &path, &[("token", t)], None).status))
             .collect();
         thread::sleep(std::time::Duration::from_millis(300));
-        std::process::Command::new("kill")
-            .args(["-TERM", &svc.child.id().to_string()])
-            .status()
-            .unwrap();
+        svc.sigterm();
         thread::sleep(std::time::Duration::from_millis(300));
         // Draining, the service tells a load balancer to send new clients elsewhere.
         let health = svc.call("GET", "/healthz", &[], None);
@@ -2052,10 +2049,7 @@ fn a_stop_ends_while_clients_keep_claiming_and_keeps_every_answered_claim() {
             })
             .collect();
         thread::sleep(std::time::Duration::from_secs(2));
-        std::process::Command::new("kill")
-            .args(["-TERM", &svc.child.id().to_string()])
-            .status()
-            .unwrap();
+        svc.sigterm();
         let signalled = std::time::Instant::now();
         // The drain is 10 s, then refusals until no claim is pending; a stop that waits for
         // the clients to leave never comes.

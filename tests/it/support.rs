@@ -221,6 +221,13 @@ impl Service {
         request(&self.addr, method, path, headers, body)
     }
 
+    /// Sends SIGTERM and goes on: the service drains, and exits by itself.
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()
@@ -229,9 +236,7 @@ impl Service {
     /// SIGTERM; a service that has not exited 30 s later gets SIGKILL, so that a wedged
     /// service fails its test instead of hanging it.
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.sigterm();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
